@@ -1,0 +1,6 @@
+"""Callbacks of sfplus (installed as ``sfplus.callbacks``)."""
+
+from sfplus.callbacks.ema import EMA
+from sfplus.callbacks.video_writer import VideoWriter
+
+__all__ = ["EMA", "VideoWriter"]

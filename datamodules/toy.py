@@ -1,0 +1,78 @@
+"""The built-in toy task's data: synthetic moving-shape clips (training) and all toy prompts (prediction).
+
+With the toy's identity codec, latents are the pixels: ``latents`` [B, 3, F, H, W] in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sfplus.datamodules.prompts import PromptDataset, collate_prompts
+from sfplus.datamodules.samplers import EpochBatchSampler, EvenSplitSampler
+from sfplus.toy_videos import ToyVideoDataset, ToyVideoSpec, toy_prompts
+
+
+class _ToyTrainSet(Dataset):
+    def __init__(self, videos: ToyVideoDataset) -> None:
+        self.videos = videos
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.videos[i]
+        return {"prompts": item["prompt"], "latents": item["video"], "index": item["index"]}
+
+
+def _collate_train(items: list[dict]) -> dict:
+    return {
+        "prompts": [it["prompts"] for it in items],
+        "latents": torch.stack([it["latents"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
+    }
+
+
+class ToyDataModule(L.LightningDataModule):
+    """Toy clips for training and the toy prompt set for generation.
+
+    Args:
+        frames, height, width, colours, shapes, directions, speed, size: the toy videos (``ToyVideoSpec``).
+        batch_size: clips (or prompts) per batch on each rank.
+        length: number of distinct training clips.
+        seed: the clips' seed and the order of training batches.
+        batches_per_epoch: training batches per epoch on each rank (default: one pass).
+        num_samples: videos per prompt when predicting (every colour/shape/direction combination is a prompt).
+    """
+
+    def __init__(
+        self,
+        frames: int = 4,
+        height: int = 16,
+        width: int = 16,
+        colours: list[str] | None = None,
+        shapes: list[str] | None = None,
+        directions: list[str] | None = None,
+        speed: int | None = None,
+        size: int = 5,
+        batch_size: int = 32,
+        length: int = 100_000,
+        seed: int = 0,
+        batches_per_epoch: int | None = None,
+        num_samples: int = 1,
+    ) -> None:
+        super().__init__()
+        kwargs = {k: tuple(v) for k, v in (("colours", colours), ("shapes", shapes), ("directions", directions)) if v}
+        self.spec = ToyVideoSpec(frames=frames, height=height, width=width, speed=speed, size=size, **kwargs)
+        self.batch_size, self.length, self.seed = batch_size, length, seed
+        self.batches_per_epoch, self.num_samples = batches_per_epoch, num_samples
+
+    def train_dataloader(self) -> DataLoader:
+        ds = _ToyTrainSet(ToyVideoDataset(self.length, self.seed, self.spec))
+        sampler = EpochBatchSampler(len(ds), self.batch_size, seed=self.seed, batches_per_epoch=self.batches_per_epoch)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=_collate_train)
+
+    def predict_dataloader(self) -> DataLoader:
+        ds = PromptDataset(toy_prompts(self.spec), self.num_samples)
+        return DataLoader(ds, batch_sampler=EvenSplitSampler(len(ds), self.batch_size), collate_fn=collate_prompts)

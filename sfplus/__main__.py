@@ -1,0 +1,3 @@
+from sfplus.cli import main
+
+main()

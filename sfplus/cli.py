@@ -1,0 +1,67 @@
+"""``sfplus`` command line: LightningCLI for ``fit | validate | predict`` plus tool subcommands.
+
+    sfplus fit --config configs/toy/teacher.yaml
+    sfplus predict --config configs/toy/dmd.yaml --ckpt_path runs/toy-dmd/checkpoints/last.ckpt
+    sfplus toy-eval --teacher ... --student ...
+
+Errors that come from the user's input (files, keys, values) are printed as one ``sfplus: error: ...`` message;
+set ``SFPLUS_DEBUG=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from lightning.pytorch.cli import LightningCLI
+
+# Imported so that class names (not only class paths) work in configs.
+import sfplus.callbacks  # noqa: F401
+import sfplus.conditioning  # noqa: F401
+import sfplus.datamodules  # noqa: F401
+from sfplus.modules import DiffusionModule, DistillModule  # noqa: F401
+
+
+class SfplusCLI(LightningCLI):
+    """LightningCLI with sfplus's defaults: manual optimization, own samplers, resumable logs."""
+
+    def __init__(self, args=None) -> None:
+        import lightning as L
+
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},  # a requeued job rewrites the same config
+            trainer_defaults={"use_distributed_sampler": False, "inference_mode": False},
+            args=args,
+            auto_configure_optimizers=False,
+        )
+
+
+def _tool_commands() -> dict[str, Callable]:
+    from sfplus import toy_eval
+
+    return {"toy-eval": toy_eval.main}
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        tools = _tool_commands()
+        if argv and argv[0] in tools:
+            tools[argv[0]](argv[1:])
+        else:
+            SfplusCLI(args=args)
+    except (ValueError, FileNotFoundError, PermissionError, KeyError) as err:
+        if os.environ.get("SFPLUS_DEBUG"):
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"sfplus: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

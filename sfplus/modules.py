@@ -1,0 +1,496 @@
+"""LightningModules: the recipes.
+
+* :class:`DiffusionModule` — flow-matching training of one DiT (the toy teacher; fine-tuning).
+* :class:`DistillModule` — DMD distillation of a teacher into a few-step generator, with a fake-score critic,
+  manual optimization (one optimizer update per batch: a generator update every ``dfake_gen_update_ratio``-th
+  iteration, a critic update every iteration, each on a fresh batch, as the reference's trainer), and a frozen
+  EMA copy of the generator.
+
+Counters (``iteration`` = critic updates, ``generator_steps``, ``critic_steps``) are the module's own and are saved
+in checkpoints; ``trainer.global_step`` counts every optimizer update (lightning-notes §2.1).
+
+Randomness is explicit and resumable without saved RNG state: each update re-seeds its generators from
+``(seed, rank, update index)`` — noise and score timesteps — or ``(seed, update index)`` for values all ranks must
+agree on (the exit step).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from typing import Any, Literal, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from sfplus.conditioning import Conditioner, Cond
+from sfplus.flow import sample_score_timesteps, sample_training_timesteps, warp_timesteps
+from sfplus.nets.checkpoints import CheckpointError, load_dit_weights
+from sfplus.objectives.diffusion import flow_matching_loss
+from sfplus.objectives.dmd import critic_flow_loss, dmd_generator_loss, dmd_kl_grad
+from sfplus.rollout import bidirectional_rollout
+from sfplus.sampling import few_step_sample, teacher_sample
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts, identical on every machine and process (unlike ``hash``)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_seed(base_seed: int, index: int, sample: int) -> int:
+    """Seed of one generated video: a function of (base seed, prompt index, sample index) only."""
+    return stable_seed("sample", base_seed, index, sample)
+
+
+def to_uint8_video(video: torch.Tensor) -> torch.Tensor:
+    """[B, 3, T, H, W] in [-1, 1] → uint8 [B, T, H, W, 3]."""
+    v = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return v.permute(0, 2, 3, 4, 1).contiguous()
+
+
+class _RecipeModule(L.LightningModule):
+    """Shared plumbing: nets from presets, counters, seeded RNG, checkpoint hooks, generation."""
+
+    frozen_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, net: str, net_overrides: dict | None, conditioner: Conditioner, seed: int) -> None:
+        super().__init__()
+        self.net_name, self.net_overrides = net, dict(net_overrides or {})
+        self.conditioner = conditioner
+        self.seed = seed
+        self.iteration = 0
+        self.batches_in_epoch = 0
+        self._resume_skip: int | None = None
+        self.last_update: str | None = None
+        self.automatic_optimization = False  # alternating updates, own clipping and counters
+
+    # ---- nets -------------------------------------------------------------------------------------------------
+    def build_net(self) -> nn.Module:
+        from sfplus.nets.presets import build_dit
+
+        return build_dit(self.net_name, **self.net_overrides)
+
+    # ---- randomness -------------------------------------------------------------------------------------------
+    def rng(self, kind: str, *, shared: bool = False, step: int | None = None) -> torch.Generator:
+        """A generator on this module's device, seeded from (seed, [rank], update index, kind)."""
+        step = self.trainer.global_step if step is None else step
+        rank = 0 if shared else self.global_rank
+        dev = self.device if self.device.type != "meta" else torch.device("cpu")
+        return torch.Generator(device=dev).manual_seed(stable_seed(self.seed, rank, step, kind))
+
+    def randn(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=generator, device=generator.device).to(self.device)
+
+    # ---- data position (exact resume) -------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        if self._resume_skip:
+            sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+            if sampler is None or not hasattr(sampler, "skip_batches"):
+                raise RuntimeError("resuming mid-epoch needs a datamodule whose batch sampler can skip batches")
+            sampler.skip_batches = self._resume_skip
+            self.batches_in_epoch = self._resume_skip
+        else:
+            self.batches_in_epoch = 0
+        self._resume_skip = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.batches_in_epoch += 1
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return {"iteration": self.iteration, "batches_in_epoch": self.batches_in_epoch}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Frozen nets are rebuilt from their own files; they would double the checkpoint for nothing.
+        sd = checkpoint["state_dict"]
+        for key in [k for k in sd if k.startswith(self.frozen_prefixes)]:
+            del sd[key]
+        checkpoint["sfplus"] = {
+            "counters": self.counters(), "class": type(self).__name__, "net": self.net_name,
+            "net_overrides": self.net_overrides, "sampler": self.sampler_description(),
+            "video_shape": self.video_shape,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint.get("state_dict")
+        if sd is None:
+            raise CheckpointError("checkpoint has no state_dict: not a Lightning checkpoint of an sfplus module")
+        own = self.state_dict()
+        for key, value in own.items():  # frozen nets come from their own files
+            if key.startswith(self.frozen_prefixes):
+                sd[key] = value
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        mismatched = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or mismatched:
+            saved = checkpoint.get("sfplus", {}).get("class", "unknown")
+            msg = [f"checkpoint (saved by {saved}) does not match this {type(self).__name__}:"]
+            for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+                if items:
+                    msg.append(f"  {title}: " + ", ".join(items[:6]) + (f" ... ({len(items)})" if len(items) > 6 else ""))
+            raise CheckpointError("\n".join(msg))
+        counters = checkpoint.get("sfplus", {}).get("counters", {})
+        for name, value in counters.items():
+            setattr(self, name, int(value))
+        self._resume_skip = counters.get("batches_in_epoch", 0)
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def noise_for(self, index: torch.Tensor, sample: torch.Tensor, shape: Sequence[int], base_seed: int) -> torch.Tensor:
+        """Per-video starting noise [B, *shape], a function of (base seed, prompt index, sample index) only."""
+        out = []
+        for i, s in zip(index.tolist(), sample.tolist()):
+            g = torch.Generator().manual_seed(sample_seed(base_seed, i, s))
+            out.append(torch.randn(tuple(shape), generator=g))
+        return torch.stack(out).to(self.device)
+
+    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sampler_description(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Generate one video per batch item; items whose outputs already exist are skipped.
+
+        Returns ``{"videos": uint8 [B, T, H, W, 3], "latents", "prompts", "text", "index", "sample", "seed",
+        "sampler"}`` for the items generated (``index = -1`` padding items are dropped).
+        """
+        keep = [i for i, idx in enumerate(batch["index"].tolist()) if idx >= 0]
+        writer = next((cb for cb in self.trainer.callbacks if hasattr(cb, "exists")), None) if self._trainer else None
+        if writer is not None:
+            keep = [
+                i for i in keep
+                if not writer.exists(batch["text"][i], int(batch["index"][i]), int(batch["sample"][i]))
+            ]
+        if not keep:
+            return {"videos": None, "index": torch.empty(0, dtype=torch.long)}
+        prompts = [batch["prompts"][i] for i in keep]
+        index, sample = batch["index"][keep], batch["sample"][keep]
+        cond = self.conditioner.text(prompts, self.device)
+        uncond = self.conditioner.negative(len(prompts), self.device)
+        noise = self.noise_for(index, sample, self.video_shape, self.predict_seed)
+        g = torch.Generator(device=self.device).manual_seed(stable_seed("renoise", self.predict_seed, *index.tolist()))
+        latents = self.sample(cond, uncond, noise, g)
+        videos = self.conditioner.decode(latents)
+        return {
+            "videos": to_uint8_video(videos),
+            "latents": latents.cpu(),
+            "prompts": prompts,
+            "text": [batch["text"][i] for i in keep],
+            "index": index.cpu(),
+            "sample": sample.cpu(),
+            "seed": [sample_seed(self.predict_seed, i, s) for i, s in zip(index.tolist(), sample.tolist())],
+            "sampler": self.sampler_description(),
+        }
+
+
+class DiffusionModule(_RecipeModule):
+    """Flow-matching training of one DiT from scratch or from weights (the toy teacher).
+
+    Args:
+        net: DiT preset name (``sfplus.nets.presets``), e.g. ``toy`` or ``wan2.1-t2v-1.3b``.
+        net_overrides: preset fields to change (e.g. ``{"num_layers": 2}``).
+        conditioner: frozen encoders (text, codec).
+        init_checkpoint: weights to start from (None: fresh init).
+        lr, betas, weight_decay: AdamW settings.
+        max_grad_norm: gradient clipping norm.
+        cond_dropout: probability of training on the negative prompt instead (enables CFG).
+        train_shift: shift applied to uniformly drawn training sigmas.
+        video_shape: latent shape ``[C, F, H, W]`` generated by ``predict``.
+        sample_steps, sample_shift, guidance_scale: the Euler/CFG sampler used by ``predict``.
+        seed: base seed of training noise; predict_seed: base seed of generated videos.
+    """
+
+    frozen_prefixes = ("conditioner.",)
+
+    def __init__(
+        self,
+        net: str = "toy",
+        net_overrides: dict | None = None,
+        conditioner: Conditioner | None = None,
+        init_checkpoint: str | None = None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        cond_dropout: float = 0.1,
+        train_shift: float = 1.0,
+        video_shape: list[int] | None = None,
+        sample_steps: int = 40,
+        sample_shift: float = 3.0,
+        guidance_scale: float = 3.0,
+        seed: int = 0,
+        predict_seed: int = 0,
+    ) -> None:
+        super().__init__(net, net_overrides, conditioner or _default_toy_conditioner(), seed)
+        self.init_checkpoint = init_checkpoint
+        self.lr, self.betas, self.weight_decay, self.max_grad_norm = lr, tuple(betas), weight_decay, max_grad_norm
+        self.cond_dropout, self.train_shift = cond_dropout, train_shift
+        self.video_shape = list(video_shape or [3, 4, 16, 16])
+        self.sample_steps, self.sample_shift, self.guidance_scale = sample_steps, sample_shift, guidance_scale
+        self.predict_seed = predict_seed
+        self.model: nn.Module | None = None
+        self.model_ema: nn.Module | None = None
+        self.ema_started = False
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = self.build_net()
+        if self.init_checkpoint:
+            load_dit_weights(self.model, self.init_checkpoint, which="ema")
+        elif hasattr(self.model, "init_weights"):
+            self.model.init_weights()
+        self.model_ema = copy.deepcopy(self.model).requires_grad_(False)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+
+    def counters(self) -> dict[str, int]:
+        return {**super().counters(), "ema_started": int(self.ema_started)}
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.model_ema, self.model)]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        latents = batch["latents"].to(self.device)
+        prompts = list(batch["prompts"])
+        b = latents.shape[0]
+        g = self.rng("train")
+        drop = torch.rand(b, generator=g, device=g.device) < self.cond_dropout
+        prompts = [self.conditioner.negative_prompt if d else p for p, d in zip(prompts, drop.tolist())]
+        cond = self.conditioner.text(prompts, self.device)
+        t = sample_training_timesteps(b, generator=self.rng("t"), shift=self.train_shift, device=self.device)
+        eps = self.randn(latents.shape, g)
+        loss = flow_matching_loss(self.model, latents, t, eps, cond)
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        opt.step()
+        self.iteration += 1
+        self.last_update = "model"
+        self.log_dict({"train/loss": loss.detach(), "train/grad_norm": grad_norm, "train/iteration": float(self.iteration)}, prog_bar=True)
+        return loss.detach()
+
+    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        net = self.model_ema if self.ema_started else self.model
+        return teacher_sample(
+            net, noise, cond, uncond, num_steps=self.sample_steps, shift=self.sample_shift,
+            guidance_scale=self.guidance_scale,
+        )
+
+    def sampler_description(self) -> dict[str, Any]:
+        return {"kind": "euler-cfg", "steps": self.sample_steps, "shift": self.sample_shift,
+                "guidance_scale": self.guidance_scale, "weights": "ema" if self.ema_started else "model"}
+
+
+class DistillModule(_RecipeModule):
+    """DMD distillation: few-step generator ← frozen teacher (CFG), with a fake-score critic.
+
+    Args:
+        net: DiT preset of the generator, critic and teacher.
+        net_overrides: preset fields to change.
+        conditioner: frozen encoders.
+        teacher_checkpoint: weights of the teacher (a Lightning checkpoint's EMA, a Wan file, ...).
+        generator_checkpoint: initial generator weights (default: the teacher's).
+        critic_checkpoint: initial critic weights (default: the teacher's).
+        denoising_steps: the generator's steps before warping (reference ``denoising_step_list``).
+        warp_denoising_steps: map the steps through ``timestep_shift`` ([1000,750,500,250] → [1000,937.5,833.3,625]).
+        timestep_shift: shift of the score timesteps and of the step warp (5.0 in every reference config).
+        real_guidance_scale: teacher CFG in the reference's convention (effective Wan scale = this + 1).
+        fake_guidance_scale: CFG of the fake score (0: none).
+        min_score_timestep: lower bound of the raw score timestep.
+        ts_schedule / ts_schedule_max: bound the score timestep by the exit step's noise levels (reference §4.2).
+        dfake_gen_update_ratio: a generator update every this many iterations.
+        generator_lr, critic_lr, betas, critic_betas, weight_decay: AdamW settings (reference defaults).
+        max_grad_norm_generator, max_grad_norm_critic: per-optimizer clipping.
+        video_shape: latent shape ``[C, F, H, W]`` of generated videos.
+        predict_weights: ``ema`` (falls back to the raw generator before EMA starts) or ``generator``.
+        seed: base seed of training randomness; predict_seed: base seed of generated videos.
+    """
+
+    frozen_prefixes = ("teacher.", "conditioner.")
+
+    def __init__(
+        self,
+        net: str = "toy",
+        net_overrides: dict | None = None,
+        conditioner: Conditioner | None = None,
+        teacher_checkpoint: str | None = None,
+        generator_checkpoint: str | None = None,
+        critic_checkpoint: str | None = None,
+        denoising_steps: list[float] | None = None,
+        warp_denoising_steps: bool = True,
+        timestep_shift: float = 5.0,
+        real_guidance_scale: float = 3.0,
+        fake_guidance_scale: float = 0.0,
+        min_score_timestep: int = 0,
+        ts_schedule: bool = False,
+        ts_schedule_max: bool = False,
+        dfake_gen_update_ratio: int = 5,
+        generator_lr: float = 2e-6,
+        critic_lr: float = 4e-7,
+        betas: tuple[float, float] = (0.0, 0.999),
+        critic_betas: tuple[float, float] = (0.0, 0.999),
+        weight_decay: float = 0.01,
+        max_grad_norm_generator: float = 10.0,
+        max_grad_norm_critic: float = 10.0,
+        video_shape: list[int] | None = None,
+        predict_weights: Literal["ema", "generator"] = "ema",
+        seed: int = 0,
+        predict_seed: int = 0,
+    ) -> None:
+        super().__init__(net, net_overrides, conditioner or _default_toy_conditioner(), seed)
+        if dfake_gen_update_ratio < 1:
+            raise ValueError(f"dfake_gen_update_ratio must be >= 1, got {dfake_gen_update_ratio}")
+        self.teacher_checkpoint = teacher_checkpoint
+        self.generator_checkpoint, self.critic_checkpoint = generator_checkpoint, critic_checkpoint
+        steps = list(denoising_steps or [1000, 750, 500, 250])
+        steps = [s for s in steps if s > 0]
+        self.timesteps = warp_timesteps(steps, timestep_shift) if warp_denoising_steps else [float(s) for s in steps]
+        self.unwarped_steps = steps
+        self.timestep_shift = timestep_shift
+        self.real_guidance_scale, self.fake_guidance_scale = real_guidance_scale, fake_guidance_scale
+        self.min_score_timestep, self.ts_schedule, self.ts_schedule_max = min_score_timestep, ts_schedule, ts_schedule_max
+        self.ratio = dfake_gen_update_ratio
+        self.generator_lr, self.critic_lr = generator_lr, critic_lr
+        self.betas, self.critic_betas, self.weight_decay = tuple(betas), tuple(critic_betas), weight_decay
+        self.max_grad_norm_generator, self.max_grad_norm_critic = max_grad_norm_generator, max_grad_norm_critic
+        self.video_shape = list(video_shape or [3, 4, 16, 16])
+        self.predict_weights, self.predict_seed = predict_weights, predict_seed
+        self.generator_steps = 0
+        self.critic_steps = 0
+        self.ema_started = False
+        self.generator: nn.Module | None = None
+        self.generator_ema: nn.Module | None = None
+        self.critic: nn.Module | None = None
+        self.teacher: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.generator is not None:
+            return
+        self.teacher = self.build_net()
+        if self.teacher_checkpoint:
+            load_dit_weights(self.teacher, self.teacher_checkpoint, which="ema")
+        self.teacher.requires_grad_(False).eval()
+        self.generator = self._init_from(self.generator_checkpoint)
+        self.critic = self._init_from(self.critic_checkpoint)
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
+
+    def _init_from(self, path: str | None) -> nn.Module:
+        net = self.build_net()
+        if path:
+            load_dit_weights(net, path, which="ema")
+        else:
+            net.load_state_dict(self.teacher.state_dict())
+        return net
+
+    def configure_optimizers(self):
+        g = torch.optim.AdamW(self.generator.parameters(), lr=self.generator_lr, betas=self.betas, weight_decay=self.weight_decay)
+        c = torch.optim.AdamW(self.critic.parameters(), lr=self.critic_lr, betas=self.critic_betas, weight_decay=self.weight_decay)
+        return [g, c]
+
+    def counters(self) -> dict[str, int]:
+        return {**super().counters(), "generator_steps": self.generator_steps, "critic_steps": self.critic_steps,
+                "ema_started": int(self.ema_started)}
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.generator_ema, self.generator)]
+
+    def generator_due(self) -> bool:
+        """A generator update is due at iterations 0, r, 2r, ... before that iteration's critic update."""
+        return self.iteration % self.ratio == 0 and self.generator_steps <= self.iteration // self.ratio
+
+    # ---- one update per batch ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        prompts = list(batch["prompts"])
+        cond = self.conditioner.text(prompts, self.device)
+        uncond = self.conditioner.negative(len(prompts), self.device)
+        if self.generator_due():
+            self._generator_update(cond, uncond)
+        else:
+            self._critic_update(cond)
+
+    def _score_timesteps(self, b: int, f: int, rollout, g: torch.Generator) -> torch.Tensor:
+        from sfplus.flow import unwarp_timestep
+
+        min_t, max_t = self.min_score_timestep, 1000
+        if self.ts_schedule:
+            min_t = int(round(unwarp_timestep(rollout.t_to, self.timestep_shift)))
+        if self.ts_schedule_max:
+            max_t = int(round(unwarp_timestep(rollout.t_from, self.timestep_shift)))
+        return sample_score_timesteps(b, f, generator=g, shift=self.timestep_shift, min_t=min_t, max_t=max_t,
+                                      device=self.device)
+
+    def _rollout(self, cond: Cond, grad: bool, kind: str):
+        b = cond["context"].shape[0]
+        g = self.rng(kind)
+        exit_index = int(torch.randint(len(self.timesteps), (1,), generator=self.rng(kind + "-exit", shared=True)))
+        noise = self.randn([b, *self.video_shape], g)
+        return bidirectional_rollout(self.generator, noise, self.timesteps, cond, exit_index, g, grad=grad), g
+
+    def _generator_update(self, cond: Cond, uncond: Cond) -> None:
+        g_opt, _ = self.optimizers()
+        with self.toggled_optimizer(g_opt):
+            rollout, g = self._rollout(cond, grad=True, kind="gen")
+            x = rollout.x0
+            t = self._score_timesteps(x.shape[0], x.shape[2], rollout, g)
+            kl = dmd_kl_grad(
+                x, t, self.randn(x.shape, g), fake=self.critic, real=self.teacher, cond=cond, uncond=uncond,
+                real_guidance_scale=self.real_guidance_scale, fake_guidance_scale=self.fake_guidance_scale,
+            )
+            loss = dmd_generator_loss(x, kl.grad)
+            g_opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.max_grad_norm_generator)
+            g_opt.step()
+        self.generator_steps += 1
+        self.last_update = "generator"
+        self.log_dict({
+            "train/generator_loss": loss.detach().float(), "train/generator_grad_norm": grad_norm,
+            "train/dmd_gradient_norm": kl.gradient_norm, "train/exit_step": float(rollout.exit_index),
+            "train/generator_steps": float(self.generator_steps),
+        }, prog_bar=False)
+
+    def _critic_update(self, cond: Cond) -> None:
+        _, c_opt = self.optimizers()
+        with torch.no_grad():
+            rollout, g = self._rollout(cond, grad=False, kind="critic")
+        x = rollout.x0
+        t = self._score_timesteps(x.shape[0], x.shape[2], rollout, g)
+        loss = critic_flow_loss(self.critic, x, t, self.randn(x.shape, g), cond)
+        c_opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.max_grad_norm_critic)
+        c_opt.step()
+        self.critic_steps += 1
+        self.iteration += 1
+        self.last_update = "critic"
+        self.log_dict({
+            "train/critic_loss": loss.detach(), "train/critic_grad_norm": grad_norm,
+            "train/critic_timestep": t.float().mean(), "train/iteration": float(self.iteration),
+        }, prog_bar=True)
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def sampling_net(self) -> nn.Module:
+        if self.predict_weights == "ema" and self.ema_started:
+            return self.generator_ema
+        return self.generator
+
+    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return few_step_sample(self.sampling_net(), noise, self.timesteps, cond, generator)
+
+    def sampler_description(self) -> dict[str, Any]:
+        weights = "ema" if (self.predict_weights == "ema" and self.ema_started) else "generator"
+        return {"kind": "few-step", "timesteps": self.timesteps, "weights": weights}
+
+
+def _default_toy_conditioner() -> Conditioner:
+    from sfplus.conditioning import ToyConditioner
+
+    return ToyConditioner()

@@ -1,0 +1,140 @@
+"""``sfplus toy-eval``: score a toy teacher and its distilled student on the toy metrics.
+
+Four rows, all from the same starting noise per (prompt, sample):
+
+* teacher at its full step count with CFG (the quality target);
+* teacher at the student's step count with CFG (what few steps give without distillation);
+* the student (raw generator) and its EMA, at their few steps.
+
+Prints a table and writes it as JSON (atomically) next to the outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sfplus.conditioning import ToyConditioner
+from sfplus.modules import sample_seed, stable_seed
+from sfplus.nets.checkpoints import CheckpointError, read_dit_state_dict
+from sfplus.nets.presets import build_dit
+from sfplus.sampling import few_step_sample, teacher_sample
+from sfplus.toy_metrics import toy_metrics
+from sfplus.toy_videos import ToyVideoSpec, make_toy_batch, toy_prompts
+from sfplus.video_io import write_json_atomic
+
+METRIC_KEYS = ("prompt_accuracy", "colour_accuracy", "direction_accuracy", "sharpness", "frechet_distance")
+
+
+def _checkpoint_info(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    info = ckpt.get("sfplus")
+    if info is None:
+        raise CheckpointError(f"{p} is not an sfplus Lightning checkpoint (no 'sfplus' entry)")
+    return info
+
+
+def _net(path: str, which: str, info: dict) -> torch.nn.Module:
+    net = build_dit(info["net"], **info.get("net_overrides", {}))
+    net.load_state_dict(read_dit_state_dict(path, which=which), strict=True)
+    return net.eval()
+
+
+def _generate(fn, prompts: list[str], seeds: list[int], shape: list[int], cond_fn, batch_size: int) -> torch.Tensor:
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds[i : i + batch_size]])
+        cond, uncond = cond_fn(chunk)
+        g = torch.Generator().manual_seed(stable_seed("toy-eval", seeds[i]))
+        out.append(fn(noise, cond, uncond, g).clamp(-1, 1))
+    return torch.cat(out)
+
+
+def evaluate(
+    teacher: str,
+    student: str | None = None,
+    out: str = "runs/toy-eval",
+    samples_per_prompt: int = 8,
+    teacher_steps: int | None = None,
+    guidance_scale: float | None = None,
+    shift: float | None = None,
+    batch_size: int = 64,
+    seed: int = 1234,
+    frames: int = 4,
+    height: int = 16,
+    width: int = 16,
+) -> dict[str, dict[str, float]]:
+    """Score the teacher (full and few steps) and, if given, the student (raw and EMA); returns the table."""
+    torch.set_grad_enabled(False)
+    spec = ToyVideoSpec(frames=frames, height=height, width=width)
+    t_info = _checkpoint_info(teacher)
+    t_sampler = t_info.get("sampler", {})
+    teacher_steps = teacher_steps or int(t_sampler.get("steps", 40))
+    guidance_scale = guidance_scale if guidance_scale is not None else float(t_sampler.get("guidance_scale", 3.0))
+    shift = shift if shift is not None else float(t_sampler.get("shift", 3.0))
+    conditioner = ToyConditioner()
+    shape = list(t_info.get("video_shape", [3, frames, height, width]))
+
+    def cond_fn(chunk):
+        return conditioner.text(chunk), conditioner.negative(len(chunk))
+
+    prompts = [p for p in toy_prompts(spec) for _ in range(samples_per_prompt)]
+    seeds = [sample_seed(seed, i // samples_per_prompt, i % samples_per_prompt) for i in range(len(prompts))]
+    reference, _ = make_toy_batch(len(prompts), seed=seed + 1, spec=spec)
+
+    rows: dict[str, dict[str, float]] = {}
+    teacher_net = _net(teacher, "ema", t_info)
+
+    def add_row(name: str, fn) -> None:
+        start = time.perf_counter()
+        videos = _generate(fn, prompts, seeds, shape, cond_fn, batch_size)
+        metrics = toy_metrics(videos, prompts, reference, spec)
+        metrics["seconds"] = time.perf_counter() - start
+        rows[name] = metrics
+
+    add_row(f"teacher {teacher_steps} steps + CFG", lambda n, c, u, g: teacher_sample(
+        teacher_net, n, c, u, num_steps=teacher_steps, shift=shift, guidance_scale=guidance_scale))
+    few = 4
+    if student is not None:
+        s_info = _checkpoint_info(student)
+        steps = s_info.get("sampler", {}).get("timesteps", [1000.0, 937.5, 833.33, 625.0])
+        few = len(steps)
+        add_row(f"teacher {few} steps + CFG", lambda n, c, u, g: teacher_sample(
+            teacher_net, n, c, u, num_steps=few, shift=shift, guidance_scale=guidance_scale))
+        gen = _net(student, "model", s_info)
+        add_row(f"student {few} steps", lambda n, c, u, g: few_step_sample(gen, n, steps, c, g))
+        if s_info.get("counters", {}).get("ema_started"):
+            ema = _net(student, "ema", s_info)
+            add_row(f"student EMA {few} steps", lambda n, c, u, g: few_step_sample(ema, n, steps, c, g))
+    else:
+        add_row(f"teacher {few} steps + CFG", lambda n, c, u, g: teacher_sample(
+            teacher_net, n, c, u, num_steps=few, shift=shift, guidance_scale=guidance_scale))
+
+    out_dir = Path(out)
+    result = {"rows": rows, "videos_per_row": len(prompts), "teacher": teacher, "student": student}
+    write_json_atomic(out_dir / "toy_metrics.json", result)
+    print(format_table(rows))
+    print(f"toy metrics written to {out_dir / 'toy_metrics.json'}")
+    return rows
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    head = ["model", "prompt acc", "colour acc", "direction acc", "sharpness", "FD (lower better)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in rows.items():
+        vals = [f"{m[k]:.3f}" if k != "frechet_distance" else f"{m[k]:.2f}" for k in METRIC_KEYS]
+        lines.append("| " + " | ".join([name, *vals]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    from jsonargparse import CLI
+
+    CLI(evaluate, args=argv, as_positional=False)
