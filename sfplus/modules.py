@@ -243,8 +243,11 @@ class DiffusionModule(_RecipeModule):
         self.model = self.build_net()
         if self.init_checkpoint:
             load_dit_weights(self.model, self.init_checkpoint, which="ema")
-        elif hasattr(self.model, "init_weights"):
-            self.model.init_weights()
+        else:
+            # Fresh weights are a function of the seed, so two runs of one config start identically.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(stable_seed(self.seed, "init") % (2**31))
+                self.model.init_weights()
         self.model_ema = copy.deepcopy(self.model).requires_grad_(False)
 
     def configure_optimizers(self):

@@ -1,0 +1,30 @@
+# The two commands of the README:
+#   make demo   set up, then train the toy teacher, distil it with DMD, generate MP4s, print the toy metrics
+#   make test   set up, then run the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build is enough for the toy task and the tests; override for a CUDA machine, e.g. TORCH_SPEC=torch.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python tools/toy_demo.py
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+clean-demo:
+	rm -rf runs/toy-teacher runs/toy-dmd runs/toy-eval

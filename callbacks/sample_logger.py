@@ -1,0 +1,59 @@
+"""Logs sample videos to TensorBoard during training.
+
+``SummaryWriter.add_video`` silently writes nothing with moviepy 2 (lightning-notes §7), so samples are logged as
+images instead: one row per prompt, frames left to right (``samples/<name>``), which TensorBoard shows at every
+logged step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from sfplus.modules import stable_seed, to_uint8_video
+
+
+def frame_grid(videos: torch.Tensor, upscale: int = 1) -> torch.Tensor:
+    """uint8 [B, T, H, W, 3] → uint8 image [3, B*H, T*W] (rows = videos, columns = frames)."""
+    b, t, h, w, c = videos.shape
+    grid = videos.permute(4, 0, 2, 1, 3).reshape(c, b * h, t * w)
+    if upscale > 1:
+        grid = grid.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
+    return grid
+
+
+class SampleLogger(L.Callback):
+    """Every ``every_n_iterations`` iterations (the module's counter), generate ``prompts`` and log them.
+
+    Args:
+        prompts: what to generate (fixed noise per prompt, so images are comparable across steps).
+        every_n_iterations: cadence in the module's iterations.
+        upscale: nearest-neighbour upscaling of the logged image.
+        seed: noise seed.
+    """
+
+    def __init__(self, prompts: list[str], every_n_iterations: int = 100, upscale: int = 4, seed: int = 0) -> None:
+        if not prompts:
+            raise ValueError("SampleLogger needs at least one prompt")
+        self.prompts, self.every, self.upscale, self.seed = list(prompts), every_n_iterations, upscale, seed
+        self._last_logged = -1
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        it = pl_module.iteration
+        if it % self.every or it == self._last_logged or trainer.global_rank != 0:
+            return
+        self._last_logged = it
+        n = len(self.prompts)
+        index = torch.arange(n)
+        noise = pl_module.noise_for(index, torch.zeros(n, dtype=torch.long), pl_module.video_shape, self.seed)
+        cond = pl_module.conditioner.text(self.prompts, pl_module.device)
+        uncond = pl_module.conditioner.negative(n, pl_module.device)
+        g = torch.Generator(device=pl_module.device).manual_seed(stable_seed("samples", self.seed))
+        videos = to_uint8_video(pl_module.conditioner.decode(pl_module.sample(cond, uncond, noise, g)))
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                experiment.add_image("samples", frame_grid(videos.cpu(), self.upscale), global_step=it)

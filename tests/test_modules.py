@@ -1,0 +1,154 @@
+"""The recipes end to end on tiny nets: DMD update schedule, counters, exact resume, clear checkpoint errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sfplus.callbacks import EMA
+from sfplus.conditioning import ToyConditioner
+from sfplus.datamodules import PromptDataModule, ToyDataModule
+from sfplus.modules import DiffusionModule, DistillModule
+from sfplus.nets.checkpoints import CheckpointError
+from sfplus.nets.presets import build_dit
+
+TINY = {"in_dim": 3, "out_dim": 3}
+SHAPE = [3, 2, 4, 4]
+
+
+@pytest.fixture()
+def teacher_file(tmp_path: Path) -> str:
+    torch.manual_seed(0)
+    net = build_dit("tiny", **TINY)
+    net.init_weights()
+    # init_weights zeroes the head; give it weights so the teacher's outputs depend on its inputs.
+    torch.nn.init.normal_(net.head.head.weight, std=0.02)
+    path = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture()
+def prompt_file(tmp_path: Path) -> str:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"a red square moving {d} {i}" for i, d in enumerate(["left", "right", "up", "down"] * 3)))
+    return str(path)
+
+
+def distill(teacher: str, **kw) -> DistillModule:
+    args = dict(net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
+                teacher_checkpoint=teacher, dfake_gen_update_ratio=2, generator_lr=1e-3, critic_lr=1e-3,
+                video_shape=SHAPE, seed=3)
+    args.update(kw)
+    return DistillModule(**args)
+
+
+def trainer(tmp_path: Path, max_steps: int, **kw) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        default_root_dir=str(tmp_path), callbacks=[EMA(decay=0.5, start_iteration=1)], **kw,
+    )
+
+
+def test_dmd_schedule_and_counters(tmp_path, teacher_file, prompt_file):
+    module = distill(teacher_file)
+    data = PromptDataModule(prompt_file, batch_size=2, batches_per_epoch=4)
+    trainer(tmp_path, 9).fit(module, datamodule=data)
+    # One update per batch: a generator update before the critic's at iterations 0, 2, 4 (ratio 2):
+    # G C | C | G C | C | G C | C  = 3 generator + 6 critic updates in 9 batches.
+    assert module.critic_steps == module.iteration == 6
+    assert module.generator_steps == 3
+    assert module.ema_started
+    # Teacher frozen and untouched; generator moved away from it; EMA between.
+    teacher = build_dit("tiny", **TINY)
+    from safetensors.torch import load_file
+
+    teacher.load_state_dict(load_file(teacher_file))
+    for (name, p), q in zip(module.teacher.named_parameters(), teacher.parameters()):
+        assert torch.equal(p, q), name
+        assert not p.requires_grad
+    moved = sum((p - q).abs().sum() for p, q in zip(module.generator.parameters(), teacher.parameters()))
+    assert moved > 0
+
+
+def _snapshot(module: DistillModule, trainer_: L.Trainer) -> dict:
+    opt_states = [o.state_dict() for o in trainer_.optimizers]
+    return {
+        "weights": {k: v.clone() for k, v in module.state_dict().items()},
+        "opt": opt_states,
+        "counters": module.counters(),
+    }
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["counters"] == b["counters"]
+    assert a["weights"].keys() == b["weights"].keys()
+    for k in a["weights"]:
+        assert torch.equal(a["weights"][k], b["weights"][k]), k
+    for oa, ob in zip(a["opt"], b["opt"]):
+        for pid, st in oa["state"].items():
+            for name, val in st.items():
+                assert torch.equal(val, ob["state"][pid][name]), (pid, name)
+
+
+def test_exact_resume_distill(tmp_path, teacher_file, prompt_file):
+    """N+M updates straight == N updates, checkpoint, resume, M updates (weights, EMA, optimizers, counters)."""
+    data = lambda: PromptDataModule(prompt_file, batch_size=2, batches_per_epoch=3)  # noqa: E731
+    straight = distill(teacher_file)
+    t_straight = trainer(tmp_path / "a", 8)
+    t_straight.fit(straight, datamodule=data())
+
+    first = distill(teacher_file)
+    t_first = trainer(tmp_path / "b", 4)  # stops mid-epoch (3 batches per epoch)
+    t_first.fit(first, datamodule=data())
+    ckpt = tmp_path / "mid.ckpt"
+    t_first.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)
+    assert not any(k.startswith("teacher.") for k in saved["state_dict"]), "the frozen teacher is not saved"
+
+    resumed = distill(teacher_file)
+    t_resumed = trainer(tmp_path / "c", 8)
+    t_resumed.fit(resumed, datamodule=data(), ckpt_path=str(ckpt))
+    _assert_same(_snapshot(straight, t_straight), _snapshot(resumed, t_resumed))
+
+
+def test_exact_resume_diffusion(tmp_path):
+    def run(max_steps, ckpt=None, root="x"):
+        module = DiffusionModule(net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
+                                 video_shape=SHAPE, seed=1)
+        data = ToyDataModule(frames=2, height=8, width=8, size=3, batch_size=4, length=64, batches_per_epoch=3)
+        tr = trainer(tmp_path / root, max_steps)
+        tr.fit(module, datamodule=data, ckpt_path=ckpt)
+        return module, tr
+
+    straight, t_straight = run(5, root="a")
+    first, t_first = run(2, root="b")
+    ckpt = tmp_path / "d.ckpt"
+    t_first.save_checkpoint(ckpt)
+    resumed, t_resumed = run(5, ckpt=str(ckpt), root="c")
+    _assert_same(_snapshot(straight, t_straight), _snapshot(resumed, t_resumed))
+
+
+def test_checkpoint_of_other_model_is_a_clear_error(tmp_path, teacher_file, prompt_file):
+    first = DiffusionModule(net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
+                            video_shape=SHAPE)
+    data = ToyDataModule(frames=2, height=8, width=8, size=3, batch_size=2, length=8)
+    tr = trainer(tmp_path / "a", 1)
+    tr.fit(first, datamodule=data)
+    ckpt = tmp_path / "diffusion.ckpt"
+    tr.save_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match="does not match this DistillModule"):
+        trainer(tmp_path / "b", 2).fit(distill(teacher_file), datamodule=PromptDataModule(prompt_file), ckpt_path=str(ckpt))
+
+
+def test_teacher_checkpoint_of_wrong_size_names_keys(tmp_path, prompt_file):
+    wrong = build_dit("tiny", in_dim=3, out_dim=3, dim=64, ffn_dim=64, num_heads=2)
+    path = tmp_path / "wrong.safetensors"
+    save_file({k: v.contiguous() for k, v in wrong.state_dict().items()}, str(path))
+    with pytest.raises(CheckpointError, match="shape mismatch: .*patch_embedding.weight"):
+        trainer(tmp_path, 1).fit(distill(str(path)), datamodule=PromptDataModule(prompt_file))
