@@ -1,0 +1,328 @@
+"""Building blocks of the Wan2.1 video VAE (causal 3D convolutions with a chunk-to-chunk feature cache).
+
+Module and parameter names follow the original `Wan2.1_VAE.pth` exactly (spec wan-architecture.md §4.2–§4.3):
+`residual.{0,2,3,6}`, `shortcut`, `resample.1`, `time_conv`, `norm`, `to_qkv`, `proj`, `head.{0,2}`, ...
+Sequential indices of parameter-free layers (SiLU, Dropout, ZeroPad2d, Upsample) are kept so that the
+parameterised layers land on the published indices.
+
+Video tensors are [B, C, T, H, W]. Everything is causal in time: a frame only sees itself and earlier frames,
+which is what lets a video be processed chunk by chunk (and decoded as a stream) with a small cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Frames of history a 3-tap causal temporal convolution needs from the previous chunk.
+CACHE_T = 2
+
+
+class CausalCache:
+    """Temporal state carried from one chunk of a video to the next, one entry per stateful module.
+
+    A fresh cache means "start of a video". Encoding and decoding each own one; a streaming decoder keeps its
+    cache alive between calls. Entries are keyed by module identity, so one cache must only be used with the
+    network it was first used with.
+    """
+
+    def __init__(self) -> None:
+        self._state: dict[int, object] = {}
+
+    def get(self, module: nn.Module) -> object | None:
+        return self._state.get(id(module))
+
+    def set(self, module: nn.Module, value: object) -> None:
+        self._state[id(module)] = value
+
+    def clear(self) -> None:
+        self._state.clear()
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value)
+    value = tuple(value)
+    if len(value) != 3:
+        raise ValueError(f"expected an int or 3 values, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded symmetrically in space and only on the past side in time.
+
+    With a `cache`, the last `CACHE_T` input frames of the previous chunk replace (part of) the zero padding,
+    so running a video chunk by chunk gives the same result as running it whole.
+
+    Shapes: x [B, C_in, T, H, W] -> [B, C_out, T', H', W'] (T' = T for stride 1).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0)
+        pad_t, pad_h, pad_w = _triple(padding)
+        # All 2·pad_t temporal padding goes before the first frame (causality).
+        self.time_pad = 2 * pad_t
+        self.space_pad = (pad_w, pad_w, pad_h, pad_h)
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        time_pad = self.time_pad
+        if cache is not None and time_pad > 0:
+            history = cache.get(self)
+            if history is not None:
+                x = torch.cat([history.to(x.device, x.dtype), x], dim=2)  # type: ignore[union-attr]
+                time_pad -= history.shape[2]  # type: ignore[union-attr]
+            # clone: do not keep the whole chunk alive through a view of it.
+            cache.set(self, x[:, :, -CACHE_T:].clone())
+        x = F.pad(x, (*self.space_pad, time_pad, 0))
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the channel dim: F.normalize(x, dim=1) · sqrt(C) · gamma (no bias, no extra eps).
+
+    Computed in fp32 (design: norms in fp32) and cast back. `images=True` is the per-frame 2D variant used by
+    the attention block (gamma [C, 1, 1]); otherwise gamma is [C, 1, 1, 1] for [B, C, T, H, W] input.
+    """
+
+    def __init__(self, dim: int, images: bool = False) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.normalize(x.float(), dim=1) * self.scale * self.gamma.float()
+        return y.to(x.dtype)
+
+
+class ResidualBlock(nn.Module):
+    """norm → SiLU → causal conv 3³ → norm → SiLU → dropout → causal conv 3³, plus a 1³ shortcut if in ≠ out.
+
+    x [B, in_dim, T, H, W] -> [B, out_dim, T, H, W].
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim),
+            nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        h = x
+        for layer in self.residual:
+            h = layer(h, cache) if isinstance(layer, CausalConv3d) else layer(h)
+        return h + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head spatial self-attention within each frame (no mixing across time), with a residual.
+
+    x [B, C, T, H, W] -> same shape; H·W tokens per frame, scale 1/sqrt(C).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        qkv = self.to_qkv(self.norm(frames))  # [(B·T), 3C, H, W]
+        q, k, v = qkv.flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)  # each [(B·T), 1, H·W, C]
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        out = self.proj(out).reshape(b, t, c, h, w).transpose(1, 2)
+        return x + out
+
+
+class _Upsample2x(nn.Upsample):
+    """Nearest ×2 upsampling computed in fp32 (as official) and cast back."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+RESAMPLE_MODES = ("downsample2d", "downsample3d", "upsample2d", "upsample3d")
+
+
+class Resample(nn.Module):
+    """Spatial ×2 down/up-sampling per frame, optionally with ×2 temporal down/up-sampling.
+
+    - downsample2d/3d: pad right/bottom by 1, Conv2d 3×3 stride 2 (C → C). The 3d mode then merges frame pairs
+      with `time_conv` (kernel 3 over [last frame of the previous chunk | this chunk], stride 2); the very first
+      chunk skips it, so frame 0 is kept alone: T frames → 1 + (T-1)/2 over a whole video.
+    - upsample2d/3d: nearest ×2, Conv2d 3×3 (C → C/2). The 3d mode first runs `time_conv` (C → 2C, causal,
+      cached) and interleaves the two halves as frames 2k, 2k+1; the very first chunk skips it, so the first
+      latent frame is not doubled: T frames → 1 + 2(T-1) over a whole video.
+
+    The first-chunk special cases are what make the stride-s codec map 1 + s·k frames to 1 + k latents.
+    x [B, C, T, H, W] -> [B, C or C/2, T', 2H or H/2, 2W or W/2].
+    """
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        if mode not in RESAMPLE_MODES:
+            raise ValueError(f"Resample mode must be one of {RESAMPLE_MODES}, got {mode!r}")
+        self.mode = mode
+        if mode.startswith("upsample"):
+            self.resample = nn.Sequential(
+                _Upsample2x(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                nn.Conv2d(dim, dim // 2, 3, padding=1),
+            )
+            if mode == "upsample3d":
+                self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+            if mode == "downsample3d":
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def _require_cache(self, cache: CausalCache | None) -> CausalCache:
+        if cache is None:
+            raise ValueError(f"Resample({self.mode}) changes the frame count chunk by chunk and needs a CausalCache")
+        return cache
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        if self.mode == "upsample3d":
+            cache = self._require_cache(cache)
+            if cache.get(self) is None:
+                cache.set(self, True)  # first chunk: no temporal doubling
+            else:
+                b, c, t, h, w = x.shape
+                # time_conv's own cache starts empty on the second chunk: the first latent frame is not
+                # part of its history (zero padding instead), as in the original model.
+                y = self.time_conv(x, cache)  # [B, 2C, T, H, W]
+                x = y.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+
+        b, c, t, h, w = x.shape
+        y = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
+        x = y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
+
+        if self.mode == "downsample3d":
+            cache = self._require_cache(cache)
+            previous = cache.get(self)
+            cache.set(self, x[:, :, -1:].clone())
+            if previous is not None:  # first chunk: frame 0 passes through alone
+                x = self.time_conv(torch.cat([previous.to(x.dtype), x], dim=2))  # type: ignore[union-attr]
+        return x
+
+
+def _run(layers: nn.Sequential, x: Tensor, cache: CausalCache | None) -> Tensor:
+    """Run a Sequential of blocks, passing the cache to those that take one (all but SiLU/norms)."""
+    for layer in layers:
+        if isinstance(layer, (nn.SiLU, RMSNorm, nn.Dropout)):
+            x = layer(x)
+        else:
+            x = layer(x, cache)
+    return x
+
+
+def _middle(dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(ResidualBlock(dim, dim, dropout), AttentionBlock(dim), ResidualBlock(dim, dim, dropout))
+
+
+class Encoder3d(nn.Module):
+    """Pixels [B, 3, T, H, W] (one chunk) -> [B, out_channels, T', H/s, W/s] with the cache carrying history.
+
+    Layout (official `Encoder3d`): conv1, then per stage i: num_res_blocks ResidualBlocks (+ AttentionBlock at
+    scales in `attn_scales`) and a Resample (all stages but the last), then middle [RB, Attn, RB] and head.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        out_channels: int,
+        dim_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_scales: Sequence[float],
+        temporal_downsample: Sequence[bool],
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        dims = [dim * m for m in [1, *dim_mult]]
+        scale = 1.0
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(num_res_blocks):
+                layers.append(ResidualBlock(in_dim, out_dim, dropout))
+                if scale in attn_scales:
+                    layers.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                layers.append(Resample(out_dim, "downsample3d" if temporal_downsample[i] else "downsample2d"))
+                scale /= 2.0
+        self.downsamples = nn.Sequential(*layers)
+        self.middle = _middle(dims[-1], dropout)
+        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], out_channels, 3, padding=1))
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        x = self.conv1(x, cache)
+        x = _run(self.downsamples, x, cache)
+        x = _run(self.middle, x, cache)
+        return _run(self.head, x, cache)
+
+
+class Decoder3d(nn.Module):
+    """Latents [B, z_dim, T', h, w] (one chunk) -> pixels [B, 3, T, h·s, w·s] with the cache carrying history.
+
+    Layout (official `Decoder3d`): conv1, middle, then per stage i: num_res_blocks + 1 ResidualBlocks (+ attn)
+    and a Resample (all stages but the last; it halves the channels, hence in_dim // 2 for stages after the
+    first), then head.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        z_dim: int,
+        dim_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_scales: Sequence[float],
+        temporal_upsample: Sequence[bool],
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        dims = [dim * m for m in [dim_mult[-1], *reversed(dim_mult)]]
+        scale = 1.0 / 2 ** (len(dim_mult) - 2)
+        self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
+        self.middle = _middle(dims[0], dropout)
+        layers: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2
+            for _ in range(num_res_blocks + 1):
+                layers.append(ResidualBlock(in_dim, out_dim, dropout))
+                if scale in attn_scales:
+                    layers.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                layers.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
+                scale *= 2.0
+        self.upsamples = nn.Sequential(*layers)
+        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        x = self.conv1(x, cache)
+        x = _run(self.middle, x, cache)
+        x = _run(self.upsamples, x, cache)
+        return _run(self.head, x, cache)
