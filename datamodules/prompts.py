@@ -68,7 +68,7 @@ def read_prompts(path: str | os.PathLike, *, deduplicate: bool = False) -> list[
 def _natural_key(name: str) -> list:
     import re
 
-    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+    return [int(s) if s.isdecimal() else s for s in re.split(r"(\d+)", name)]
 
 
 class PromptDataset(Dataset):
@@ -140,9 +140,21 @@ class PromptDataModule(L.LightningDataModule):
 
     def prompts(self) -> list[str]:
         if self._prompts is None:
-            self._prompts = read_prompts(self.path, deduplicate=self.deduplicate)
-            if self.extended_path is not None:
-                self._extended = read_prompts(self.extended_path)
+            prompts = read_prompts(self.path)
+            extended = read_prompts(self.extended_path) if self.extended_path is not None else None
+            if extended is not None and len(extended) != len(prompts):
+                raise PromptSourceError(
+                    f"extended prompts {self.extended_path} hold {len(extended)} prompts but {self.path} holds "
+                    f"{len(prompts)}: they must pair line by line"
+                )
+            if self.deduplicate:
+                # Keep each prompt's first occurrence, and its extended line with it.
+                first = dict.fromkeys(range(len(prompts)))
+                seen: dict[str, int] = {}
+                keep = [i for i in first if seen.setdefault(prompts[i], i) == i]
+                prompts = [prompts[i] for i in keep]
+                extended = [extended[i] for i in keep] if extended is not None else None
+            self._prompts, self._extended = prompts, extended
         return self._prompts
 
     def setup(self, stage: str | None = None) -> None:
