@@ -42,9 +42,9 @@ class SfplusCLI(LightningCLI):
 
 
 def _tool_commands() -> dict[str, Callable]:
-    from sfplus import toy_eval
+    from sfplus import export, toy_eval
 
-    return {"toy-eval": toy_eval.main}
+    return {"toy-eval": toy_eval.main, "export": export.main}
 
 
 def main(args: list[str] | None = None) -> None:

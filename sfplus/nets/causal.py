@@ -1,0 +1,279 @@
+"""Causal (frame-autoregressive) attention for WanDiT: block-causal masks and the streaming KV cache (spec §3).
+
+Frames are grouped into blocks (optionally frame 0 alone first). A query in a block ending at frame b (exclusive)
+attends to every key of frames < b — bidirectional inside its block, causal across blocks — optionally restricted to
+the last `local_window_frames` frames [b - W, b) plus the first `sink_frames` frames (attention sink).
+
+Two ways to compute the same thing:
+- parallel (training): all frames in one forward with a block mask (`block_causal_mask`);
+- stepping (streaming): one block per forward with a `KVCache` holding the earlier frames' keys/values.
+
+Differences from Self-Forcing's `CausalWanModel` (deliberate): its `local_attn_size` counts the sink frames inside the
+window and its training mask ignores the sink (so training and streaming disagree when sink > 0); here the window is
+W recent frames *plus* the sink in both modes, so they agree exactly. No token padding to multiples of 128 is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BlockCausal", "KVCache", "KVCacheStep", "block_causal_mask", "block_frame_ends"]
+
+
+@dataclass(frozen=True)
+class BlockCausal:
+    """Block-causal attention over frames (parallel training mode of WanDiT).
+
+    frames_per_block: frames per causal block (Self-Forcing uses 3).
+    independent_first_frame: frame 0 forms its own block, then blocks of frames_per_block (I2V-style).
+    local_window_frames: if set, a block ending at frame b only sees frames [b - W, b) (plus the sink); W must be
+        at least frames_per_block so a block always sees itself.
+    sink_frames: the first frames that stay visible to every later block when a window is set.
+    backend: "flex" (flex-attention BlockMask), "sdpa" (dense boolean mask: O(L²) memory, portable reference) or
+        "auto" (default): flex on CUDA, sdpa elsewhere — flex has no CPU backward, and off-GPU it runs unfused
+        (materialising the full score matrix anyway).
+    """
+
+    frames_per_block: int
+    independent_first_frame: bool = False
+    local_window_frames: int | None = None
+    sink_frames: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.frames_per_block < 1:
+            raise ValueError(f"BlockCausal.frames_per_block must be >= 1, got {self.frames_per_block}")
+        _check_window(self.local_window_frames, self.sink_frames, self.frames_per_block, "BlockCausal")
+        if self.backend not in ("auto", "flex", "sdpa"):
+            raise ValueError(f"BlockCausal.backend must be 'auto', 'flex' or 'sdpa', got {self.backend!r}")
+
+    def resolve_backend(self, device: torch.device | str) -> str:
+        """"flex" or "sdpa" for tensors on this device."""
+        if self.backend != "auto":
+            return self.backend
+        return "flex" if torch.device(device).type == "cuda" else "sdpa"
+
+
+def _check_window(window: int | None, sink: int, block: int, owner: str) -> None:
+    if sink < 0:
+        raise ValueError(f"{owner}.sink_frames must be >= 0, got {sink}")
+    if window is None:
+        if sink:
+            raise ValueError(f"{owner}.sink_frames={sink} needs local_window_frames (without a window all frames "
+                             "are visible anyway)")
+        return
+    if window < block:
+        raise ValueError(f"{owner}.local_window_frames={window} must be >= the block size {block} "
+                         "(a block must see all of its own frames)")
+
+
+def block_frame_ends(causal: BlockCausal, frames: int) -> list[int]:
+    """For each frame, the end (exclusive) frame index of its block; the last block may be shorter."""
+    ends, start = [], 0
+    if causal.independent_first_frame and frames > 0:
+        ends.append(1)
+        start = 1
+    for f in range(start, frames):
+        ends.append(min(start + ((f - start) // causal.frames_per_block + 1) * causal.frames_per_block, frames))
+    return ends
+
+
+def block_causal_mask(causal: BlockCausal, frames: int, tokens_per_frame: int, device: torch.device | str):
+    """Mask over the F·S tokens (frame-major): a flex `BlockMask`, or a dense bool [L, L] (True = attend) when the
+    backend resolves to sdpa."""
+    s = tokens_per_frame
+    frame_ends = torch.tensor(block_frame_ends(causal, frames), dtype=torch.long, device=device)
+    ends = frame_ends.repeat_interleave(s) * s  # [L] end token (exclusive) of each query's block
+    if causal.local_window_frames is None:
+        starts = torch.zeros_like(ends)
+    else:
+        starts = (ends - causal.local_window_frames * s).clamp(min=0)
+    sink = causal.sink_frames * s
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx < ends[q_idx]) & ((kv_idx >= starts[q_idx]) | (kv_idx < sink))
+
+    length = frames * s
+    if causal.resolve_backend(device) == "sdpa":
+        idx = torch.arange(length, device=device)
+        return mask_mod(None, None, idx[:, None], idx[None, :])
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, None, None, length, length, device=device, _compile=False)
+
+
+class KVCache:
+    """Per-layer self-attention keys/values of already generated frames, plus cached cross-attention keys/values.
+
+    Usage: `model(x_block, t_block, context, kv_cache=cache, frame_offset=k)` processes frames [k, k + n) only.
+    Each call writes the block's (post-RoPE) keys and values into the cache slots of those frames and makes them the
+    newest frames: calling again at the same offset overwrites the same slots (re-denoising steps, the clean-context
+    refresh at t = 0) and forgets anything after k + n. The block's queries attend to the cached frames in the window
+    [k + n - W, k) plus the sink frames, followed by the block's own keys/values.
+
+    Gradient semantics (reference bug B22, spec reference-algorithms.md §13): keys/values are stored DETACHED. The
+    current block attends to the detached earlier frames concatenated with its own *live* keys/values, so a loss on
+    a block back-propagates through that block's own K/V projections but never into earlier blocks' forward passes.
+    Cross-attention keys/values are cached (detached) on the first call and reused while grad is disabled; with
+    grad enabled they are recomputed from `context` each call so the text/cross-attention weights get gradients.
+    The cache is bound to one context (and image): `reset()` it (or build another) for a different prompt / CFG branch.
+
+    Memory: with no window the buffers hold `max_frames` frames; with a window they hold sink_frames +
+    local_window_frames frames as a ring (oldest non-sink frame evicted first; RoPE positions stay absolute because
+    keys are rotated before they are stored). Buffers are [B, slots·S, heads, head_dim] per layer, allocated on the
+    first write with the keys' dtype/device unless `dtype` and `device` are given.
+    """
+
+    def __init__(
+        self,
+        config,
+        batch_size: int,
+        max_frames: int,
+        tokens_per_frame: int,
+        *,
+        local_window_frames: int | None = None,
+        sink_frames: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """config: the model's WanConfig; max_frames: the largest frame index + 1 that will be generated (with a
+        window it only bounds the frame index: the buffers hold sink_frames + local_window_frames frames);
+        tokens_per_frame: H'·W' = (H / 2)·(W / 2) of the latent (1560 at 480x832)."""
+        if batch_size < 1 or max_frames < 1 or tokens_per_frame < 1:
+            raise ValueError(f"KVCache needs positive batch_size/max_frames/tokens_per_frame, got "
+                             f"{batch_size}/{max_frames}/{tokens_per_frame}")
+        _check_window(local_window_frames, sink_frames, 1, "KVCache")
+        self.num_layers, self.num_heads, self.head_dim = config.num_layers, config.num_heads, config.head_dim
+        self.batch_size, self.max_frames, self.tokens_per_frame = batch_size, max_frames, tokens_per_frame
+        self.window, self.sink = local_window_frames, sink_frames
+        self.slots = max_frames if local_window_frames is None else min(max_frames, sink_frames + local_window_frames)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.end_frame = 0  # frames [0, end_frame) have been written (and are cached unless evicted)
+        self._cross: list[tuple[torch.Tensor, ...]] | None = None
+        if dtype is not None and device is not None:
+            self._allocate(dtype, torch.device(device))
+
+    # ------------------------------------------------------------------ bookkeeping
+    def reset(self) -> None:
+        """Forget all frames and the cross-attention cache (buffers stay allocated)."""
+        self.end_frame, self._cross = 0, None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def _allocate(self, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (self.batch_size, self.slots * self.tokens_per_frame, self.num_heads, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+
+    def _slot(self, frame: int) -> int:
+        if self.window is None or frame < self.sink:
+            return frame
+        return self.sink + (frame - self.sink) % self.window
+
+    def _token_index(self, frames: list[int], device: torch.device) -> torch.Tensor | slice:
+        """Buffer token positions of these frames (a slice when their slots are contiguous: no gather copy)."""
+        s = self.tokens_per_frame
+        slots = [self._slot(f) for f in frames]
+        if not slots:
+            return slice(0, 0)
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return slice(slots[0] * s, (slots[-1] + 1) * s)
+        idx = torch.tensor(slots, dtype=torch.long, device=device)[:, None] * s
+        return (idx + torch.arange(s, device=device)[None, :]).flatten()
+
+    def begin(self, frame_offset: int, frames: int, tokens_per_frame: int, batch_size: int) -> "KVCacheStep":
+        """Plan one forward over frames [frame_offset, frame_offset + frames) (called by WanDiT.forward)."""
+        k, n, b = frame_offset, frames, frame_offset + frames
+        if tokens_per_frame != self.tokens_per_frame or batch_size != self.batch_size:
+            raise ValueError(f"KVCache was built for batch {self.batch_size} x {self.tokens_per_frame} tokens/frame, "
+                             f"got batch {batch_size} x {tokens_per_frame}")
+        if k < 0 or k > self.end_frame:
+            raise ValueError(f"frame_offset={k} must be in [0, {self.end_frame}] (frames [0, {self.end_frame}) are "
+                             "cached; blocks must be written in order without gaps)")
+        if b > self.max_frames:
+            raise ValueError(f"frames [{k}, {b}) exceed the KVCache's max_frames={self.max_frames}")
+        if self.window is not None:
+            if n > self.window:
+                raise ValueError(f"block of {n} frames is larger than local_window_frames={self.window}")
+            if b < self.end_frame:
+                raise ValueError(f"cannot rewrite frames [{k}, {b}) once frames up to {self.end_frame} were written "
+                                 "with a rolling window (frames it needs may have been evicted)")
+        lo = 0 if self.window is None else max(0, b - self.window)
+        past = sorted(set(range(lo, k)) | set(range(min(self.sink, k))))
+        return KVCacheStep(self, b, list(range(k, b)), past)
+
+    def commit(self, step: "KVCacheStep") -> None:
+        """Finish a forward: frames [0, frame_offset + frames) are now the cached frames."""
+        self.end_frame = step.end_frame
+
+    # ------------------------------------------------------------------ cross-attention part
+    def has_cross(self) -> bool:
+        return self._cross is not None
+
+    def cross(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """Cached cross-attention (k, v[, k_img, v_img]) of one layer, each [B, Lc, heads, head_dim]."""
+        if self._cross is None:
+            raise RuntimeError("KVCache has no cross-attention keys/values yet")
+        return self._cross[layer]
+
+    def set_cross(self, kvs: list[tuple[torch.Tensor, ...]]) -> None:
+        if len(kvs) != self.num_layers:
+            raise ValueError(f"expected cross keys/values for {self.num_layers} layers, got {len(kvs)}")
+        self._cross = [tuple(t.detach() for t in kv) for kv in kvs]
+
+
+class KVCacheStep:
+    """One forward's view of a KVCache (made by `KVCache.begin`, passed to every block).
+
+    The first `update` of a layer writes the block's keys/values into the cache and reads the past frames; it keeps
+    what it read, so a second call for the same layer — activation-checkpoint recomputation during backward, after
+    the cache may have moved on — returns the same keys/values and leaves the cache alone. (Non-reentrant
+    checkpointing only: reentrant checkpointing runs the first forward without grad, when reads are not copied.)
+    """
+
+    def __init__(self, cache: KVCache, end_frame: int, write_frames: list[int], read_frames: list[int]) -> None:
+        self.cache, self.end_frame = cache, end_frame
+        self._write_frames, self._read_frames = write_frames, read_frames
+        self._index: tuple | None = None
+        self._past: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the block's k, v [B, n·S, heads, head_dim] (detached) and return the keys/values to attend to:
+        the cached window + sink frames, then the block's live k, v."""
+        if layer not in self._past:
+            self._past[layer] = self._write_and_read(layer, k, v)
+        past = self._past[layer]
+        if past is None:
+            return k, v
+        return torch.cat([past[0].to(k.dtype), k], dim=1), torch.cat([past[1].to(v.dtype), v], dim=1)
+
+    def _write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        cache = self.cache
+        if not cache.k:
+            cache._allocate(k.dtype, k.device)
+        if self._index is None:  # planned once per forward, shared by all layers
+            device = cache.k[0].device
+            self._index = (cache._token_index(self._write_frames, device),
+                           cache._token_index(self._read_frames, device))
+        write, read = self._index
+        ck, cv = cache.k[layer], cache.v[layer]
+        if isinstance(write, slice):
+            ck[:, write] = k.detach().to(ck.dtype)
+            cv[:, write] = v.detach().to(cv.dtype)
+        else:
+            ck.index_copy_(1, write, k.detach().to(ck.dtype))
+            cv.index_copy_(1, write, v.detach().to(cv.dtype))
+        if not self._read_frames:
+            return None
+        if isinstance(read, slice):
+            past_k, past_v = ck[:, read], cv[:, read]
+            if torch.is_grad_enabled():  # a backward (recompute) may come after the buffer changed: keep a copy
+                past_k, past_v = past_k.clone(), past_v.clone()
+        else:
+            past_k, past_v = ck.index_select(1, read), cv.index_select(1, read)  # already copies
+        return past_k, past_v
