@@ -24,8 +24,8 @@ def _rank_and_world() -> tuple[int, int]:
 class EpochBatchSampler(Sampler[list[int]]):
     """Training batches: a permutation of ``range(length)`` per epoch, a function of ``(seed, epoch)`` only.
 
-    Rank ``r`` of ``W`` takes every ``W``-th index of the (wrapped) permutation, so ranks never share a sample
-    within an epoch. ``batches_per_epoch`` may exceed one pass over the data (the order then continues into the
+    Rank ``r`` of ``W`` takes rows ``[r*B, (r+1)*B)`` of each global batch of the (wrapped) permutation.
+    ``batches_per_epoch`` may exceed one pass over the data (the order then continues into the
     next permutation), which keeps tiny prompt lists from producing one-batch epochs.
 
     Args:
@@ -92,7 +92,9 @@ class EpochBatchSampler(Sampler[list[int]]):
         start, self.skip_batches = self.skip_batches, 0
         for b in range(start, n_batches):
             chunk = order[b * per_step : (b + 1) * per_step]
-            yield chunk[rank::world].tolist()
+            # Contiguous rows: rank r holds rows [r*B, (r+1)*B) of the global batch, the rows whose noise
+            # streams it draws (sfplus.noise), so N ranks reproduce one process with an N-times larger batch.
+            yield chunk[rank * self.batch_size : (rank + 1) * self.batch_size].tolist()
 
 
 class EvenSplitSampler(Sampler[list[int]]):

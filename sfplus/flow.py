@@ -99,12 +99,19 @@ def sample_score_timesteps(
     """
     if max_t <= min_t:
         raise ValueError(f"empty timestep range [{min_t}, {max_t})")
-    t_raw = torch.randint(min_t, max_t, (batch,), generator=generator, device="cpu").double()
-    t = t_raw
+    t_raw = torch.randint(min_t, max_t, (batch,), generator=generator, device="cpu")
+    return score_timesteps_from_raw(t_raw, frames, shift=shift, clamp=clamp).to(device)
+
+
+def score_timesteps_from_raw(
+    t_raw: torch.Tensor, frames: int, *, shift: float = 1.0, clamp: tuple[float, float] = (20.0, 980.0)
+) -> torch.Tensor:
+    """Shift (if ``shift > 1``) and clamp raw integer timesteps ``[B]``; repeat over frames → float ``[B, F]``."""
+    t = t_raw.double()
     if shift > 1:
-        t = NUM_TRAIN_TIMESTEPS * shift_sigma(t_raw / NUM_TRAIN_TIMESTEPS, shift)
+        t = NUM_TRAIN_TIMESTEPS * shift_sigma(t / NUM_TRAIN_TIMESTEPS, shift)
     t = t.clamp(*clamp).float()
-    return t.view(batch, 1).expand(batch, frames).contiguous().to(device)
+    return t.view(-1, 1).expand(t.shape[0], frames).contiguous()
 
 
 def sample_training_timesteps(

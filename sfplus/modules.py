@@ -17,7 +17,6 @@ agree on (the exit step).
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from typing import Any, Literal, Sequence
 
@@ -26,18 +25,13 @@ import torch
 from torch import nn
 
 from sfplus.conditioning import Conditioner, Cond
-from sfplus.flow import sample_score_timesteps, sample_training_timesteps, warp_timesteps
+from sfplus.flow import NUM_TRAIN_TIMESTEPS, score_timesteps_from_raw, shift_sigma, warp_timesteps
+from sfplus.noise import SampleNoise, stable_seed
 from sfplus.nets.checkpoints import CheckpointError, load_dit_weights
 from sfplus.objectives.diffusion import flow_matching_loss
 from sfplus.objectives.dmd import critic_flow_loss, dmd_generator_loss, dmd_kl_grad
 from sfplus.rollout import bidirectional_rollout
 from sfplus.sampling import few_step_sample, teacher_sample
-
-
-def stable_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts, identical on every machine and process (unlike ``hash``)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def sample_seed(base_seed: int, index: int, sample: int) -> int:
@@ -74,15 +68,16 @@ class _RecipeModule(L.LightningModule):
         return build_dit(self.net_name, **self.net_overrides)
 
     # ---- randomness -------------------------------------------------------------------------------------------
-    def rng(self, kind: str, *, shared: bool = False, step: int | None = None) -> torch.Generator:
-        """A generator on this module's device, seeded from (seed, [rank], update index, kind)."""
-        step = self.trainer.global_step if step is None else step
-        rank = 0 if shared else self.global_rank
-        dev = self.device if self.device.type != "meta" else torch.device("cpu")
-        return torch.Generator(device=dev).manual_seed(stable_seed(self.seed, rank, step, kind))
+    def sample_noise(self, kind: str, batch: int) -> SampleNoise:
+        """Per-sample streams for this rank's rows of the global batch at the current update (see sfplus.noise)."""
+        start = self.global_rank * batch
+        return SampleNoise.for_rows(self.seed, self.trainer.global_step, kind, rows=range(start, start + batch),
+                                    device=self.device)
 
-    def randn(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
-        return torch.randn(tuple(shape), generator=generator, device=generator.device).to(self.device)
+    def shared_randint(self, kind: str, high: int) -> int:
+        """An integer in [0, high) that every rank draws identically (e.g. the rollout's exit step)."""
+        g = torch.Generator().manual_seed(stable_seed(self.seed, self.trainer.global_step, kind))
+        return int(torch.randint(high, (1,), generator=g))
 
     # ---- data position (exact resume) -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -146,7 +141,7 @@ class _RecipeModule(L.LightningModule):
             out.append(torch.randn(tuple(shape), generator=g))
         return torch.stack(out).to(self.device)
 
-    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
     def sampler_description(self) -> dict[str, Any]:
@@ -173,7 +168,9 @@ class _RecipeModule(L.LightningModule):
         cond = self.conditioner.text(prompts, self.device)
         uncond = self.conditioner.negative(len(prompts), self.device)
         noise = self.noise_for(index, sample, self.video_shape, self.predict_seed)
-        g = torch.Generator(device=self.device).manual_seed(stable_seed("renoise", self.predict_seed, *index.tolist()))
+        # Re-noising streams per video too: a video does not depend on the batch it was generated in.
+        g = SampleNoise([stable_seed("renoise", self.predict_seed, i, s) for i, s in zip(index.tolist(), sample.tolist())],
+                        self.device)
         latents = self.sample(cond, uncond, noise, g)
         videos = self.conditioner.decode(latents)
         return {
@@ -263,12 +260,13 @@ class DiffusionModule(_RecipeModule):
         latents = batch["latents"].to(self.device)
         prompts = list(batch["prompts"])
         b = latents.shape[0]
-        g = self.rng("train")
-        drop = torch.rand(b, generator=g, device=g.device) < self.cond_dropout
+        noise = self.sample_noise("train", b)
+        drop = noise.rand() < self.cond_dropout
         prompts = [self.conditioner.negative_prompt if d else p for p, d in zip(prompts, drop.tolist())]
         cond = self.conditioner.text(prompts, self.device)
-        t = sample_training_timesteps(b, generator=self.rng("t"), shift=self.train_shift, device=self.device)
-        eps = self.randn(latents.shape, g)
+        # sigma ~ U(0, 1] through the shift (sigma > 0: the x0 <-> flow conversions divide by it).
+        t = (NUM_TRAIN_TIMESTEPS * shift_sigma(1.0 - noise.rand().double(), self.train_shift)).float().to(self.device)
+        eps = noise.randn_like(latents)
         loss = flow_matching_loss(self.model, latents, t, eps, cond)
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
@@ -280,7 +278,7 @@ class DiffusionModule(_RecipeModule):
         self.log_dict({"train/loss": loss.detach(), "train/grad_norm": grad_norm, "train/iteration": float(self.iteration)}, prog_bar=True)
         return loss.detach()
 
-    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator) -> torch.Tensor:
         net = self.model_ema if self.ema_started else self.model
         return teacher_sample(
             net, noise, cond, uncond, num_steps=self.sample_steps, shift=self.sample_shift,
@@ -419,32 +417,33 @@ class DistillModule(_RecipeModule):
         else:
             self._critic_update(cond)
 
-    def _score_timesteps(self, b: int, f: int, rollout, g: torch.Generator) -> torch.Tensor:
+    def _score_timesteps(self, f: int, rollout, noise: SampleNoise) -> torch.Tensor:
+        """Score timesteps [B, F] (reference §4.2): raw integer in [min, max), shift, clamp to [20, 980]."""
         from sfplus.flow import unwarp_timestep
 
         min_t, max_t = self.min_score_timestep, 1000
-        if self.ts_schedule:
+        if self.ts_schedule and rollout.t_to is not None:
             min_t = int(round(unwarp_timestep(rollout.t_to, self.timestep_shift)))
-        if self.ts_schedule_max:
+        if self.ts_schedule_max and rollout.t_from is not None:
             max_t = int(round(unwarp_timestep(rollout.t_from, self.timestep_shift)))
-        return sample_score_timesteps(b, f, generator=g, shift=self.timestep_shift, min_t=min_t, max_t=max_t,
-                                      device=self.device)
+        t_raw = noise.randint(min_t, max(max_t, min_t + 1))
+        return score_timesteps_from_raw(t_raw, f, shift=self.timestep_shift).to(self.device)
 
     def _rollout(self, cond: Cond, grad: bool, kind: str):
         b = cond["context"].shape[0]
-        g = self.rng(kind)
-        exit_index = int(torch.randint(len(self.timesteps), (1,), generator=self.rng(kind + "-exit", shared=True)))
-        noise = self.randn([b, *self.video_shape], g)
-        return bidirectional_rollout(self.generator, noise, self.timesteps, cond, exit_index, g, grad=grad), g
+        noise = self.sample_noise(kind, b)
+        exit_index = self.shared_randint(kind + "-exit", len(self.timesteps))
+        x_T = noise.randn(self.video_shape).to(self.device)
+        return bidirectional_rollout(self.generator, x_T, self.timesteps, cond, exit_index, noise, grad=grad), noise
 
     def _generator_update(self, cond: Cond, uncond: Cond) -> None:
         g_opt, _ = self.optimizers()
         with self.toggled_optimizer(g_opt):
             rollout, g = self._rollout(cond, grad=True, kind="gen")
             x = rollout.x0
-            t = self._score_timesteps(x.shape[0], x.shape[2], rollout, g)
+            t = self._score_timesteps(x.shape[2], rollout, g)
             kl = dmd_kl_grad(
-                x, t, self.randn(x.shape, g), fake=self.critic, real=self.teacher, cond=cond, uncond=uncond,
+                x, t, g.randn_like(x), fake=self.critic, real=self.teacher, cond=cond, uncond=uncond,
                 real_guidance_scale=self.real_guidance_scale, fake_guidance_scale=self.fake_guidance_scale,
             )
             loss = dmd_generator_loss(x, kl.grad)
@@ -465,8 +464,8 @@ class DistillModule(_RecipeModule):
         with torch.no_grad():
             rollout, g = self._rollout(cond, grad=False, kind="critic")
         x = rollout.x0
-        t = self._score_timesteps(x.shape[0], x.shape[2], rollout, g)
-        loss = critic_flow_loss(self.critic, x, t, self.randn(x.shape, g), cond)
+        t = self._score_timesteps(x.shape[2], rollout, g)
+        loss = critic_flow_loss(self.critic, x, t, g.randn_like(x), cond)
         c_opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.max_grad_norm_critic)
@@ -485,7 +484,7 @@ class DistillModule(_RecipeModule):
             return self.generator_ema
         return self.generator
 
-    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator) -> torch.Tensor:
         return few_step_sample(self.sampling_net(), noise, self.timesteps, cond, generator)
 
     def sampler_description(self) -> dict[str, Any]:

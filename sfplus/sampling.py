@@ -13,6 +13,7 @@ import torch
 
 from sfplus.conditioning import Cond
 from sfplus.flow import add_noise, flow_to_x0, shift_sigma
+from sfplus.noise import SampleNoise
 
 FlowNet = Callable[..., torch.Tensor]
 
@@ -27,8 +28,10 @@ def timestep_tensor(value: float, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0], x.shape[2]), float(value), device=x.device, dtype=torch.float32)
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Gaussian noise drawn from ``generator`` on its own device, moved to ``x``'s device and dtype."""
+def randn_like(x: torch.Tensor, generator: "torch.Generator | SampleNoise | None") -> torch.Tensor:
+    """Gaussian noise like ``x`` from ``generator`` (a torch generator, or per-sample streams), in ``x``'s dtype."""
+    if isinstance(generator, SampleNoise):
+        return generator.randn_like(x)
     dev = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32).to(x.device, x.dtype)
 

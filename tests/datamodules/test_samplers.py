@@ -78,7 +78,7 @@ def test_skip_applies_once():
 def test_len_and_no_shuffle():
     s = EpochBatchSampler(10, 3, shuffle=False, rank=1, world_size=2)
     assert len(s) == 2
-    assert list(s) == [[1, 3, 5], [7, 9, 1]]  # dataset order, rank 1 takes every 2nd, wrapped
+    assert list(s) == [[3, 4, 5], [9, 0, 1]]  # dataset order, rank 1 takes rows 3..5 of each global batch, wrapped
 
 
 def test_epoch_sampler_rejects_bad_args():
