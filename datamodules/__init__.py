@@ -1,6 +1,7 @@
 """DataModules of sfplus (installed as ``sfplus.datamodules``)."""
 
 from sfplus.datamodules.prompts import PromptDataModule, read_prompts
+from sfplus.datamodules.shards import LatentShardDataModule
 from sfplus.datamodules.toy import ToyDataModule
 
-__all__ = ["PromptDataModule", "ToyDataModule", "read_prompts"]
+__all__ = ["LatentShardDataModule", "PromptDataModule", "ToyDataModule", "read_prompts"]

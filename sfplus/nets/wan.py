@@ -434,7 +434,8 @@ class WanDiT(nn.Module):
         causal: BlockCausal | None = None,
         kv_cache: KVCache | None = None,
         frame_offset: int = 0,
-    ) -> torch.Tensor:
+        return_hidden: tuple[int, ...] = (),
+    ) -> torch.Tensor | tuple[torch.Tensor, dict]:
         """Predict the flow v = noise - x0.
 
         x: [B, C, F, H, W] noisy latents (C = in_dim, or in_dim - C_y when y is given); F, H, W divisible by patch.
@@ -445,7 +446,10 @@ class WanDiT(nn.Module):
         causal: block-causal attention over frames (training-time parallel mode); excludes kv_cache.
         kv_cache: streaming mode: x holds the frames [frame_offset, frame_offset + F) only; see `KVCache`.
         frame_offset: absolute index of x's first (post-patch) frame; shifts the RoPE frame positions.
-        Returns: [B, out_dim, F, H, W] float32.
+        return_hidden: block indices whose output token stream to return as well (GAN discriminator features).
+        Returns: [B, out_dim, F, H, W] float32; with `return_hidden`, `(flow, hidden)` where hidden maps each
+            requested block index to that block's output [B, L, dim] (L = F'·H'·W', frame-major) and "e" to the
+            time embedding [B, Tf, dim] float32 (Tf = 1 or F').
         """
         cfg = self.config
         if causal is not None and kv_cache is not None:
@@ -453,6 +457,7 @@ class WanDiT(nn.Module):
         if (clip_fea is None) != (cfg.image_dim is None):
             raise ValueError("clip_fea is required for an I2V model (image_dim set) and not accepted for T2V"
                              f" (image_dim={cfg.image_dim}, clip_fea {'missing' if clip_fea is None else 'given'})")
+        wanted = self._check_hidden(return_hidden)
         x = self._check_video(x, y)
         batch = x.shape[0]
         grid = tuple(n // p for n, p in zip(x.shape[2:], cfg.patch_size))
@@ -470,12 +475,31 @@ class WanDiT(nn.Module):
         kv_step = None if kv_cache is None else kv_cache.begin(frame_offset, frames, tokens_per_frame, batch)
 
         context_kvs = self._context_kvs(context, clip_fea, kv_cache)
+        hidden: dict = {}
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, e0, context_kvs[i], cos, sin, block_mask=block_mask, attn_mask=attn_mask,
                            kv_step=kv_step, layer=i)
+            if i in wanted:
+                hidden[i] = tokens
         if kv_cache is not None:
             kv_cache.commit(kv_step)
-        return self.unpatchify(self.head(tokens, e), grid)
+        flow = self.unpatchify(self.head(tokens, e), grid)
+        if not wanted:
+            return flow
+        hidden["e"] = e
+        return flow, hidden
+
+    def _check_hidden(self, return_hidden) -> frozenset[int]:
+        """Validate `return_hidden` (block indices in [0, num_layers)) and return it as a set."""
+        n = len(self.blocks)
+        try:
+            wanted = frozenset(return_hidden)
+        except TypeError:
+            raise ValueError(f"return_hidden must be a tuple of block indices, got {return_hidden!r}") from None
+        bad = sorted(str(i) for i in wanted if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n)
+        if bad:
+            raise ValueError(f"return_hidden has block indices {bad} outside [0, {n}) (the model has {n} blocks)")
+        return wanted
 
     def _context_kvs(self, context, clip_fea, kv_cache: KVCache | None) -> list[tuple[torch.Tensor, ...]]:
         """Per-block cross-attention keys/values; from the KV cache's cross part when present and grad is off."""

@@ -1,0 +1,147 @@
+"""GAN discriminator head on top of a critic WanDiT's hidden states (reference §5.3, without its bugs).
+
+Register tokens read the critic's token stream after a few selected blocks: for each selected block one
+:class:`GanAttentionBlock` lets that block's register tokens cross-attend to the block's output hidden states
+(no self-attention), followed by an FFN. The per-block token outputs (plus, optionally, a time-embedding token) are
+flattened and classified by ``LayerNorm -> Linear -> SiLU -> Linear`` into logits.
+
+Differences from the reference (B9): any model width (the reference hard-codes 1536 and 12 heads), any number of
+selected blocks and tokens per block; the head does not live inside the critic, it only consumes
+``WanDiT.forward(..., return_hidden=blocks)``. The reference uses blocks (13, 21, 29) of the 30-layer 1.3B critic,
+one token per block, FFN width 8192, and a time token ``10 * e`` when ``concat_time_embeddings``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sfplus.nets.attention import attention
+
+__all__ = ["DiscriminatorHead", "GanAttentionBlock"]
+
+
+def _rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Run a Linear in its weight dtype (the critic's hidden states are float32, the head may be bf16)."""
+    return layer(x.to(layer.weight.dtype))
+
+
+def _rms(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm module evaluated in float32 whatever its weight dtype."""
+    return F.rms_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.eps)
+
+
+class GanAttentionBlock(nn.Module):
+    """Register tokens cross-attend to hidden states, then an FFN (pre-norm residuals, no self-attention).
+
+    ``tok' = tok + CrossAttn(q = tok, kv = norm3(hidden))``, ``out = tok' + FFN(norm2(tok'))``.
+    q/k get an RMSNorm (as Wan's attention); heads = ``num_heads`` (``dim // head_dim``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"GanAttentionBlock: dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads, self.eps = num_heads, eps
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+
+    def forward(self, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """tokens [B, n, dim], hidden [B, L, dim] -> [B, n, dim] (float32 residual stream)."""
+        tokens = tokens.float()
+        kv_in = F.layer_norm(hidden.float(), self.norm3.normalized_shape, self.norm3.weight.float(),
+                             self.norm3.bias.float(), self.eps)
+        q = _rms(self.norm_q, _linear(self.q, tokens)).unflatten(-1, (self.num_heads, -1))
+        k = _rms(self.norm_k, _linear(self.k, kv_in)).unflatten(-1, (self.num_heads, -1))
+        v = _linear(self.v, kv_in).unflatten(-1, (self.num_heads, -1))
+        dtype = v.dtype
+        out = attention(q.to(dtype), k.to(dtype), v)  # [B, n, heads, head_dim]
+        tokens = tokens + _linear(self.o, out.flatten(2)).float()
+        h = F.layer_norm(tokens, self.norm2.normalized_shape, self.norm2.weight.float(), self.norm2.bias.float(),
+                         self.eps)
+        h = _linear(self.ffn[2], self.ffn[1](_linear(self.ffn[0], h)))
+        return tokens + h.float()
+
+
+class DiscriminatorHead(nn.Module):
+    """Discriminator head reading ``num_blocks`` hidden states of width ``dim``.
+
+    Args:
+        dim: the critic's width (1536 for 1.3B, 5120 for 14B).
+        num_heads: attention heads of the GAN blocks (``dim // head_dim``; 12 resp. 40 for head_dim 128).
+        num_blocks: how many critic blocks are read (one GanAttentionBlock each).
+        tokens_per_block: register tokens per read block (reference: 1).
+        ffn_dim: FFN width of the GAN blocks (default 4 * dim; the reference uses 8192 at dim 1536).
+        time_token: append ``time_token_scale * e`` (the critic's time embedding) as one more token
+            (reference ``concat_time_embeddings``; scale 10).
+        num_classes: logits per sample (1 for the binary GAN).
+        eps: epsilon of all norms.
+    Register tokens start as N(0, 0.02²) and are RMS-normalised before use.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_blocks: int,
+        *,
+        tokens_per_block: int = 1,
+        ffn_dim: int | None = None,
+        time_token: bool = False,
+        time_token_scale: float = 10.0,
+        num_classes: int = 1,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("num_heads", num_heads), ("num_blocks", num_blocks),
+                            ("tokens_per_block", tokens_per_block), ("num_classes", num_classes)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DiscriminatorHead.{name} must be a positive int, got {value!r}")
+        if dim % num_heads:
+            raise ValueError(f"DiscriminatorHead: dim={dim} is not divisible by num_heads={num_heads}")
+        ffn_dim = 4 * dim if ffn_dim is None else ffn_dim
+        self.dim, self.num_blocks, self.tokens_per_block = dim, num_blocks, tokens_per_block
+        self.time_token, self.time_token_scale, self.num_classes, self.eps = time_token, time_token_scale, \
+            num_classes, eps
+        self.register_tokens = nn.Parameter(torch.randn(num_blocks * tokens_per_block, dim) * 0.02)
+        self.gan_blocks = nn.ModuleList(GanAttentionBlock(dim, num_heads, ffn_dim, eps) for _ in range(num_blocks))
+        n_tok = num_blocks * tokens_per_block + int(time_token)
+        self.cls_pred_branch = nn.Sequential(nn.LayerNorm(n_tok * dim, eps=eps), nn.Linear(n_tok * dim, dim),
+                                             nn.SiLU(), nn.Linear(dim, num_classes))
+
+    def forward(self, hidden: list[torch.Tensor], e: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: ``num_blocks`` tensors [B, L, dim] (critic block outputs); e: time embedding [B, Tf, dim] or
+        [B, dim] (required iff ``time_token``). Returns logits [B] (num_classes 1) or [B, num_classes], float32."""
+        if len(hidden) != self.num_blocks:
+            raise ValueError(f"DiscriminatorHead expects {self.num_blocks} hidden states, got {len(hidden)}")
+        batch = hidden[0].shape[0]
+        for h in hidden:
+            if h.ndim != 3 or h.shape[0] != batch or h.shape[-1] != self.dim:
+                raise ValueError(f"hidden states must be [B={batch}, L, dim={self.dim}], got {tuple(h.shape)}")
+        reg = _rms_norm(self.register_tokens, self.eps).unflatten(0, (self.num_blocks, self.tokens_per_block))
+        outs = [blk(reg[i].unsqueeze(0).expand(batch, -1, -1), h)
+                for i, (blk, h) in enumerate(zip(self.gan_blocks, hidden))]
+        if self.time_token:
+            if e is None:
+                raise ValueError("DiscriminatorHead(time_token=True) needs the time embedding e")
+            # Per-frame embeddings (causal critic) are averaged; the critic's score timestep is shared by all
+            # frames, so this is the embedding itself.
+            e = e.float().mean(dim=1) if e.ndim == 3 else e.float()
+            if e.shape != (batch, self.dim):
+                raise ValueError(f"time embedding must be [B={batch}, (Tf,) dim={self.dim}], got {tuple(e.shape)}")
+            outs.append(self.time_token_scale * e.unsqueeze(1))
+        flat = torch.cat(outs, dim=1).flatten(1)  # [B, n_tok * dim] float32
+        ln, fc1, act, fc2 = self.cls_pred_branch
+        flat = F.layer_norm(flat, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
+        logits = _linear(fc2, act(_linear(fc1, flat))).float()
+        return logits.squeeze(-1) if self.num_classes == 1 else logits
