@@ -22,11 +22,17 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Training batches: a permutation of ``range(length)`` per epoch, a function of ``(seed, epoch)`` only.
+    """Training batches from an endless, seeded stream of the dataset's indices, cut into epochs.
 
-    Rank ``r`` of ``W`` takes rows ``[r*B, (r+1)*B)`` of each global batch of the (wrapped) permutation.
-    ``batches_per_epoch`` may exceed one pass over the data (the order then continues into the
-    next permutation), which keeps tiny prompt lists from producing one-batch epochs.
+    The stream concatenates permutations of ``range(length)``; pass ``p`` is a function of ``(seed, p)`` only.
+    Global batch ``k`` is rows ``[k*W*B, (k+1)*W*B)`` of the stream, and rank ``r`` of ``W`` takes rows
+    ``[r*B, (r+1)*B)`` of it — the rows whose noise streams it draws (``sfplus.noise``), so ``W`` ranks reproduce
+    one process with a ``W``-times larger batch.
+
+    Which batch comes next is ``position`` (a global batch index), not Lightning's epoch bookkeeping: the
+    training modules set it from their own count of consumed batches at the start of training and of every
+    epoch, which makes resume exact wherever the checkpoint was taken. Each ``__iter__`` yields from
+    ``position`` up to the end of its epoch (``len(self)`` batches per epoch).
 
     Args:
         length: number of samples in the dataset.
@@ -58,8 +64,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self._batches_per_epoch = batches_per_epoch
         self._rank, self._world = rank, world_size
-        self.epoch = 0
-        self.skip_batches = 0
+        self.position = 0
+        self._perm_cache: dict[int, torch.Tensor] = {}
 
     def _split(self) -> tuple[int, int]:
         if self._rank is not None and self._world is not None:
@@ -72,29 +78,57 @@ class EpochBatchSampler(Sampler[list[int]]):
         _, world = self._split()
         return max(1, math.ceil(self.length / (world * self.batch_size)))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    @property
+    def epoch(self) -> int:
+        return self.position // len(self)
 
-    def _order(self, pass_index: int) -> torch.Tensor:
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the first batch of ``epoch``."""
+        self.position = epoch * len(self)
+
+    @property
+    def skip_batches(self) -> int:
+        return self.position % len(self)
+
+    @skip_batches.setter
+    def skip_batches(self, n: int) -> None:
+        """Start the next iteration ``n`` batches into the current epoch."""
+        self.position = self.epoch * len(self) + n
+
+    def _permutation(self, pass_index: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.length)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + pass_index)
-        return torch.randperm(self.length, generator=g)
+        if pass_index not in self._perm_cache:
+            if len(self._perm_cache) > 4:
+                self._perm_cache.clear()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + pass_index)
+            self._perm_cache[pass_index] = torch.randperm(self.length, generator=g)
+        return self._perm_cache[pass_index]
+
+    def rows(self, start: int, stop: int) -> list[int]:
+        """Dataset indices at stream rows ``[start, stop)``."""
+        out = []
+        row = start
+        while row < stop:
+            p, offset = divmod(row, self.length)
+            take = min(stop - row, self.length - offset)
+            out.extend(self._permutation(p)[offset : offset + take].tolist())
+            row += take
+        return out
+
+    def batch(self, k: int) -> list[int]:
+        """This rank's part of global batch ``k``."""
+        rank, world = self._split()
+        first = (k * world + rank) * self.batch_size
+        return self.rows(first, first + self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        rank, world = self._split()
-        n_batches = len(self)
-        per_step = world * self.batch_size
-        needed = n_batches * per_step
-        # Concatenate passes; a pass index depends on (epoch, pass) so each epoch starts a fresh permutation.
-        passes_per_epoch = math.ceil(needed / self.length)
-        order = torch.cat([self._order(self.epoch * passes_per_epoch + p) for p in range(passes_per_epoch)])
-        start, self.skip_batches = self.skip_batches, 0
-        for b in range(start, n_batches):
-            chunk = order[b * per_step : (b + 1) * per_step]
-            # Contiguous rows: rank r holds rows [r*B, (r+1)*B) of the global batch, the rows whose noise
-            # streams it draws (sfplus.noise), so N ranks reproduce one process with an N-times larger batch.
-            yield chunk[rank * self.batch_size : (rank + 1) * self.batch_size].tolist()
+        n = len(self)
+        start = self.position
+        end = (start // n + 1) * n
+        for k in range(start, end):
+            self.position = k + 1
+            yield self.batch(k)
 
 
 class EvenSplitSampler(Sampler[list[int]]):

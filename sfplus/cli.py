@@ -42,9 +42,9 @@ class SfplusCLI(LightningCLI):
 
 
 def _tool_commands() -> dict[str, Callable]:
-    from sfplus import export, toy_eval
+    from sfplus import export, plan, toy_eval
 
-    return {"toy-eval": toy_eval.main, "export": export.main}
+    return {"toy-eval": toy_eval.main, "export": export.main, "plan": plan.main}
 
 
 def main(args: list[str] | None = None) -> None:

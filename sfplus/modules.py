@@ -16,7 +16,6 @@ agree on (the exit step).
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Literal, Sequence
 
@@ -27,7 +26,7 @@ from torch import nn
 from sfplus.conditioning import Conditioner, Cond
 from sfplus.flow import NUM_TRAIN_TIMESTEPS, score_timesteps_from_raw, shift_sigma, warp_timesteps
 from sfplus.noise import SampleNoise, stable_seed
-from sfplus.nets.checkpoints import CheckpointError, load_dit_weights
+from sfplus.nets.checkpoints import CheckpointError
 from sfplus.objectives.diffusion import flow_matching_loss
 from sfplus.objectives.dmd import critic_flow_loss, dmd_generator_loss, dmd_kl_grad
 from sfplus.rollout import bidirectional_rollout
@@ -50,14 +49,24 @@ class _RecipeModule(L.LightningModule):
 
     frozen_prefixes: tuple[str, ...] = ()
 
-    def __init__(self, net: str, net_overrides: dict | None, conditioner: Conditioner, seed: int) -> None:
+    def __init__(
+        self, net: str, net_overrides: dict | None, conditioner: Conditioner, seed: int,
+        scale: dict | None = None,
+    ) -> None:
         super().__init__()
         self.net_name, self.net_overrides = net, dict(net_overrides or {})
+        scale = dict(scale or {})
+        self.activation_checkpointing = bool(scale.pop("activation_checkpointing", False))
+        self.param_dtype = scale.pop("param_dtype", "bf16")
+        self.frozen_dtype = scale.pop("frozen_dtype", None)
+        if scale:
+            raise ValueError(f"unknown scale options {sorted(scale)}: use activation_checkpointing, param_dtype, frozen_dtype")
+        self._weights_pending = False
         self.conditioner = conditioner
         self.seed = seed
         self.iteration = 0
-        self.batches_in_epoch = 0
-        self._resume_skip: int | None = None
+        self.batches_seen = 0
+        self._warned_position = False
         self.last_update: str | None = None
         self.automatic_optimization = False  # alternating updates, own clipping and counters
 
@@ -66,6 +75,59 @@ class _RecipeModule(L.LightningModule):
         from sfplus.nets.presets import build_dit
 
         return build_dit(self.net_name, **self.net_overrides)
+
+    def data_parallel_mesh(self):
+        """The data-parallel device mesh under ModelParallelStrategy (None otherwise)."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None:
+            return None
+        names = mesh.mesh_dim_names or ()
+        return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+    def prepare_nets(self, trainable: list[nn.Module], frozen: list[nn.Module], ema: list[nn.Module]) -> None:
+        """Activation checkpointing, frozen dtype and FSDP2 sharding, in that order (see sfplus.parallel).
+
+        Frozen nets (the teacher) may be stored in ``frozen_dtype``; EMA copies stay fp32 (they average
+        small updates).
+        """
+        from sfplus.parallel import DTYPES, apply_activation_checkpointing, shard_dit
+
+        for net in [*frozen, *ema]:
+            net.requires_grad_(False).eval()
+        for net in frozen:
+            if self.frozen_dtype:
+                net.to(DTYPES[self.frozen_dtype])
+        if self.activation_checkpointing:
+            for net in trainable:
+                apply_activation_checkpointing(net)
+        mesh = self.data_parallel_mesh()
+        if mesh is not None:
+            for net in [*trainable, *frozen, *ema]:
+                shard_dit(net, mesh, param_dtype=DTYPES[self.param_dtype])
+
+    def net_context(self):
+        """Nets are built on the meta device when they will be sharded, and filled after materialisation."""
+        import contextlib
+
+        self._weights_pending = self.data_parallel_mesh() is not None
+        return torch.device("meta") if self._weights_pending else contextlib.nullcontext()
+
+    def load_initial_weights(self) -> None:
+        raise NotImplementedError
+
+    def _load_pending(self) -> None:
+        if self._weights_pending:
+            self.load_initial_weights()
+            self._weights_pending = False
+
+    def on_fit_start(self) -> None:
+        self._load_pending()
+
+    def on_predict_start(self) -> None:
+        self._load_pending()
+
+    def on_validation_start(self) -> None:
+        self._load_pending()
 
     # ---- randomness -------------------------------------------------------------------------------------------
     def sample_noise(self, kind: str, batch: int) -> SampleNoise:
@@ -80,29 +142,51 @@ class _RecipeModule(L.LightningModule):
         return int(torch.randint(high, (1,), generator=g))
 
     # ---- data position (exact resume) -------------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        if self._resume_skip:
-            sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
-            if sampler is None or not hasattr(sampler, "skip_batches"):
-                raise RuntimeError("resuming mid-epoch needs a datamodule whose batch sampler can skip batches")
-            sampler.skip_batches = self._resume_skip
-            self.batches_in_epoch = self._resume_skip
-        else:
-            self.batches_in_epoch = 0
-        self._resume_skip = None
+    def _sync_data_position(self) -> None:
+        """Point the batch sampler at the next unconsumed batch (see EpochBatchSampler.position).
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.batches_in_epoch += 1
+        Done at the start of training and of every epoch, from the module's own batch count, so a resumed run
+        continues exactly where the checkpoint was taken, whatever Lightning's epoch bookkeeping says.
+        """
+        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        if hasattr(sampler, "position"):
+            sampler.position = self.batches_seen
+        elif self.batches_seen and self.trainer.current_epoch == 0 and not self._warned_position:
+            self._warned_position = True
+            import warnings
+
+            warnings.warn("the training batch sampler cannot seek: a resumed run replays data", stacklevel=2)
+
+    def on_train_start(self) -> None:
+        self._sync_data_position()
+
+    def on_train_epoch_start(self) -> None:
+        self._sync_data_position()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Counted before the step: checkpoint callbacks save in on_train_batch_end, which runs before the module's.
+        self.batches_seen += 1
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        return {"iteration": self.iteration, "batches_in_epoch": self.batches_in_epoch}
+        return {"iteration": self.iteration, "batches_seen": self.batches_seen}
+
+    def state_dict(self, *args, **kwargs):
+        """The module's state without the frozen nets (teacher, encoders): they are rebuilt from their own files,
+        and would multiply checkpoint size for nothing. Applies to single-file and sharded checkpoints alike."""
+        sd = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        frozen = tuple(prefix + p for p in self.frozen_prefixes)
+        for key in [k for k in sd if k.startswith(frozen)]:
+            del sd[key]
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load everything but the frozen nets, which keep their current weights."""
+        frozen = {k: v for k, v in super().state_dict().items() if k.startswith(self.frozen_prefixes)}
+        return super().load_state_dict({**state_dict, **frozen}, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Frozen nets are rebuilt from their own files; they would double the checkpoint for nothing.
-        sd = checkpoint["state_dict"]
-        for key in [k for k in sd if k.startswith(self.frozen_prefixes)]:
-            del sd[key]
         checkpoint["sfplus"] = {
             "counters": self.counters(), "class": type(self).__name__, "net": self.net_name,
             "net_overrides": self.net_overrides, "sampler": self.sampler_description(),
@@ -110,13 +194,11 @@ class _RecipeModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        sd = checkpoint.get("state_dict")
-        if sd is None:
-            raise CheckpointError("checkpoint has no state_dict: not a Lightning checkpoint of an sfplus module")
-        own = self.state_dict()
-        for key, value in own.items():  # frozen nets come from their own files
-            if key.startswith(self.frozen_prefixes):
-                sd[key] = value
+        if "sfplus" not in checkpoint:
+            raise CheckpointError("not a checkpoint of an sfplus module (no 'sfplus' entry)")
+        # Sharded (distributed) checkpoints were already loaded into the module by the strategy, which checks keys.
+        sd = checkpoint.get("state_dict", {})
+        own = self.state_dict() if sd else {}  # without the frozen nets, like the checkpoint
         missing = sorted(set(own) - set(sd))
         unexpected = sorted(set(sd) - set(own))
         mismatched = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
@@ -130,7 +212,6 @@ class _RecipeModule(L.LightningModule):
         counters = checkpoint.get("sfplus", {}).get("counters", {})
         for name, value in counters.items():
             setattr(self, name, int(value))
-        self._resume_skip = counters.get("batches_in_epoch", 0)
 
     # ---- generation -------------------------------------------------------------------------------------------
     def noise_for(self, index: torch.Tensor, sample: torch.Tensor, shape: Sequence[int], base_seed: int) -> torch.Tensor:
@@ -200,6 +281,8 @@ class DiffusionModule(_RecipeModule):
         video_shape: latent shape ``[C, F, H, W]`` generated by ``predict``.
         sample_steps, sample_shift, guidance_scale: the Euler/CFG sampler used by ``predict``.
         seed: base seed of training noise; predict_seed: base seed of generated videos.
+        scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
+            frozen_dtype: bf16|fp32|None}`` (see sfplus.parallel).
     """
 
     frozen_prefixes = ("conditioner.",)
@@ -222,8 +305,9 @@ class DiffusionModule(_RecipeModule):
         guidance_scale: float = 3.0,
         seed: int = 0,
         predict_seed: int = 0,
+        scale: dict | None = None,
     ) -> None:
-        super().__init__(net, net_overrides, conditioner or _default_toy_conditioner(), seed)
+        super().__init__(net, net_overrides, conditioner or _default_toy_conditioner(), seed, scale)
         self.init_checkpoint = init_checkpoint
         self.lr, self.betas, self.weight_decay, self.max_grad_norm = lr, tuple(betas), weight_decay, max_grad_norm
         self.cond_dropout, self.train_shift = cond_dropout, train_shift
@@ -237,15 +321,24 @@ class DiffusionModule(_RecipeModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = self.build_net()
+        with self.net_context():
+            self.model = self.build_net()
+            self.model_ema = self.build_net()
+        self.prepare_nets([self.model], [], [self.model_ema])
+        if not self._weights_pending:
+            self.load_initial_weights()
+
+    def load_initial_weights(self) -> None:
+        from sfplus.parallel import load_weights
+
         if self.init_checkpoint:
-            load_dit_weights(self.model, self.init_checkpoint, which="ema")
+            load_weights(self.model, self.init_checkpoint)
         else:
             # Fresh weights are a function of the seed, so two runs of one config start identically.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(stable_seed(self.seed, "init") % (2**31))
                 self.model.init_weights()
-        self.model_ema = copy.deepcopy(self.model).requires_grad_(False)
+        _copy_weights(self.model_ema, self.model)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
@@ -313,6 +406,8 @@ class DistillModule(_RecipeModule):
         video_shape: latent shape ``[C, F, H, W]`` of generated videos.
         predict_weights: ``ema`` (falls back to the raw generator before EMA starts) or ``generator``.
         seed: base seed of training randomness; predict_seed: base seed of generated videos.
+        scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
+            frozen_dtype: bf16|fp32|None (teacher storage)}`` (see sfplus.parallel).
     """
 
     frozen_prefixes = ("teacher.", "conditioner.")
@@ -345,8 +440,9 @@ class DistillModule(_RecipeModule):
         predict_weights: Literal["ema", "generator"] = "ema",
         seed: int = 0,
         predict_seed: int = 0,
+        scale: dict | None = None,
     ) -> None:
-        super().__init__(net, net_overrides, conditioner or _default_toy_conditioner(), seed)
+        super().__init__(net, net_overrides, conditioner or _default_toy_conditioner(), seed, scale)
         if dfake_gen_update_ratio < 1:
             raise ValueError(f"dfake_gen_update_ratio must be >= 1, got {dfake_gen_update_ratio}")
         self.teacher_checkpoint = teacher_checkpoint
@@ -375,21 +471,28 @@ class DistillModule(_RecipeModule):
     def configure_model(self) -> None:
         if self.generator is not None:
             return
-        self.teacher = self.build_net()
-        if self.teacher_checkpoint:
-            load_dit_weights(self.teacher, self.teacher_checkpoint, which="ema")
-        self.teacher.requires_grad_(False).eval()
-        self.generator = self._init_from(self.generator_checkpoint)
-        self.critic = self._init_from(self.critic_checkpoint)
-        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
+        with self.net_context():
+            self.teacher = self.build_net()
+            self.generator = self.build_net()
+            self.critic = self.build_net()
+            self.generator_ema = self.build_net()
+        self.prepare_nets([self.generator, self.critic], [self.teacher], [self.generator_ema])
+        if not self._weights_pending:
+            self.load_initial_weights()
 
-    def _init_from(self, path: str | None) -> nn.Module:
-        net = self.build_net()
-        if path:
-            load_dit_weights(net, path, which="ema")
-        else:
-            net.load_state_dict(self.teacher.state_dict())
-        return net
+    def load_initial_weights(self) -> None:
+        """Teacher from its file; generator and critic from theirs, or from the teacher's (reference default)."""
+        from sfplus.parallel import load_weights
+
+        if self.teacher_checkpoint:
+            load_weights(self.teacher, self.teacher_checkpoint)
+        for net, path in ((self.generator, self.generator_checkpoint), (self.critic, self.critic_checkpoint)):
+            path = path or self.teacher_checkpoint
+            if path:
+                load_weights(net, path)  # from the file: a bf16 teacher must not round the trainable nets
+            else:
+                _copy_weights(net, self.teacher)
+        _copy_weights(self.generator_ema, self.generator)
 
     def configure_optimizers(self):
         g = torch.optim.AdamW(self.generator.parameters(), lr=self.generator_lr, betas=self.betas, weight_decay=self.weight_decay)
@@ -496,3 +599,12 @@ def _default_toy_conditioner() -> Conditioner:
     from sfplus.conditioning import ToyConditioner
 
     return ToyConditioner()
+
+
+@torch.no_grad()
+def _copy_weights(dst: nn.Module, src: nn.Module) -> None:
+    """Copy parameters between two identically built (and identically sharded) nets, local shards only."""
+    for d, p in zip(dst.parameters(), src.parameters()):
+        d_local = d.to_local() if hasattr(d, "to_local") else d
+        p_local = p.to_local() if hasattr(p, "to_local") else p
+        d_local.copy_(p_local)

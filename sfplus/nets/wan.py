@@ -232,6 +232,22 @@ class CrossAttention(nn.Module):
         return _linear(self.o, out.flatten(2))
 
 
+class CrossContext:
+    """Embedded context handed to every block, which computes its own cross-attention keys/values inside its
+    forward (so FSDP2 has gathered that block's weights), and collects them when a KV cache wants to keep them.
+    """
+
+    def __init__(self, context: torch.Tensor, context_img: torch.Tensor | None, num_layers: int, collect: bool):
+        self.context, self.context_img = context, context_img
+        self.collected: list | None = [None] * num_layers if collect else None
+
+    def kv(self, attn: "CrossAttention", layer: int) -> tuple[torch.Tensor, ...]:
+        kv = attn.context_kv(self.context, self.context_img)
+        if self.collected is not None:
+            self.collected[layer] = kv
+        return kv
+
+
 class WanBlock(nn.Module):
     """One DiT block: modulated self-attention, cross-attention (norm3, no modulation), modulated FFN."""
 
@@ -251,7 +267,7 @@ class WanBlock(nn.Module):
         self,
         x: torch.Tensor,
         e0: torch.Tensor,
-        context_kv: tuple[torch.Tensor, ...],
+        context_kv: "tuple[torch.Tensor, ...] | CrossContext",
         cos: torch.Tensor,
         sin: torch.Tensor,
         *,
@@ -275,6 +291,8 @@ class WanBlock(nn.Module):
         y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), cos, sin, block_mask=block_mask,
                            attn_mask=attn_mask, kv_step=kv_step, layer=layer)
         x = x + gated(y, gate_sa)
+        if isinstance(context_kv, CrossContext):
+            context_kv = context_kv.kv(self.cross_attn, layer)
         x = x + self.cross_attn(self.norm3(x), context_kv)
         h = modulate(self.norm2(x), shift_ff, scale_ff)
         y = _linear(self.ffn[2], self.ffn[1](_linear(self.ffn[0], h)))
@@ -477,10 +495,13 @@ class WanDiT(nn.Module):
         context_kvs = self._context_kvs(context, clip_fea, kv_cache)
         hidden: dict = {}
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, context_kvs[i], cos, sin, block_mask=block_mask, attn_mask=attn_mask,
+            ctx_i = context_kvs if isinstance(context_kvs, CrossContext) else context_kvs[i]
+            tokens = block(tokens, e0, ctx_i, cos, sin, block_mask=block_mask, attn_mask=attn_mask,
                            kv_step=kv_step, layer=i)
             if i in wanted:
                 hidden[i] = tokens
+        if isinstance(context_kvs, CrossContext) and context_kvs.collected is not None:
+            kv_cache.set_cross(context_kvs.collected)
         if kv_cache is not None:
             kv_cache.commit(kv_step)
         flow = self.unpatchify(self.head(tokens, e), grid)
@@ -501,8 +522,9 @@ class WanDiT(nn.Module):
             raise ValueError(f"return_hidden has block indices {bad} outside [0, {n}) (the model has {n} blocks)")
         return wanted
 
-    def _context_kvs(self, context, clip_fea, kv_cache: KVCache | None) -> list[tuple[torch.Tensor, ...]]:
-        """Per-block cross-attention keys/values; from the KV cache's cross part when present and grad is off."""
+    def _context_kvs(self, context, clip_fea, kv_cache: KVCache | None) -> "list[tuple[torch.Tensor, ...]] | CrossContext":
+        """Cached per-block cross-attention keys/values (KV cache, grad off), or the embedded context from which
+        each block computes its own inside its forward."""
         if kv_cache is not None and kv_cache.has_cross() and not torch.is_grad_enabled():
             return [kv_cache.cross(i) for i in range(len(self.blocks))]
         ctx = self.embed_context(context)
@@ -512,10 +534,8 @@ class WanDiT(nn.Module):
                 raise ValueError(f"clip_fea must be [B, N_img, image_dim={self.config.image_dim}], "
                                  f"got {tuple(clip_fea.shape)}")
             ctx_img = self.img_emb(clip_fea)
-        kvs = [block.cross_attn.context_kv(ctx, ctx_img) for block in self.blocks]
-        if kv_cache is not None and not kv_cache.has_cross():
-            kv_cache.set_cross(kvs)
-        return kvs
+        collect = kv_cache is not None and not kv_cache.has_cross()
+        return CrossContext(ctx, ctx_img, len(self.blocks), collect)
 
     def _causal_mask(self, causal: BlockCausal, frames: int, tokens_per_frame: int, device: torch.device):
         """Flex block mask, or dense bool mask when the backend resolves to sdpa; cached per shape and device."""

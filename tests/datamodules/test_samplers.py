@@ -67,12 +67,25 @@ def test_skip_batches_resumes_exactly(skip):
         assert resumed == full[skip:]
 
 
-def test_skip_applies_once():
+def test_skip_applies_once_then_the_stream_continues():
     s = EpochBatchSampler(20, 2, seed=0, rank=0, world_size=2)
     full = list(s)
+    s.set_epoch(0)
     s.skip_batches = 2
     assert list(s) == full[2:]
-    assert list(s) == full  # the next iteration starts from the beginning again
+    # The next iteration is the next epoch, not a replay: the position only moves forward.
+    nxt = list(s)
+    assert len(nxt) == len(full) and nxt != full
+    s.set_epoch(1)
+    assert list(s) == nxt
+
+
+def test_position_is_a_global_batch_index():
+    a = EpochBatchSampler(10, 3, seed=4, rank=1, world_size=2, batches_per_epoch=2)
+    b = EpochBatchSampler(10, 3, seed=4, rank=1, world_size=2, batches_per_epoch=2)
+    stream = list(a) + list(a) + list(a)  # epochs 0, 1, 2
+    b.position = 3  # mid-epoch 1, as a resumed run sets it
+    assert list(b) + list(b) == stream[3:]
 
 
 def test_len_and_no_shuffle():

@@ -1,0 +1,94 @@
+"""Sharding and memory savers, applied in one place (torchtitan's ``parallelize`` idea); the nets stay clean.
+
+* :func:`apply_activation_checkpointing` — recompute each transformer block in backward (non-reentrant, which
+  the KV-cache rollout needs: the recompute never writes to the cache).
+* :func:`shard_dit` — FSDP2 ``fully_shard`` per block, then the whole net, over the data-parallel mesh. Block
+  inputs are NOT cast (``cast_forward_inputs=False``): the residual stream and the modulation stay fp32 as in
+  official Wan, while the weights are gathered in ``param_dtype`` (bf16) and gradients reduced in fp32.
+* :func:`load_weights` — fill a (possibly sharded, possibly meta-initialised) net from a weights source, file by
+  file for Wan folders, so no rank ever holds two full copies.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def apply_activation_checkpointing(net: nn.Module) -> nn.Module:
+    """Wrap every block of ``net.blocks`` in a non-reentrant checkpoint (state-dict keys are unchanged)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    for i, block in enumerate(net.blocks):
+        if not hasattr(block, "_checkpoint_wrapped_module"):
+            net.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    return net
+
+
+def shard_dit(
+    net: nn.Module,
+    mesh,
+    *,
+    param_dtype: torch.dtype = torch.bfloat16,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """FSDP2-shard a WanDiT: each block, then the root (embeddings, head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    for block in net.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(net, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return net
+
+
+def is_sharded(net: nn.Module) -> bool:
+    return any(hasattr(p, "to_local") for p in net.parameters())
+
+
+def _set_state(net: nn.Module, sd: dict[str, torch.Tensor], strict: bool) -> None:
+    if is_sharded(net):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True, strict=strict))
+    else:
+        own = net.state_dict()
+        with torch.no_grad():
+            for k, v in sd.items():
+                own[k].copy_(v)
+
+
+def load_weights(net: nn.Module, source: str | os.PathLike | dict[str, torch.Tensor], which: str = "ema") -> nn.Module:
+    """Load weights into ``net`` strictly: keys and shapes are checked first, then copied file by file.
+
+    ``source`` is a path that :func:`sfplus.nets.checkpoints.read_dit_state_dict` understands (Wan/diffusers
+    folders are streamed file by file), or a state dict. Works for sharded (DTensor) and plain nets.
+    """
+    from sfplus.nets.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
+
+    # check_state_dict compares with net.state_dict() shapes, which are the global shapes for DTensors.
+
+    own_keys = set(net.state_dict().keys())
+    if isinstance(source, dict) or not os.path.isdir(source):
+        sd = source if isinstance(source, dict) else read_dit_state_dict(source, which)
+        check_state_dict(net, sd, str(source) if not isinstance(source, dict) else "state dict")
+        _set_state(net, sd, strict=True)
+        return net
+    from sfplus.nets.wan_folders import folder_shapes, iter_folder_shards, locate_weights
+
+    files = locate_weights(source)
+    shapes = folder_shapes(files)
+    fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    check_state_dict(net, fake, str(source))
+    seen: set[str] = set()
+    for shard in iter_folder_shards(files):
+        _set_state(net, shard, strict=False)
+        seen.update(shard)
+    if seen != own_keys:
+        raise CheckpointError(f"weights in {source} left {sorted(own_keys - seen)[:8]} unloaded")
+    return net

@@ -1,0 +1,323 @@
+"""Per-GPU memory planner for sfplus recipes: will it fit, and what to change if not.
+
+    sfplus plan --generator wan2.1-t2v-14b --gpus 64 --gpu_memory_gib 80
+    python -m sfplus.plan --generator wan2.1-t2v-1.3b --critic wan2.1-t2v-1.3b --teacher wan2.1-t2v-14b --gpus 8
+
+An estimate from arithmetic, not a measurement. Every term, per GPU, in bytes (P = parameter count, from the
+preset built on the meta device; S = GPUs the states are sharded over, FSDP2 ``fully_shard`` per block and per net):
+
+* trainable nets (generator + critic): master weights ``P·m/S``, gradients ``P·m/S``, AdamW ``exp_avg`` +
+  ``exp_avg_sq`` ``2·P·m/S`` (m = 4 for fp32 master weights, 2 for bf16; optimizer states take the master dtype);
+* EMA of the generator: ``P_gen·4/S`` (kept in fp32: bf16 EMA updates round to zero);
+* frozen teacher: ``P_teacher·t/S`` (t = 2 for bf16);
+* FSDP working set (S > 1), largest net: all-gathered bf16 weights of the root unit (embeddings, head: kept
+  gathered through forward and backward) and of two blocks (current + prefetched), ``2·(P_root + 2·P_block)``, plus
+  one block's unsharded gradients in bf16 and their fp32 reduce-scatter copy, ``6·P_block`` (trainable nets only);
+* frozen encoders, replicated on every GPU unless offloaded: UMT5-XXL 5.68 B params in bf16, the Wan VAE
+  0.127 B in fp32, and for I2V CLIP ViT-H 0.63 B in fp16;
+* activations (below) and a fixed ``overhead_gib`` (CUDA context, NCCL buffers, allocator fragmentation).
+
+Activations, from the structure of ``sfplus.nets.wan.WanBlock`` (residual stream in fp32, norms and modulation
+in fp32, matmul inputs in bf16, attention through SDPA/flash so no L² term; d = dim, f = ffn_dim, N = video tokens
+per sample = F·(H/2)·(W/2) for patch (1, 2, 2), T = text tokens (512) + image tokens (257 for I2V), L = blocks,
+B = per-GPU batch). Tensors autograd keeps per token per block, in bytes:
+
+    norm1 input x 4d, norm1 output 4d, bf16 input of q/k/v 2d, q and k (fp32 RMSNorm input 4d + bf16 normed 2d
+    + bf16 roped 2d) 2·8d, v 2d, attention output 2d, fp32 self-attention output for the gate 4d, norm3 input 4d,
+    bf16 cross-attention input 2d, cross q 8d, cross output 2d, norm2 input 4d, norm2 output 4d, bf16 FFN input
+    2d, FFN hidden before and after GELU 2f + 2f, fp32 FFN output for the gate 4d      → 64·d + 4·f
+
+* without activation checkpointing the graph keeps ``L·(64d + 4f)·N·B``; with it only each block's input
+  ``L·4d·N·B`` (fp32 residual), and the backward recomputes one block at a time, ``(64d + 4f)·N·B``;
+* backward workspace of one block: the residual-stream gradient (fp32, 4d) and one matmul's input/output
+  gradients (≤ 4d + 4f): ``(8d + 4f)·N·B``;
+* outside the blocks: the head (fp32 LayerNorm input, output and modulated input) ``12d·N·B``; the text (and
+  image) keys/values of every block, computed before the blocks run (``WanDiT._context_kvs``) so kept for all
+  blocks even with checkpointing: ``L·12d·T·B`` (k: 8d like q, v: 2d, their bf16 input 2d);
+* a no-grad forward (teacher and critic scores, rollout steps) holds one block's live tensors ≈ ``(24d + 4f)·N·B``
+  (residual, fp32 norm/modulation temporaries, bf16 q/k/v, RoPE temporary, attention output, FFN hidden) plus the
+  bf16 context keys/values of all blocks ``L·4d·T·B``.
+
+A DMD generator update keeps the generator's graph while the teacher and critic score its output, then runs the
+backward; a critic update is the same with the critic's graph. Peak activations =
+``stored(trainable net) + max(no-grad forward(teacher or critic), recomputed block + backward workspace)``, the
+maximum over the trainable nets. Not counted: the latents, noise and text features (MBs), the VAE decode of
+sample videos (run it outside the training step), the causal (Self-Forcing) rollout's KV cache.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["ENCODERS", "MemoryPlan", "PlanError", "main", "net_sizes", "plan"]
+
+GIB = 1024**3
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+#: Frozen encoders: (parameter count, bytes per parameter) — umt5-xxl encoder in bf16, Wan VAE in fp32, CLIP fp16.
+ENCODERS = {"umt5-xxl": (5.68e9, 2), "wan-vae": (0.127e9, 4), "clip-vit-h": (0.63e9, 2)}
+
+# Per-token bytes of one WanBlock / the head, from the enumeration in the module docstring.
+GRAD_BLOCK_D, GRAD_BLOCK_F = 64, 4
+CHECKPOINT_INPUT_D = 4
+BACKWARD_D, BACKWARD_F = 8, 4
+HEAD_D = 12
+CONTEXT_GRAD_D, CONTEXT_NOGRAD_D = 12, 4
+NOGRAD_D, NOGRAD_F = 24, 4
+IMAGE_TOKENS = 257
+
+
+class PlanError(ValueError):
+    """Bad planner input (names the argument and the value)."""
+
+
+@dataclass(frozen=True)
+class NetSize:
+    """Parameter counts of a WanDiT preset and the shapes the activation formula needs."""
+
+    name: str
+    params: int
+    block_params: int
+    root_params: int
+    dim: int
+    ffn_dim: int
+    layers: int
+    patch: tuple[int, int, int]
+    text_len: int
+    image: bool
+
+
+@functools.lru_cache(maxsize=32)
+def net_sizes(name: str, field_name: str = "preset") -> NetSize:
+    """Count the parameters of preset ``name`` by building it on the meta device (no memory, no init)."""
+    import torch
+
+    from sfplus.nets.presets import build_dit
+
+    try:
+        with torch.device("meta"):
+            net = build_dit(name)
+    except ValueError as err:
+        raise PlanError(f"{field_name}: {err}") from None
+    cfg = net.config
+    total = sum(p.numel() for p in net.parameters())
+    block = sum(p.numel() for p in net.blocks[0].parameters())
+    return NetSize(name, total, block, total - block * len(net.blocks), cfg.dim, cfg.ffn_dim, len(net.blocks),
+                   tuple(cfg.patch_size), cfg.text_len, cfg.image_dim is not None)
+
+
+@dataclass
+class MemoryPlan:
+    """The estimate: ``rows`` of (term, bytes per GPU, how it was computed), their total, and the verdict."""
+
+    rows: list[tuple[str, float, str]]
+    gpu_memory_gib: float
+    settings: dict
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(b for _, b, _ in self.rows)
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gib <= self.gpu_memory_gib
+
+    def row(self, name: str) -> float:
+        """Bytes of one term, by name."""
+        for n, b, _ in self.rows:
+            if n == name:
+                return b
+        raise KeyError(f"no row {name!r}; rows: {[n for n, _, _ in self.rows]}")
+
+    def table(self) -> str:
+        s = self.settings
+        head = (f"per-GPU memory: generator {s['generator']}, critic {s['critic']}, teacher {s['teacher']}; "
+                f"{s['gpus']} GPU(s), batch {s['batch_size']}/GPU, latents {s['latent_shape']}, activation "
+                f"checkpointing {'on' if s['activation_checkpointing'] else 'off'}, encoders "
+                f"{'offloaded' if s['offload_encoders'] else 'on GPU'}")
+        width = max(len(n) for n, _, _ in self.rows)
+        lines = [head, ""]
+        lines += [f"  {n:<{width}}  {b / GIB:9.2f} GiB   {how}" for n, b, how in self.rows]
+        lines.append(f"  {'total':<{width}}  {self.total_gib:9.2f} GiB")
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines += ["", f"{verdict} in a {self.gpu_memory_gib:g} GiB GPU "
+                      f"({self.gpu_memory_gib - self.total_gib:+.2f} GiB headroom)"]
+        lines += [f"  - {a}" for a in self.advice]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _bytes_of(dtype: str, field_name: str) -> int:
+    if dtype not in BYTES:
+        raise PlanError(f"{field_name}: unknown dtype {dtype!r}; use one of {sorted(BYTES)}")
+    return BYTES[dtype]
+
+
+def _estimate(
+    gen: NetSize, critic: NetSize | None, teacher: NetSize | None, *, gpus: int, batch_size: int,
+    latent_shape: list[int], activation_checkpointing: bool, offload_encoders: bool, ema: bool,
+    master_dtype: str, teacher_dtype: str, overhead_gib: float,
+) -> list[tuple[str, float, str]]:
+    m = _bytes_of(master_dtype, "master_dtype")
+    t = _bytes_of(teacher_dtype, "teacher_dtype")
+    trainable = [n for n in (gen, critic) if n is not None]
+    p_train = sum(n.params for n in trainable)
+    s = gpus
+    rows: list[tuple[str, float, str]] = [
+        ("weights (trainable)", p_train * m / s, f"{p_train / 1e9:.3f} B params x {m} B / {s}"),
+        ("gradients", p_train * m / s, f"{p_train / 1e9:.3f} B x {m} B / {s}"),
+        ("AdamW states", 2 * p_train * m / s, f"2 x {p_train / 1e9:.3f} B x {m} B / {s}"),
+    ]
+    if ema:
+        rows.append(("EMA (generator)", gen.params * 4 / s, f"{gen.params / 1e9:.3f} B x 4 B / {s}"))
+    if teacher is not None:
+        rows.append(("teacher (frozen)", teacher.params * t / s, f"{teacher.params / 1e9:.3f} B x {t} B / {s}"))
+    if s > 1:
+        nets = [(n, True) for n in trainable] + ([(teacher, False)] if teacher is not None else [])
+        fsdp = max(2 * (n.root_params + 2 * n.block_params) + (6 * n.block_params if train else 0)
+                   for n, train in nets)
+        rows.append(("FSDP gathered blocks", fsdp, "2 B x (root + 2 blocks) + 6 B x 1 block (grads)"))
+
+    # ---- activations ----
+    c, f_lat, h, w = latent_shape
+    acts = []
+    for net in trainable:
+        pt, ph, pw = net.patch
+        if f_lat % pt or h % ph or w % pw:
+            raise PlanError(f"latent_shape {latent_shape}: frames/height/width must be divisible by the patch "
+                            f"{net.patch} of {net.name}")
+        n_tok = (f_lat // pt) * (h // ph) * (w // pw) * batch_size
+        ctx = (net.text_len + (IMAGE_TOKENS if net.image else 0)) * batch_size
+        d, ff, layers = net.dim, net.ffn_dim, net.layers
+        block_grad = (GRAD_BLOCK_D * d + GRAD_BLOCK_F * ff) * n_tok
+        backward = (BACKWARD_D * d + BACKWARD_F * ff) * n_tok
+        stored_blocks = layers * CHECKPOINT_INPUT_D * d * n_tok if activation_checkpointing else layers * block_grad
+        stored = stored_blocks + HEAD_D * d * n_tok + layers * CONTEXT_GRAD_D * d * ctx
+        working = backward + (block_grad if activation_checkpointing else 0)
+        scorers = [x for x in (teacher, critic) if x is not None and x is not net] or [net]
+        nograd = max((NOGRAD_D * x.dim + NOGRAD_F * x.ffn_dim) * n_tok + x.layers * CONTEXT_NOGRAD_D * x.dim * ctx
+                     for x in scorers)
+        acts.append((stored + max(working, nograd), n_tok, net.name))
+    peak, n_tok, name = max(acts)
+    how = (f"{n_tok} tokens ({name}): " + ("block inputs + one recomputed block" if activation_checkpointing
+                                           else "all blocks' intermediates") + " + backward/no-grad working set")
+    rows.append(("activations", peak, how))
+
+    if not offload_encoders:
+        names = ["umt5-xxl", "wan-vae"] + (["clip-vit-h"] if gen.image else [])
+        enc = sum(ENCODERS[k][0] * ENCODERS[k][1] for k in names)
+        rows.append(("frozen encoders", enc, " + ".join(names) + " (replicated)"))
+    rows.append(("fixed overhead", overhead_gib * GIB, "CUDA context, NCCL buffers, fragmentation"))
+    return rows
+
+
+def plan(
+    generator: str = "wan2.1-t2v-14b",
+    critic: str | None = "wan2.1-t2v-14b",
+    teacher: str | None = "wan2.1-t2v-14b",
+    gpus: int = 64,
+    gpu_memory_gib: float = 80.0,
+    batch_size: int = 1,
+    latent_shape: list[int] | None = None,
+    activation_checkpointing: bool = True,
+    offload_encoders: bool = False,
+    ema: bool = True,
+    master_dtype: Literal["fp32", "bf16"] = "fp32",
+    teacher_dtype: Literal["bf16", "fp32"] = "bf16",
+    overhead_gib: float = 4.0,
+) -> MemoryPlan:
+    """Estimate per-GPU memory of a training recipe and say whether it fits.
+
+    Args:
+        generator: WanDiT preset of the trained generator (``sfplus.nets.presets``).
+        critic: preset of the fake-score critic (trained too); None for diffusion training.
+        teacher: preset of the frozen teacher; None for diffusion training.
+        gpus: GPUs the weights, gradients, optimizer states, EMA and teacher are sharded over (FSDP).
+        gpu_memory_gib: memory of one GPU (H100: 80, H200: 141).
+        batch_size: videos per GPU per update.
+        latent_shape: ``[C, F, H, W]`` of one latent video (default ``[16, 21, 60, 104]`` = 81×480×832).
+        activation_checkpointing: recompute each block in the backward (keeps only block inputs).
+        offload_encoders: text/image encoders and VAE off the GPU (CPU, or features precomputed).
+        ema: keep an fp32 EMA of the generator.
+        master_dtype: dtype of trainable weights, gradients and AdamW states.
+        teacher_dtype: dtype of the frozen teacher.
+        overhead_gib: fixed per-GPU overhead.
+    """
+    latent_shape = list(latent_shape or [16, 21, 60, 104])
+    if len(latent_shape) != 4 or min(latent_shape) <= 0:
+        raise PlanError(f"latent_shape must be four positive ints [C, F, H, W], got {latent_shape}")
+    if gpus < 1:
+        raise PlanError(f"gpus must be >= 1, got {gpus}")
+    if batch_size < 1:
+        raise PlanError(f"batch_size must be >= 1, got {batch_size}")
+    if gpu_memory_gib <= 0:
+        raise PlanError(f"gpu_memory_gib must be positive, got {gpu_memory_gib}")
+    gen = net_sizes(generator, "generator")
+    crit = net_sizes(critic, "critic") if critic else None
+    teach = net_sizes(teacher, "teacher") if teacher else None
+    settings = dict(generator=generator, critic=critic, teacher=teacher, gpus=gpus, batch_size=batch_size,
+                    latent_shape=latent_shape, activation_checkpointing=activation_checkpointing,
+                    offload_encoders=offload_encoders, ema=ema, master_dtype=master_dtype,
+                    teacher_dtype=teacher_dtype, overhead_gib=overhead_gib)
+    fixed = dict(latent_shape=latent_shape, ema=ema, master_dtype=master_dtype, teacher_dtype=teacher_dtype,
+                 overhead_gib=overhead_gib)
+
+    def total(**change) -> float:
+        kw = dict(gpus=gpus, batch_size=batch_size, activation_checkpointing=activation_checkpointing,
+                  offload_encoders=offload_encoders, **fixed)
+        kw.update(change)
+        return sum(b for _, b, _ in _estimate(gen, crit, teach, **kw)) / GIB
+
+    result = MemoryPlan(_estimate(gen, crit, teach, gpus=gpus, batch_size=batch_size,
+                                  activation_checkpointing=activation_checkpointing,
+                                  offload_encoders=offload_encoders, **fixed), gpu_memory_gib, settings)
+    if result.fits:
+        return result
+    g = gpu_memory_gib
+    if not activation_checkpointing:
+        result.advice.append(f"turn activation checkpointing on: {total(activation_checkpointing=True):.1f} GiB")
+    if not offload_encoders:
+        result.advice.append(f"offload the frozen encoders (or precompute text features): "
+                             f"{total(offload_encoders=True):.1f} GiB")
+    if batch_size > 1:
+        smaller = next((b for b in range(batch_size - 1, 0, -1) if total(batch_size=b) <= g), 1)
+        result.advice.append(f"batch {smaller} per GPU (more GPUs or gradient accumulation keep the global batch): "
+                             f"{total(batch_size=smaller):.1f} GiB")
+    more = next((n for n in (8 * 2**k for k in range(11)) if n > gpus and total(gpus=n) <= g), None)
+    if more is not None:
+        result.advice.append(f"shard over {more} GPUs: {total(gpus=more):.1f} GiB")
+    else:
+        floor = total(gpus=10**9)
+        result.advice.append(f"more GPUs alone cannot make it fit: the unsharded part (activations, encoders, "
+                             f"overhead) is {floor:.1f} GiB")
+    best = total(activation_checkpointing=True, offload_encoders=True, batch_size=1)
+    result.advice.append(f"all of checkpointing + offloaded encoders + batch 1 on {gpus} GPUs: {best:.1f} GiB")
+    return result
+
+
+def main(argv: list[str] | None = None) -> MemoryPlan:
+    """``sfplus plan ...``: print the table (arguments as in :func:`plan`, e.g. ``--gpus 8 --critic null``)."""
+    from jsonargparse import CLI
+
+    result = CLI(plan, args=argv, as_positional=False)
+    print(result.table())
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        main()
+    except PlanError as err:
+        print(f"sfplus plan: error: {err}", file=sys.stderr)
+        sys.exit(2)
