@@ -6,7 +6,6 @@ Used for data-free distillation (DMD/SiD train on prompts only) and for batch ge
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L

@@ -1,0 +1,272 @@
+"""Shared plumbing of the recipe LightningModules: nets from presets, sharding, counters, per-sample noise,
+checkpoints without frozen nets, seekable data position, and batch generation.
+
+Counters (``iteration`` = critic updates, ``generator_steps``, ``critic_steps``, ``batches_seen``) are the
+module's own and are saved in checkpoints; ``trainer.global_step`` counts every optimizer update
+(lightning-notes §2.1).
+
+Randomness is explicit and resumable without saved RNG state: per-sample streams seeded from
+``(seed, update index, purpose, global row)`` (sfplus.noise), or ``(seed, update index)`` for values all ranks must
+agree on (the exit step).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from sfplus.conditioning import Conditioner, Cond
+from sfplus.nets.checkpoints import CheckpointError
+from sfplus.noise import SampleNoise, stable_seed
+
+
+def sample_seed(base_seed: int, index: int, sample: int) -> int:
+    """Seed of one generated video: a function of (base seed, prompt index, sample index) only."""
+    return stable_seed("sample", base_seed, index, sample)
+
+
+def to_uint8_video(video: torch.Tensor) -> torch.Tensor:
+    """[B, 3, T, H, W] in [-1, 1] → uint8 [B, T, H, W, 3]."""
+    v = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return v.permute(0, 2, 3, 4, 1).contiguous()
+
+
+class RecipeModule(L.LightningModule):
+    """Shared plumbing: nets from presets, counters, seeded RNG, checkpoint hooks, generation."""
+
+    frozen_prefixes: tuple[str, ...] = ()
+
+    def __init__(
+        self, net: str, net_overrides: dict | None, conditioner: Conditioner, seed: int,
+        scale: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.net_name, self.net_overrides = net, dict(net_overrides or {})
+        scale = dict(scale or {})
+        self.activation_checkpointing = bool(scale.pop("activation_checkpointing", False))
+        self.param_dtype = scale.pop("param_dtype", "bf16")
+        self.frozen_dtype = scale.pop("frozen_dtype", None)
+        if scale:
+            raise ValueError(f"unknown scale options {sorted(scale)}: use activation_checkpointing, param_dtype, frozen_dtype")
+        self._weights_pending = False
+        self.conditioner = conditioner
+        self.seed = seed
+        self.iteration = 0
+        self.batches_seen = 0
+        self._warned_position = False
+        self.last_update: str | None = None
+        self.automatic_optimization = False  # alternating updates, own clipping and counters
+
+    # ---- nets -------------------------------------------------------------------------------------------------
+    def build_net(self) -> nn.Module:
+        from sfplus.nets.presets import build_dit
+
+        return build_dit(self.net_name, **self.net_overrides)
+
+    def data_parallel_mesh(self):
+        """The data-parallel device mesh under ModelParallelStrategy (None otherwise)."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None:
+            return None
+        names = mesh.mesh_dim_names or ()
+        return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+    def prepare_nets(self, trainable: list[nn.Module], frozen: list[nn.Module], ema: list[nn.Module]) -> None:
+        """Activation checkpointing, frozen dtype and FSDP2 sharding, in that order (see sfplus.parallel).
+
+        Frozen nets (the teacher) may be stored in ``frozen_dtype``; EMA copies stay fp32 (they average
+        small updates).
+        """
+        from sfplus.parallel import DTYPES, apply_activation_checkpointing, shard_dit
+
+        for net in [*frozen, *ema]:
+            net.requires_grad_(False).eval()
+        for net in frozen:
+            if self.frozen_dtype:
+                net.to(DTYPES[self.frozen_dtype])
+        if self.activation_checkpointing:
+            for net in trainable:
+                apply_activation_checkpointing(net)
+        mesh = self.data_parallel_mesh()
+        if mesh is not None:
+            for net in [*trainable, *frozen, *ema]:
+                shard_dit(net, mesh, param_dtype=DTYPES[self.param_dtype])
+
+    def net_context(self):
+        """Nets are built on the meta device when they will be sharded, and filled after materialisation."""
+        import contextlib
+
+        self._weights_pending = self.data_parallel_mesh() is not None
+        return torch.device("meta") if self._weights_pending else contextlib.nullcontext()
+
+    def load_initial_weights(self) -> None:
+        raise NotImplementedError
+
+    def _load_pending(self) -> None:
+        if self._weights_pending:
+            self.load_initial_weights()
+            self._weights_pending = False
+
+    def on_fit_start(self) -> None:
+        self._load_pending()
+
+    def on_predict_start(self) -> None:
+        self._load_pending()
+
+    def on_validation_start(self) -> None:
+        self._load_pending()
+
+    # ---- randomness -------------------------------------------------------------------------------------------
+    def sample_noise(self, kind: str, batch: int) -> SampleNoise:
+        """Per-sample streams for this rank's rows of the global batch at the current update (see sfplus.noise)."""
+        start = self.global_rank * batch
+        return SampleNoise.for_rows(self.seed, self.trainer.global_step, kind, rows=range(start, start + batch),
+                                    device=self.device)
+
+    def shared_randint(self, kind: str, high: int) -> int:
+        """An integer in [0, high) that every rank draws identically (e.g. the rollout's exit step)."""
+        g = torch.Generator().manual_seed(stable_seed(self.seed, self.trainer.global_step, kind))
+        return int(torch.randint(high, (1,), generator=g))
+
+    # ---- data position (exact resume) -------------------------------------------------------------------------
+    def _sync_data_position(self) -> None:
+        """Point the batch sampler at the next unconsumed batch (see EpochBatchSampler.position).
+
+        Done at the start of training and of every epoch, from the module's own batch count, so a resumed run
+        continues exactly where the checkpoint was taken, whatever Lightning's epoch bookkeeping says.
+        """
+        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        if hasattr(sampler, "position"):
+            sampler.position = self.batches_seen
+        elif self.batches_seen and self.trainer.current_epoch == 0 and not self._warned_position:
+            self._warned_position = True
+            import warnings
+
+            warnings.warn("the training batch sampler cannot seek: a resumed run replays data", stacklevel=2)
+
+    def on_train_start(self) -> None:
+        self._sync_data_position()
+
+    def on_train_epoch_start(self) -> None:
+        self._sync_data_position()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Counted before the step: checkpoint callbacks save in on_train_batch_end, which runs before the module's.
+        self.batches_seen += 1
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return {"iteration": self.iteration, "batches_seen": self.batches_seen}
+
+    def state_dict(self, *args, **kwargs):
+        """The module's state without the frozen nets (teacher, encoders): they are rebuilt from their own files,
+        and would multiply checkpoint size for nothing. Applies to single-file and sharded checkpoints alike."""
+        sd = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        frozen = tuple(prefix + p for p in self.frozen_prefixes)
+        for key in [k for k in sd if k.startswith(frozen)]:
+            del sd[key]
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load everything but the frozen nets, which keep their current weights."""
+        frozen = {k: v for k, v in super().state_dict().items() if k.startswith(self.frozen_prefixes)}
+        return super().load_state_dict({**state_dict, **frozen}, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sfplus"] = {
+            "counters": self.counters(), "class": type(self).__name__, "net": self.net_name,
+            "net_overrides": self.net_overrides, "sampler": self.sampler_description(),
+            "video_shape": self.video_shape,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "sfplus" not in checkpoint:
+            raise CheckpointError("not a checkpoint of an sfplus module (no 'sfplus' entry)")
+        # Sharded (distributed) checkpoints were already loaded into the module by the strategy, which checks keys.
+        sd = checkpoint.get("state_dict", {})
+        own = self.state_dict() if sd else {}  # without the frozen nets, like the checkpoint
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        mismatched = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or mismatched:
+            saved = checkpoint.get("sfplus", {}).get("class", "unknown")
+            msg = [f"checkpoint (saved by {saved}) does not match this {type(self).__name__}:"]
+            for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+                if items:
+                    msg.append(f"  {title}: " + ", ".join(items[:6]) + (f" ... ({len(items)})" if len(items) > 6 else ""))
+            raise CheckpointError("\n".join(msg))
+        counters = checkpoint.get("sfplus", {}).get("counters", {})
+        for name, value in counters.items():
+            setattr(self, name, int(value))
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def noise_for(self, index: torch.Tensor, sample: torch.Tensor, shape: Sequence[int], base_seed: int) -> torch.Tensor:
+        """Per-video starting noise [B, *shape], a function of (base seed, prompt index, sample index) only."""
+        out = []
+        for i, s in zip(index.tolist(), sample.tolist()):
+            g = torch.Generator().manual_seed(sample_seed(base_seed, i, s))
+            out.append(torch.randn(tuple(shape), generator=g))
+        return torch.stack(out).to(self.device)
+
+    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sampler_description(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Generate one video per batch item; items whose outputs already exist are skipped.
+
+        Returns ``{"videos": uint8 [B, T, H, W, 3], "latents", "prompts", "text", "index", "sample", "seed",
+        "sampler"}`` for the items generated (``index = -1`` padding items are dropped).
+        """
+        keep = [i for i, idx in enumerate(batch["index"].tolist()) if idx >= 0]
+        writer = next((cb for cb in self.trainer.callbacks if hasattr(cb, "exists")), None) if self._trainer else None
+        if writer is not None:
+            keep = [
+                i for i in keep
+                if not writer.exists(batch["text"][i], int(batch["index"][i]), int(batch["sample"][i]))
+            ]
+        if not keep:
+            return {"videos": None, "index": torch.empty(0, dtype=torch.long)}
+        prompts = [batch["prompts"][i] for i in keep]
+        index, sample = batch["index"][keep], batch["sample"][keep]
+        cond = self.conditioner.text(prompts, self.device)
+        uncond = self.conditioner.negative(len(prompts), self.device)
+        noise = self.noise_for(index, sample, self.video_shape, self.predict_seed)
+        # Re-noising streams per video too: a video does not depend on the batch it was generated in.
+        g = SampleNoise([stable_seed("renoise", self.predict_seed, i, s) for i, s in zip(index.tolist(), sample.tolist())],
+                        self.device)
+        latents = self.sample(cond, uncond, noise, g)
+        videos = self.conditioner.decode(latents)
+        return {
+            "videos": to_uint8_video(videos),
+            "latents": latents.cpu(),
+            "prompts": prompts,
+            "text": [batch["text"][i] for i in keep],
+            "index": index.cpu(),
+            "sample": sample.cpu(),
+            "seed": [sample_seed(self.predict_seed, i, s) for i, s in zip(index.tolist(), sample.tolist())],
+            "sampler": self.sampler_description(),
+        }
+
+
+def _default_toy_conditioner() -> Conditioner:
+    from sfplus.conditioning import ToyConditioner
+
+    return ToyConditioner()
+
+
+@torch.no_grad()
+def _copy_weights(dst: nn.Module, src: nn.Module) -> None:
+    """Copy parameters between two identically built (and identically sharded) nets, local shards only."""
+    for d, p in zip(dst.parameters(), src.parameters()):
+        d_local = d.to_local() if hasattr(d, "to_local") else d
+        p_local = p.to_local() if hasattr(p, "to_local") else p
+        d_local.copy_(p_local)
+
