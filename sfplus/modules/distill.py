@@ -17,7 +17,14 @@ from sfplus.sampling import few_step_sample
 
 
 class DistillModule(RecipeModule):
-    """DMD distillation: few-step generator ← frozen teacher (CFG), with a fake-score critic.
+    """Score distillation: few-step generator ← frozen teacher (CFG), with a fake-score critic.
+
+    Objectives (``distribution_loss``): ``dmd`` (reference §4), ``sid`` (§5.1; runs, unlike the reference's),
+    ``causvid`` (§5.2: DMD on one generator step from data-simulated inputs; needs ``latents`` in the batch).
+    ``gan`` adds DMD2's adversarial term (§5.3) on critic features (needs ``latents`` in the batch).
+    Generators (``generator_type``): ``bidirectional`` (the 14B path, §6.2) or ``causal`` (Self-Forcing: a
+    chunk-wise rollout with a KV cache, §6.1; cache K/V are stored detached, so each block's loss reaches the
+    weights only through that block's exit step — the clean stop-gradient reading of §13 B22).
 
     Args:
         net: DiT preset of the generator, critic and teacher.
@@ -38,6 +45,17 @@ class DistillModule(RecipeModule):
         max_grad_norm_generator, max_grad_norm_critic: per-optimizer clipping.
         video_shape: latent shape ``[C, F, H, W]`` of generated videos.
         predict_weights: ``ema`` (falls back to the raw generator before EMA starts) or ``generator``.
+        generator_type: ``bidirectional`` or ``causal``.
+        frames_per_block, independent_first_frame: the causal generator's blocks.
+        same_step_across_blocks: one exit step for all blocks (else one per block); last_step_only: always exit
+            at the last step.
+        context_noise: timestep of the clean-context cache refresh (0 = exactly clean, §13 B4).
+        local_window_frames, sink_frames: rolling KV cache for long causal sampling.
+        distribution_loss: ``dmd``, ``sid`` or ``causvid``; sid_alpha: SiD's alpha.
+        teacher_forcing: CausVid with clean context (causal generators).
+        gan: DMD2's GAN term, e.g. ``{g_weight: 0.01, d_weight: 0.01, relativistic: false, r1_weight: 0,
+            r2_weight: 0, r1_sigma: 0.01, r2_sigma: 0.01, blocks: [-1], head_lr_multiplier: 1.0,
+            tokens_per_block: 1, dmd_weight: 1.0}`` (None: off).
         seed: base seed of training randomness; predict_seed: base seed of generated videos.
         scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
             frozen_dtype: bf16|fp32|None (teacher storage)}`` (see sfplus.parallel).
@@ -71,6 +89,18 @@ class DistillModule(RecipeModule):
         max_grad_norm_critic: float = 10.0,
         video_shape: list[int] | None = None,
         predict_weights: Literal["ema", "generator"] = "ema",
+        generator_type: Literal["bidirectional", "causal"] = "bidirectional",
+        frames_per_block: int = 3,
+        independent_first_frame: bool = False,
+        same_step_across_blocks: bool = True,
+        last_step_only: bool = False,
+        context_noise: float = 0.0,
+        local_window_frames: int | None = None,
+        sink_frames: int = 0,
+        distribution_loss: Literal["dmd", "sid", "causvid"] = "dmd",
+        sid_alpha: float = 1.0,
+        teacher_forcing: bool = False,
+        gan: dict | None = None,
         seed: int = 0,
         predict_seed: int = 0,
         scale: dict | None = None,
@@ -100,6 +130,16 @@ class DistillModule(RecipeModule):
         self.generator_ema: nn.Module | None = None
         self.critic: nn.Module | None = None
         self.teacher: nn.Module | None = None
+        self.generator_type = generator_type
+        self.frames_per_block, self.independent_first_frame = frames_per_block, independent_first_frame
+        self.same_step_across_blocks, self.last_step_only = same_step_across_blocks, last_step_only
+        self.context_noise = context_noise
+        self.local_window_frames, self.sink_frames = local_window_frames, sink_frames
+        self.distribution_loss, self.sid_alpha, self.teacher_forcing = distribution_loss, sid_alpha, teacher_forcing
+        self.gan = _gan_config(gan)
+        self.disc_head: nn.Module | None = None
+        if teacher_forcing and (distribution_loss != "causvid" or generator_type != "causal"):
+            raise ValueError("teacher_forcing applies to distribution_loss=causvid with a causal generator")
 
     def configure_model(self) -> None:
         if self.generator is not None:
@@ -109,7 +149,10 @@ class DistillModule(RecipeModule):
             self.generator = self.build_net()
             self.critic = self.build_net()
             self.generator_ema = self.build_net()
-        self.prepare_nets([self.generator, self.critic], [self.teacher], [self.generator_ema])
+            if self.gan is not None:
+                self.disc_head = self._build_head()
+        trainable = [self.generator, self.critic] + ([self.disc_head] if self.disc_head is not None else [])
+        self.prepare_nets(trainable, [self.teacher], [self.generator_ema])
         if not self._weights_pending:
             self.load_initial_weights()
 
@@ -126,10 +169,24 @@ class DistillModule(RecipeModule):
             else:
                 _copy_weights(net, self.teacher)
         _copy_weights(self.generator_ema, self.generator)
+        if self.disc_head is not None and self._weights_pending:
+            self.disc_head.reset_parameters()
+
+    def _build_head(self) -> nn.Module:
+        from sfplus.nets.discriminator import DiscriminatorHead
+
+        cfg = self.generator.config
+        blocks = [b % cfg.num_layers for b in self.gan["blocks"]]
+        self.gan["blocks"] = blocks
+        return DiscriminatorHead(cfg.dim, cfg.num_heads, len(blocks), tokens_per_block=self.gan["tokens_per_block"])
 
     def configure_optimizers(self):
         g = torch.optim.AdamW(self.generator.parameters(), lr=self.generator_lr, betas=self.betas, weight_decay=self.weight_decay)
-        c = torch.optim.AdamW(self.critic.parameters(), lr=self.critic_lr, betas=self.critic_betas, weight_decay=self.weight_decay)
+        groups = [{"params": list(self.critic.parameters()), "lr": self.critic_lr}]
+        if self.disc_head is not None:
+            groups.append({"params": list(self.disc_head.parameters()),
+                           "lr": self.critic_lr * self.gan["head_lr_multiplier"]})
+        c = torch.optim.AdamW(groups, lr=self.critic_lr, betas=self.critic_betas, weight_decay=self.weight_decay)
         return [g, c]
 
     def counters(self) -> dict[str, int]:
@@ -148,10 +205,16 @@ class DistillModule(RecipeModule):
         prompts = list(batch["prompts"])
         cond = self.conditioner.text(prompts, self.device)
         uncond = self.conditioner.negative(len(prompts), self.device)
+        real = None
+        if self.distribution_loss == "causvid" or self.gan is not None:
+            if "latents" not in batch:
+                raise KeyError("this recipe (causvid or gan) needs clean latents: the batch has no 'latents' "
+                               "(use LatentShardDataModule or ToyDataModule)")
+            real = batch["latents"].to(self.device)
         if self.generator_due():
-            self._generator_update(cond, uncond)
+            self._generator_update(cond, uncond, real)
         else:
-            self._critic_update(cond)
+            self._critic_update(cond, real)
 
     def _score_timesteps(self, f: int, rollout, noise: SampleNoise) -> torch.Tensor:
         """Score timesteps [B, F] (reference §4.2): raw integer in [min, max), shift, clamp to [20, 980]."""
@@ -165,54 +228,131 @@ class DistillModule(RecipeModule):
         t_raw = noise.randint(min_t, max(max_t, min_t + 1))
         return score_timesteps_from_raw(t_raw, f, shift=self.timestep_shift).to(self.device)
 
-    def _rollout(self, cond: Cond, grad: bool, kind: str):
+    def _exit_indices(self, kind: str, blocks: int) -> list[int]:
+        """Exit steps shared by every rank (reference: drawn on rank 0 and broadcast)."""
+        steps = len(self.timesteps)
+        if self.last_step_only:
+            return [steps - 1] * blocks
+        if self.same_step_across_blocks:
+            return [self.shared_randint(kind + "-exit", steps)] * blocks
+        return [self.shared_randint(f"{kind}-exit-{b}", steps) for b in range(blocks)]
+
+    def _causal_layout(self):
+        from sfplus.nets.causal import BlockCausal
+
+        return BlockCausal(self.frames_per_block, independent_first_frame=self.independent_first_frame,
+                           local_window_frames=self.local_window_frames, sink_frames=self.sink_frames)
+
+    def _rollout(self, cond: Cond, grad: bool, kind: str, real: torch.Tensor | None):
+        """The generator's sample for a loss: its own few-step rollout (one differentiable exit step), or for
+        CausVid one step from data-simulated inputs. Returns (rollout-like with .x0, per-sample noise)."""
         b = cond["context"].shape[0]
         noise = self.sample_noise(kind, b)
-        exit_index = self.shared_randint(kind + "-exit", len(self.timesteps))
+        if self.distribution_loss == "causvid":
+            from sfplus.objectives.causvid import causvid_generator_output
+            from sfplus.rollout import Rollout
+
+            causal = self._causal_layout() if self.generator_type == "causal" else None
+            with torch.set_grad_enabled(grad):
+                x0 = causvid_generator_output(self.generator, real, self.timesteps, cond, causal, noise,
+                                              teacher_forcing=self.teacher_forcing)
+            return Rollout(x0, -1, None, None, 1), noise
         x_T = noise.randn(self.video_shape).to(self.device)
+        if self.generator_type == "causal":
+            from sfplus.causal_rollout import block_layout, causal_rollout
+
+            layout = block_layout(x_T.shape[2], self.frames_per_block,
+                                  independent_first_frame=self.independent_first_frame)
+            blocks = len(layout.generated)
+            ro = causal_rollout(
+                self.generator, x_T, self.timesteps, cond, frames_per_block=self.frames_per_block,
+                exit_indices=self._exit_indices(kind, blocks), independent_first_frame=self.independent_first_frame,
+                context_noise=self.context_noise, generator=noise, grad=grad,
+            )
+            return ro, noise
+        exit_index = self._exit_indices(kind, 1)[0]
         return bidirectional_rollout(self.generator, x_T, self.timesteps, cond, exit_index, noise, grad=grad), noise
 
-    def _generator_update(self, cond: Cond, uncond: Cond) -> None:
+    def _generator_update(self, cond: Cond, uncond: Cond, real: torch.Tensor | None) -> None:
         g_opt, _ = self.optimizers()
+        logs: dict[str, Any] = {}
         with self.toggled_optimizer(g_opt):
-            rollout, g = self._rollout(cond, grad=True, kind="gen")
+            rollout, g = self._rollout(cond, grad=True, kind="gen", real=real)
             x = rollout.x0
             t = self._score_timesteps(x.shape[2], rollout, g)
-            kl = dmd_kl_grad(
-                x, t, g.randn_like(x), fake=self.critic, real=self.teacher, cond=cond, uncond=uncond,
-                real_guidance_scale=self.real_guidance_scale, fake_guidance_scale=self.fake_guidance_scale,
-            )
-            loss = dmd_generator_loss(x, kl.grad)
+            eps = g.randn_like(x)
+            dm_weight = 1.0 if self.gan is None else self.gan["dmd_weight"]
+            if self.distribution_loss == "sid":
+                from sfplus.objectives.sid import sid_generator_loss
+
+                loss, sid_logs = sid_generator_loss(
+                    x, t, eps, fake=self.critic, real=self.teacher, cond=cond, uncond=uncond,
+                    real_guidance_scale=self.real_guidance_scale, alpha=self.sid_alpha,
+                )
+                logs.update({f"train/{k}": v for k, v in sid_logs.items()})
+            else:
+                kl = dmd_kl_grad(
+                    x, t, eps, fake=self.critic, real=self.teacher, cond=cond, uncond=uncond,
+                    real_guidance_scale=self.real_guidance_scale, fake_guidance_scale=self.fake_guidance_scale,
+                )
+                loss = dmd_generator_loss(x, kl.grad)
+                logs["train/dmd_gradient_norm"] = kl.gradient_norm
+            loss = dm_weight * loss
+            if self.gan is not None:
+                from sfplus.objectives.gan import gan_generator_term
+
+                gan_loss, gan_logs = gan_generator_term(
+                    self.critic, self.disc_head, x, t, eps, cond, self.gan["blocks"], x_real=real,
+                    relativistic=self.gan["relativistic"], gan_g_weight=self.gan["g_weight"],
+                )
+                loss = loss + gan_loss
+                logs.update({f"train/gan_{k}": v for k, v in gan_logs.items()})
             g_opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.max_grad_norm_generator)
             g_opt.step()
         self.generator_steps += 1
         self.last_update = "generator"
-        self.log_dict({
+        logs.update({
             "train/generator_loss": loss.detach().float(), "train/generator_grad_norm": grad_norm,
-            "train/dmd_gradient_norm": kl.gradient_norm, "train/exit_step": float(rollout.exit_index),
-            "train/generator_steps": float(self.generator_steps),
-        }, prog_bar=False)
+            "train/exit_step": float(rollout.exit_index), "train/generator_steps": float(self.generator_steps),
+        })
+        self.log_dict({k: (v.detach().float() if torch.is_tensor(v) else float(v)) for k, v in logs.items()})
 
-    def _critic_update(self, cond: Cond) -> None:
+    def _critic_update(self, cond: Cond, real: torch.Tensor | None) -> None:
         _, c_opt = self.optimizers()
         with torch.no_grad():
-            rollout, g = self._rollout(cond, grad=False, kind="critic")
-        x = rollout.x0
+            rollout, g = self._rollout(cond, grad=False, kind="critic", real=real)
+        x = rollout.x0.detach()
         t = self._score_timesteps(x.shape[2], rollout, g)
-        loss = critic_flow_loss(self.critic, x, t, g.randn_like(x), cond)
+        eps = g.randn_like(x)
+        loss = critic_flow_loss(self.critic, x, t, eps, cond)
+        logs: dict[str, Any] = {"train/critic_flow_loss": loss.detach()}
+        if self.gan is not None:
+            from sfplus.objectives.gan import gan_critic_loss
+
+            gan_loss, gan_logs = gan_critic_loss(
+                self.critic, self.disc_head, real, x, t, eps, cond, self.gan["blocks"],
+                relativistic=self.gan["relativistic"], gan_d_weight=self.gan["d_weight"],
+                r1_weight=self.gan["r1_weight"], r2_weight=self.gan["r2_weight"], r1_sigma=self.gan["r1_sigma"],
+                r2_sigma=self.gan["r2_sigma"], generator=g,
+            )
+            loss = loss + gan_loss
+            logs.update({f"train/disc_{k}": v for k, v in gan_logs.items()})
         c_opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.max_grad_norm_critic)
+        params = list(self.critic.parameters()) + (list(self.disc_head.parameters()) if self.disc_head is not None else [])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm_critic)
         c_opt.step()
         self.critic_steps += 1
         self.iteration += 1
         self.last_update = "critic"
-        self.log_dict({
+        logs.update({
             "train/critic_loss": loss.detach(), "train/critic_grad_norm": grad_norm,
             "train/critic_timestep": t.float().mean(), "train/iteration": float(self.iteration),
-        }, prog_bar=True)
+        })
+        self.log_dict({k: (v.detach().float() if torch.is_tensor(v) else float(v)) for k, v in logs.items()},
+                      prog_bar=False)
 
     # ---- generation -------------------------------------------------------------------------------------------
     def sampling_net(self) -> nn.Module:
@@ -221,10 +361,40 @@ class DistillModule(RecipeModule):
         return self.generator
 
     def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator) -> torch.Tensor:
+        if self.generator_type == "causal":
+            from sfplus.streaming import causal_sample
+
+            return causal_sample(
+                self.sampling_net(), noise, self.timesteps, cond, frames_per_block=self.frames_per_block,
+                generator=generator, independent_first_frame=self.independent_first_frame,
+                local_window_frames=self.local_window_frames, sink_frames=self.sink_frames,
+                context_noise=self.context_noise,
+            )
         return few_step_sample(self.sampling_net(), noise, self.timesteps, cond, generator)
 
     def sampler_description(self) -> dict[str, Any]:
         weights = "ema" if (self.predict_weights == "ema" and self.ema_started) else "generator"
-        return {"kind": "few-step", "timesteps": self.timesteps, "weights": weights}
+        kind = "causal-few-step" if self.generator_type == "causal" else "few-step"
+        out = {"kind": kind, "timesteps": self.timesteps, "weights": weights}
+        if self.generator_type == "causal":
+            out.update(frames_per_block=self.frames_per_block, independent_first_frame=self.independent_first_frame)
+        return out
+
+
+_GAN_DEFAULTS = {
+    "g_weight": 1e-2, "d_weight": 1e-2, "relativistic": False, "r1_weight": 0.0, "r2_weight": 0.0,
+    "r1_sigma": 0.01, "r2_sigma": 0.01, "blocks": [-1], "head_lr_multiplier": 1.0, "tokens_per_block": 1,
+    "dmd_weight": 1.0,
+}
+
+
+def _gan_config(gan: dict | None) -> dict | None:
+    """Fill the GAN term's defaults; unknown keys are an error naming them."""
+    if gan is None:
+        return None
+    unknown = sorted(set(gan) - set(_GAN_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown gan option(s) {unknown}; known: {sorted(_GAN_DEFAULTS)}")
+    return {**_GAN_DEFAULTS, **gan}
 
 

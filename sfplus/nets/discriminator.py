@@ -119,6 +119,18 @@ class DiscriminatorHead(nn.Module):
         self.cls_pred_branch = nn.Sequential(nn.LayerNorm(n_tok * dim, eps=eps), nn.Linear(n_tok * dim, dim),
                                              nn.SiLU(), nn.Linear(dim, num_classes))
 
+    def reset_parameters(self) -> None:
+        """Fresh weights (after meta-device construction): register tokens N(0, 0.02²), layers' own inits,
+        norm weights 1."""
+        with torch.no_grad():
+            self.register_tokens.normal_(0.0, 0.02)
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            elif m is not self and getattr(m, "weight", None) is not None and m.weight.dim() == 1:
+                with torch.no_grad():
+                    m.weight.fill_(1.0)
+
     def forward(self, hidden: list[torch.Tensor], e: torch.Tensor | None = None) -> torch.Tensor:
         """hidden: ``num_blocks`` tensors [B, L, dim] (critic block outputs); e: time embedding [B, Tf, dim] or
         [B, dim] (required iff ``time_token``). Returns logits [B] (num_classes 1) or [B, num_classes], float32."""
