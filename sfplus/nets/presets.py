@@ -17,8 +17,9 @@ PRESETS: dict[str, WanConfig] = {
     "tiny": WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, text_len=8),
     "tiny-i2v": WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=36, text_dim=16, text_len=8,
                           image_dim=16),
-    # The built-in toy teacher: 3-channel pixel "latents" through the identity codec.
-    "toy": WanConfig(dim=64, ffn_dim=256, num_heads=4, num_layers=4, in_dim=3, out_dim=3, text_dim=32, text_len=16),
+    # The built-in toy teacher: 3-channel pixel "latents" through the identity codec. Two heads of 32 channels:
+    # RoPE then has 6 temporal and 5+5 spatial frequencies per head (4 heads of 16 learn motion more slowly).
+    "toy": WanConfig(dim=64, ffn_dim=256, num_heads=2, num_layers=4, in_dim=3, out_dim=3, text_dim=32, text_len=16),
 }
 
 
