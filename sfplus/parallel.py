@@ -29,6 +29,18 @@ def apply_activation_checkpointing(net: nn.Module) -> nn.Module:
     return net
 
 
+def compile_blocks(net: nn.Module, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` every transformer block in place (each traces as one graph).
+
+    Measured on one H200 (docs/performance.md): one 1.3B step 0.73 s → 0.54 s, one 14B step 3.73 s → 2.97 s,
+    outputs within 6e-4 relative of eager. Opt-in (``scale: {compile: true}``): compiling costs ~15-20 s, and the
+    causal path's changing block shapes recompile.
+    """
+    for block in net.blocks:
+        block.compile(**compile_kwargs)
+    return net
+
+
 def shard_dit(
     net: nn.Module,
     mesh,

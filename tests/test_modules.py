@@ -152,3 +152,20 @@ def test_teacher_checkpoint_of_wrong_size_names_keys(tmp_path, prompt_file):
     save_file({k: v.contiguous() for k, v in wrong.state_dict().items()}, str(path))
     with pytest.raises(CheckpointError, match="shape mismatch: .*patch_embedding.weight"):
         trainer(tmp_path, 1).fit(distill(str(path)), datamodule=PromptDataModule(prompt_file))
+
+
+def test_compile_blocks_gives_the_eager_output():
+    from sfplus.parallel import compile_blocks
+
+    torch.manual_seed(0)
+    net = build_dit("tiny", **TINY)
+    x, t, ctx = torch.randn(1, 3, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 8, 16)
+    with torch.no_grad():
+        eager = net(x, t, ctx)
+        compiled = compile_blocks(net, backend="eager")(x, t, ctx)
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_unknown_scale_option_is_named():
+    with pytest.raises(ValueError, match="unknown scale options \\['compiled'\\]"):
+        DiffusionModule(net="tiny", scale={"compiled": True})

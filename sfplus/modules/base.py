@@ -49,8 +49,10 @@ class RecipeModule(L.LightningModule):
         self.activation_checkpointing = bool(scale.pop("activation_checkpointing", False))
         self.param_dtype = scale.pop("param_dtype", "bf16")
         self.frozen_dtype = scale.pop("frozen_dtype", None)
+        self.compile_blocks = bool(scale.pop("compile", False))
         if scale:
-            raise ValueError(f"unknown scale options {sorted(scale)}: use activation_checkpointing, param_dtype, frozen_dtype")
+            raise ValueError(f"unknown scale options {sorted(scale)}: use activation_checkpointing, param_dtype, "
+                             "frozen_dtype, compile")
         self._weights_pending = False
         self.conditioner = conditioner
         self.seed = seed
@@ -93,7 +95,19 @@ class RecipeModule(L.LightningModule):
         mesh = self.data_parallel_mesh()
         if mesh is not None:
             for net in [*trainable, *frozen, *ema]:
-                shard_dit(net, mesh, param_dtype=DTYPES[self.param_dtype])
+                if hasattr(net, "blocks"):
+                    shard_dit(net, mesh, param_dtype=DTYPES[self.param_dtype])
+                else:  # small heads (the GAN discriminator): one shard unit
+                    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+                    fully_shard(net, mesh=mesh, mp_policy=MixedPrecisionPolicy(
+                        param_dtype=DTYPES[self.param_dtype], reduce_dtype=torch.float32))
+        if self.compile_blocks:
+            from sfplus.parallel import compile_blocks
+
+            for net in [*trainable, *frozen, *ema]:
+                if hasattr(net, "blocks"):
+                    compile_blocks(net)
 
     def net_context(self):
         """Nets are built on the meta device when they will be sharded, and filled after materialisation."""

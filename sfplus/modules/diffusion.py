@@ -31,7 +31,7 @@ class DiffusionModule(RecipeModule):
         sample_steps, sample_shift, guidance_scale: the Euler/CFG sampler used by ``predict``.
         seed: base seed of training noise; predict_seed: base seed of generated videos.
         scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
-            frozen_dtype: bf16|fp32|None}`` (see sfplus.parallel).
+            frozen_dtype: bf16|fp32|None, compile: bool (torch.compile each block)}`` (see sfplus.parallel).
     """
 
     frozen_prefixes = ("conditioner.",)

@@ -58,7 +58,8 @@ class DistillModule(RecipeModule):
             tokens_per_block: 1, dmd_weight: 1.0}`` (None: off).
         seed: base seed of training randomness; predict_seed: base seed of generated videos.
         scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
-            frozen_dtype: bf16|fp32|None (teacher storage)}`` (see sfplus.parallel).
+            frozen_dtype: bf16|fp32|None (teacher storage), compile: bool (torch.compile each block)}``
+            (see sfplus.parallel).
     """
 
     frozen_prefixes = ("teacher.", "conditioner.")
