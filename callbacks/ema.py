@@ -47,7 +47,13 @@ class EMA(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         want = self.update_on or ("generator" if hasattr(pl_module, "generator_steps") else "model")
-        if pl_module.last_update != want or pl_module.iteration < self.start_iteration:
+        if pl_module.last_update != want:
+            return
+        if pl_module.iteration < self.start_iteration:
+            # Until the average starts, the EMA copy mirrors the live net, so a checkpoint's "ema" weights (what
+            # export and the next recipe read) are never the stale initial ones.
+            for ema, live in pl_module.ema_pairs():
+                ema_copy(ema, live)
             return
         for ema, live in pl_module.ema_pairs():
             if pl_module.ema_started:

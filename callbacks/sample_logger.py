@@ -43,7 +43,8 @@ class SampleLogger(L.Callback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         it = pl_module.iteration
-        if it % self.every or it == self._last_logged or trainer.global_rank != 0:
+        # Every rank samples (sharded nets gather their weights collectively); rank 0 alone writes.
+        if it % self.every or it == self._last_logged:
             return
         self._last_logged = it
         n = len(self.prompts)
@@ -53,6 +54,8 @@ class SampleLogger(L.Callback):
         uncond = pl_module.conditioner.negative(n, pl_module.device)
         g = torch.Generator(device=pl_module.device).manual_seed(stable_seed("samples", self.seed))
         videos = to_uint8_video(pl_module.conditioner.decode(pl_module.sample(cond, uncond, noise, g)))
+        if trainer.global_rank != 0:
+            return
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):

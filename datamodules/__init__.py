@@ -1,7 +1,8 @@
 """DataModules of sfplus (installed as ``sfplus.datamodules``)."""
 
+from sfplus.datamodules.images import ImagePromptDataModule
 from sfplus.datamodules.prompts import PromptDataModule, read_prompts
 from sfplus.datamodules.shards import LatentShardDataModule
 from sfplus.datamodules.toy import ToyDataModule
 
-__all__ = ["LatentShardDataModule", "PromptDataModule", "ToyDataModule", "read_prompts"]
+__all__ = ["ImagePromptDataModule", "LatentShardDataModule", "PromptDataModule", "ToyDataModule", "read_prompts"]

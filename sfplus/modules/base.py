@@ -217,6 +217,45 @@ class RecipeModule(L.LightningModule):
         for name, value in counters.items():
             setattr(self, name, int(value))
 
+    # ---- image-to-video -----------------------------------------------------------------------------------------
+    @property
+    def is_i2v(self) -> bool:
+        """Whether the DiT takes image conditioning (an I2V preset: CLIP features and the ``y`` channels)."""
+        from sfplus.nets.presets import get_config
+
+        return get_config(self.net_name, **self.net_overrides).image_dim is not None
+
+    def image_condition(self, batch: dict, rows: list[int] | None = None) -> Cond | None:
+        """I2V cond entries ``{"clip_fea", "y"}`` for the batch's first frames, or None for a text-to-video net.
+
+        Images come from ``first_frame`` (latent shards) or ``image`` (ImagePromptDataModule), [B, 3, H, W] in
+        [-1, 1]; ``rows`` picks some of them. Text-to-video nets ignore images (shards store first frames by default).
+        """
+        if not self.is_i2v:
+            return None
+        images = batch.get("first_frame", batch.get("image"))
+        if images is None:
+            raise KeyError(f"the image-to-video net {self.net_name!r} needs first frames: the batch has neither "
+                           "'first_frame' (LatentShardDataModule) nor 'image' (ImagePromptDataModule)")
+        if not hasattr(self.conditioner, "image_condition"):
+            raise ValueError(f"{type(self.conditioner).__name__} cannot encode images: use "
+                             "sfplus.wan_conditioning.WanConditioner with i2v: true")
+        if rows is not None:
+            images = images[rows]
+        return self.conditioner.image_condition(images.to(self.device))
+
+    def with_image(self, batch: dict, cond: Cond, uncond: Cond | None = None) -> tuple[Cond, Cond | None]:
+        """cond (and uncond) with the batch's I2V entries added (the same image for both CFG branches, §6.5);
+        unchanged for text-to-video. Training generates at ``video_shape``: the images must match it."""
+        image = self.image_condition(batch)
+        if image is None:
+            return cond, uncond
+        if list(image["y"].shape[2:]) != list(self.video_shape[1:]):
+            raise ValueError(f"the first frames give I2V latents (F, H, W) = {tuple(image['y'].shape[2:])} but "
+                             f"video_shape is {self.video_shape}: give images of {8 * self.video_shape[2]}x"
+                             f"{8 * self.video_shape[3]} pixels (ImagePromptDataModule size) or change video_shape")
+        return {**cond, **image}, (None if uncond is None else {**uncond, **image})
+
     # ---- generation -------------------------------------------------------------------------------------------
     def noise_for(self, index: torch.Tensor, sample: torch.Tensor, shape: Sequence[int], base_seed: int) -> torch.Tensor:
         """Per-video starting noise [B, *shape], a function of (base seed, prompt index, sample index) only."""
@@ -252,7 +291,12 @@ class RecipeModule(L.LightningModule):
         index, sample = batch["index"][keep], batch["sample"][keep]
         cond = self.conditioner.text(prompts, self.device)
         uncond = self.conditioner.negative(len(prompts), self.device)
-        noise = self.noise_for(index, sample, self.video_shape, self.predict_seed)
+        shape = self.video_shape
+        image = self.image_condition(batch, keep)
+        if image is not None:  # I2V: the video takes the image's size (Wan's size rule, not video_shape)
+            cond, uncond = {**cond, **image}, {**uncond, **image}
+            shape = [self.video_shape[0], *image["y"].shape[2:]]
+        noise = self.noise_for(index, sample, shape, self.predict_seed)
         # Re-noising streams per video too: a video does not depend on the batch it was generated in.
         g = SampleNoise([stable_seed("renoise", self.predict_seed, i, s) for i, s in zip(index.tolist(), sample.tolist())],
                         self.device)

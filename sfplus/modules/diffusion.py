@@ -105,7 +105,7 @@ class DiffusionModule(RecipeModule):
         noise = self.sample_noise("train", b)
         drop = noise.rand() < self.cond_dropout
         prompts = [self.conditioner.negative_prompt if d else p for p, d in zip(prompts, drop.tolist())]
-        cond = self.conditioner.text(prompts, self.device)
+        cond, _ = self.with_image(batch, self.conditioner.text(prompts, self.device))
         # sigma ~ U(0, 1] through the shift (sigma > 0: the x0 <-> flow conversions divide by it).
         t = (NUM_TRAIN_TIMESTEPS * shift_sigma(1.0 - noise.rand().double(), self.train_shift)).float().to(self.device)
         eps = noise.randn_like(latents)

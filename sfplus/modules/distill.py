@@ -27,8 +27,10 @@ class DistillModule(RecipeModule):
     weights only through that block's exit step — the clean stop-gradient reading of §13 B22).
 
     Args:
-        net: DiT preset of the generator, critic and teacher.
+        net: DiT preset of the generator and critic (and of the teacher unless ``teacher_net`` is given).
         net_overrides: preset fields to change.
+        teacher_net, teacher_net_overrides: another preset for the teacher (e.g. a 14B teacher for a 1.3B
+            generator, as the reference's Self-Forcing DMD); it must share the latent space (in/out channels).
         conditioner: frozen encoders.
         teacher_checkpoint: weights of the teacher (a Lightning checkpoint's EMA, a Wan file, ...).
         generator_checkpoint: initial generator weights (default: the teacher's).
@@ -70,6 +72,8 @@ class DistillModule(RecipeModule):
         net_overrides: dict | None = None,
         conditioner: Conditioner | None = None,
         teacher_checkpoint: str | None = None,
+        teacher_net: str | None = None,
+        teacher_net_overrides: dict | None = None,
         generator_checkpoint: str | None = None,
         critic_checkpoint: str | None = None,
         denoising_steps: list[float] | None = None,
@@ -110,6 +114,7 @@ class DistillModule(RecipeModule):
         if dfake_gen_update_ratio < 1:
             raise ValueError(f"dfake_gen_update_ratio must be >= 1, got {dfake_gen_update_ratio}")
         self.teacher_checkpoint = teacher_checkpoint
+        self.teacher_net, self.teacher_net_overrides = teacher_net, dict(teacher_net_overrides or {})
         self.generator_checkpoint, self.critic_checkpoint = generator_checkpoint, critic_checkpoint
         steps = list(denoising_steps or [1000, 750, 500, 250])
         steps = [s for s in steps if s > 0]
@@ -146,7 +151,7 @@ class DistillModule(RecipeModule):
         if self.generator is not None:
             return
         with self.net_context():
-            self.teacher = self.build_net()
+            self.teacher = self.build_teacher()
             self.generator = self.build_net()
             self.critic = self.build_net()
             self.generator_ema = self.build_net()
@@ -172,6 +177,13 @@ class DistillModule(RecipeModule):
         _copy_weights(self.generator_ema, self.generator)
         if self.disc_head is not None and self._weights_pending:
             self.disc_head.reset_parameters()
+
+    def build_teacher(self) -> nn.Module:
+        if self.teacher_net is None:
+            return self.build_net()
+        from sfplus.nets.presets import build_dit
+
+        return build_dit(self.teacher_net, **self.teacher_net_overrides)
 
     def _build_head(self) -> nn.Module:
         from sfplus.nets.discriminator import DiscriminatorHead
@@ -206,6 +218,7 @@ class DistillModule(RecipeModule):
         prompts = list(batch["prompts"])
         cond = self.conditioner.text(prompts, self.device)
         uncond = self.conditioner.negative(len(prompts), self.device)
+        cond, uncond = self.with_image(batch, cond, uncond)
         real = None
         if self.distribution_loss == "causvid" or self.gan is not None:
             if "latents" not in batch:
