@@ -169,3 +169,16 @@ def test_compile_blocks_gives_the_eager_output():
 def test_unknown_scale_option_is_named():
     with pytest.raises(ValueError, match="unknown scale options \\['compiled'\\]"):
         DiffusionModule(net="tiny", scale={"compiled": True})
+
+
+def test_gradient_accumulation_reproduces_the_larger_batch(tmp_path, teacher_file, prompt_file):
+    """2 micro-batches of 2 == one batch of 4: the same rows, the same noise streams, the same updates."""
+    big = distill(teacher_file)
+    trainer(tmp_path / "a", 5).fit(big, datamodule=PromptDataModule(prompt_file, batch_size=4, batches_per_epoch=50))
+    small = distill(teacher_file, scale={"accumulate_grad_batches": 2})
+    t_small = trainer(tmp_path / "b", 5)
+    t_small.fit(small, datamodule=PromptDataModule(prompt_file, batch_size=2, batches_per_epoch=50))
+    assert small.batches_seen == 2 * big.batches_seen == 10
+    assert (small.generator_steps, small.critic_steps) == (big.generator_steps, big.critic_steps)
+    for (name, p), q in zip(big.state_dict().items(), small.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5, msg=name)

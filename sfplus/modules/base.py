@@ -50,9 +50,13 @@ class RecipeModule(L.LightningModule):
         self.param_dtype = scale.pop("param_dtype", "bf16")
         self.frozen_dtype = scale.pop("frozen_dtype", None)
         self.compile_blocks = bool(scale.pop("compile", False))
+        self.accumulate = int(scale.pop("accumulate_grad_batches", 1))
+        if self.accumulate < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {self.accumulate}")
+        self._micro = 0  # micro-batch index inside the current (accumulated) update
         if scale:
             raise ValueError(f"unknown scale options {sorted(scale)}: use activation_checkpointing, param_dtype, "
-                             "frozen_dtype, compile")
+                             "frozen_dtype, compile, accumulate_grad_batches")
         self._weights_pending = False
         self.conditioner = conditioner
         self.seed = seed
@@ -135,10 +139,30 @@ class RecipeModule(L.LightningModule):
 
     # ---- randomness -------------------------------------------------------------------------------------------
     def sample_noise(self, kind: str, batch: int) -> SampleNoise:
-        """Per-sample streams for this rank's rows of the global batch at the current update (see sfplus.noise)."""
-        start = self.global_rank * batch
+        """Per-sample streams for this rank's rows of the global batch at the current update (see sfplus.noise).
+
+        With gradient accumulation, micro-batch ``m`` of ``W`` ranks holds rows ``[(m*W + r)*B, ...)`` of the
+        update's global batch — the rows rank ``m*W + r`` of ``accumulate * W`` ranks would hold — so 8 GPUs
+        accumulating 8 micro-batches reproduce 64 GPUs.
+        """
+        start = (self._micro * self.trainer.world_size + self.global_rank) * batch
         return SampleNoise.for_rows(self.seed, self.trainer.global_step, kind, rows=range(start, start + batch),
                                     device=self.device)
+
+    def optimizer_update(self, opt, loss: torch.Tensor, params, max_norm: float) -> torch.Tensor | None:
+        """Backward ``loss`` into accumulated gradients; on the last micro-batch of the update clip the global
+        gradient norm of ``params`` and step. Returns the gradient norm after a step, None before it."""
+        if self._micro == 0:
+            opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss / self.accumulate)
+        if self._micro + 1 < self.accumulate:
+            self._micro += 1
+            self.last_update = None
+            return None
+        self._micro = 0
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+        return grad_norm
 
     def shared_randint(self, kind: str, high: int) -> int:
         """An integer in [0, high) that every rank draws identically (e.g. the rollout's exit step)."""

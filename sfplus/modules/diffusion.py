@@ -31,7 +31,8 @@ class DiffusionModule(RecipeModule):
         sample_steps, sample_shift, guidance_scale: the Euler/CFG sampler used by ``predict``.
         seed: base seed of training noise; predict_seed: base seed of generated videos.
         scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
-            frozen_dtype: bf16|fp32|None, compile: bool (torch.compile each block)}`` (see sfplus.parallel).
+            frozen_dtype: bf16|fp32|None, compile: bool (torch.compile each block), accumulate_grad_batches: int}``
+            (see sfplus.parallel).
     """
 
     frozen_prefixes = ("conditioner.",)
@@ -111,10 +112,9 @@ class DiffusionModule(RecipeModule):
         eps = noise.randn_like(latents)
         loss = flow_matching_loss(self.model, latents, t, eps, cond)
         opt = self.optimizers()
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        opt.step()
+        grad_norm = self.optimizer_update(opt, loss, self.model.parameters(), self.max_grad_norm)
+        if grad_norm is None:
+            return loss.detach()
         self.iteration += 1
         self.last_update = "model"
         self.log_dict({"train/loss": loss.detach(), "train/grad_norm": grad_norm, "train/iteration": float(self.iteration)}, prog_bar=True)

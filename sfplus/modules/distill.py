@@ -60,7 +60,8 @@ class DistillModule(RecipeModule):
             tokens_per_block: 1, dmd_weight: 1.0}`` (None: off).
         seed: base seed of training randomness; predict_seed: base seed of generated videos.
         scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
-            frozen_dtype: bf16|fp32|None (teacher storage), compile: bool (torch.compile each block)}``
+            frozen_dtype: bf16|fp32|None (teacher storage), compile: bool (torch.compile each block),
+            accumulate_grad_batches: int (micro-batches per update; N GPUs reproduce N*k GPUs)}``
             (see sfplus.parallel).
     """
 
@@ -321,10 +322,9 @@ class DistillModule(RecipeModule):
                 )
                 loss = loss + gan_loss
                 logs.update({f"train/gan_{k}": v for k, v in gan_logs.items()})
-            g_opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.max_grad_norm_generator)
-            g_opt.step()
+            grad_norm = self.optimizer_update(g_opt, loss, self.generator.parameters(), self.max_grad_norm_generator)
+        if grad_norm is None:
+            return
         self.generator_steps += 1
         self.last_update = "generator"
         logs.update({
@@ -353,11 +353,10 @@ class DistillModule(RecipeModule):
             )
             loss = loss + gan_loss
             logs.update({f"train/disc_{k}": v for k, v in gan_logs.items()})
-        c_opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
         params = list(self.critic.parameters()) + (list(self.disc_head.parameters()) if self.disc_head is not None else [])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm_critic)
-        c_opt.step()
+        grad_norm = self.optimizer_update(c_opt, loss, params, self.max_grad_norm_critic)
+        if grad_norm is None:
+            return
         self.critic_steps += 1
         self.iteration += 1
         self.last_update = "critic"

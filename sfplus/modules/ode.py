@@ -167,10 +167,9 @@ class ODEInitModule(RecipeModule):
             generator=self.sample_noise("ode", trajectory.shape[0]),
         )
         opt = self.optimizers()
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        opt.step()
+        grad_norm = self.optimizer_update(opt, loss, self.model.parameters(), self.max_grad_norm)
+        if grad_norm is None:
+            return loss.detach()
         if not self.ema_started:
             _copy_weights(self.model_ema, self.model)  # see the class docstring: "ema" readers get the live net
         self.iteration += 1
