@@ -29,6 +29,7 @@ class VideoWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir, self.fps, self.upscale, self.save_latents = Path(output_dir), fps, upscale, save_latents
         self.written = 0
+        self._start: float | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         try:
@@ -37,6 +38,19 @@ class VideoWriter(BasePredictionWriter):
             raise PermissionError(f"cannot create output folder {self.output_dir}: {err.strerror}") from None
         if not os.access(self.output_dir, os.W_OK):
             raise PermissionError(f"output folder {self.output_dir} is not writable")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        self._start, self.written = time.perf_counter(), 0
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        took = time.perf_counter() - (self._start or time.perf_counter())
+        rate = self.written / took if took > 0 else 0.0
+        print(f"[rank {trainer.global_rank}] wrote {self.written} videos to {self.output_dir} in {took:.1f} s "
+              f"({rate:.2f} videos/s); existing outputs were skipped", flush=True)
 
     def stem(self, text: str, index: int, sample: int) -> str:
         return safe_stem(text, index, sample)
