@@ -108,11 +108,21 @@ def evaluate(
         few = len(steps)
         add_row(f"teacher {few} steps + CFG", lambda n, c, u, g: teacher_sample(
             teacher_net, n, c, u, num_steps=few, shift=shift, guidance_scale=guidance_scale))
-        gen = _net(student, "model", s_info)
-        add_row(f"student {few} steps", lambda n, c, u, g: few_step_sample(gen, n, steps, c, g))
+        sampler = s_info.get("sampler", {})
+
+        def student_sampler(net):
+            if sampler.get("kind") == "causal-few-step":  # a causal (Self-Forcing) student streams block by block
+                from sfplus.streaming import causal_sample
+
+                return lambda n, c, u, g: causal_sample(
+                    net, n, steps, c, frames_per_block=sampler["frames_per_block"], generator=g,
+                    independent_first_frame=sampler.get("independent_first_frame", False))
+            return lambda n, c, u, g: few_step_sample(net, n, steps, c, g)
+
+        kind = "causal student" if sampler.get("kind") == "causal-few-step" else "student"
+        add_row(f"{kind} {few} steps", student_sampler(_net(student, "model", s_info)))
         if s_info.get("counters", {}).get("ema_started"):
-            ema = _net(student, "ema", s_info)
-            add_row(f"student EMA {few} steps", lambda n, c, u, g: few_step_sample(ema, n, steps, c, g))
+            add_row(f"{kind} EMA {few} steps", student_sampler(_net(student, "ema", s_info)))
     else:
         add_row(f"teacher {few} steps + CFG", lambda n, c, u, g: teacher_sample(
             teacher_net, n, c, u, num_steps=few, shift=shift, guidance_scale=guidance_scale))
