@@ -112,3 +112,26 @@ def test_causal_predict_matches_streaming_sampler(tmp_path, teacher_file):
     b = causal_sample(module.sampling_net(), noise, module.timesteps, cond, frames_per_block=2,
                       generator=SampleNoise([7]))
     torch.testing.assert_close(a, b)
+
+
+def test_long_causal_rollouts_score_the_last_window(tmp_path, teacher_file):
+    """Rollouts longer than the training length: the critic and teacher see the last window with a re-encoded
+    first frame, and the generator loss skips that window's first block."""
+    module, rec = fit(tmp_path, teacher_file, data="prompts", generator_type="causal", frames_per_block=2,
+                      max_rollout_frames=8)
+    _finite(rec, "train/generator_loss", "train/critic_loss")
+    video = torch.randn(2, 3, 8, 4, 4)
+    window, mask = module._last_window(video, 4)
+    assert window.shape == (2, 3, 4, 4, 4) and mask.shape == window.shape
+    torch.testing.assert_close(window[:, :, 1:], video[:, :, -3:])
+    # identity codec: the re-encoded frame is the (clamped) last frame before the window
+    torch.testing.assert_close(window[:, :, :1], video[:, :, 4:5].clamp(-1, 1))
+    assert not mask[:, :, :2].any() and mask[:, :, 2:].all()
+    lengths = {module._rollout_length("x", 4) for _ in range(1)}
+    assert lengths <= {4, 6, 8}
+
+
+def test_gan_warmup_trains_only_the_head_first(tmp_path, teacher_file):
+    module, _ = fit(tmp_path, teacher_file, steps=3, gan={"warmup_steps": 3})
+    assert module.generator_steps == 0 and module.critic_steps == 3
+    assert all(torch.equal(p, q) for p, q in zip(module.critic.parameters(), module.teacher.parameters()))

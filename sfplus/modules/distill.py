@@ -53,11 +53,16 @@ class DistillModule(RecipeModule):
             at the last step.
         context_noise: timestep of the clean-context cache refresh (0 = exactly clean, §13 B4).
         local_window_frames, sink_frames: rolling KV cache for long causal sampling.
+        max_rollout_frames: causal training rollouts of a random length up to this many latent frames (whole blocks,
+            shared by all ranks); beyond ``video_shape``'s frames only the last ones are scored, with their first
+            frame replaced by the codec re-encoding of the last decoded frame before them and excluded from the
+            generator loss (reference §3.3 steps 6–7). None: rollouts of exactly ``video_shape``'s frames.
         distribution_loss: ``dmd``, ``sid`` or ``causvid``; sid_alpha: SiD's alpha.
         teacher_forcing: CausVid with clean context (causal generators).
         gan: DMD2's GAN term, e.g. ``{g_weight: 0.01, d_weight: 0.01, relativistic: false, r1_weight: 0,
             r2_weight: 0, r1_sigma: 0.01, r2_sigma: 0.01, blocks: [-1], head_lr_multiplier: 1.0,
-            tokens_per_block: 1, dmd_weight: 1.0}`` (None: off).
+            tokens_per_block: 1, dmd_weight: 1.0, warmup_steps: 0}`` (None: off). During the warm-up's critic
+            updates only the discriminator head learns (the trunk's lr is 0) and the generator waits.
         seed: base seed of training randomness; predict_seed: base seed of generated videos.
         scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
             frozen_dtype: bf16|fp32|None (teacher storage), compile: bool (torch.compile each block),
@@ -103,6 +108,7 @@ class DistillModule(RecipeModule):
         context_noise: float = 0.0,
         local_window_frames: int | None = None,
         sink_frames: int = 0,
+        max_rollout_frames: int | None = None,
         distribution_loss: Literal["dmd", "sid", "causvid"] = "dmd",
         sid_alpha: float = 1.0,
         teacher_forcing: bool = False,
@@ -142,6 +148,7 @@ class DistillModule(RecipeModule):
         self.same_step_across_blocks, self.last_step_only = same_step_across_blocks, last_step_only
         self.context_noise = context_noise
         self.local_window_frames, self.sink_frames = local_window_frames, sink_frames
+        self.max_rollout_frames = max_rollout_frames
         self.distribution_loss, self.sid_alpha, self.teacher_forcing = distribution_loss, sid_alpha, teacher_forcing
         self.gan = _gan_config(gan)
         self.disc_head: nn.Module | None = None
@@ -210,9 +217,17 @@ class DistillModule(RecipeModule):
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.generator_ema, self.generator)]
 
+    def in_gan_warmup(self) -> bool:
+        return self.gan is not None and self.critic_steps < self.gan["warmup_steps"]
+
     def generator_due(self) -> bool:
-        """A generator update is due at iterations 0, r, 2r, ... before that iteration's critic update."""
-        return self.iteration % self.ratio == 0 and self.generator_steps <= self.iteration // self.ratio
+        """A generator update is due at iterations 0, r, 2r, ... before that iteration's critic update
+        (counted from the end of a GAN warm-up)."""
+        if self.in_gan_warmup():
+            return False
+        it = self.iteration - (self.gan["warmup_steps"] if self.gan is not None else 0)
+        done = self.generator_steps
+        return it % self.ratio == 0 and done <= it // self.ratio
 
     # ---- one update per batch ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -276,17 +291,43 @@ class DistillModule(RecipeModule):
         if self.generator_type == "causal":
             from sfplus.causal_rollout import block_layout, causal_rollout
 
-            layout = block_layout(x_T.shape[2], self.frames_per_block,
-                                  independent_first_frame=self.independent_first_frame)
+            frames = x_T.shape[2]
+            total = self._rollout_length(kind, frames)
+            if total > frames:
+                x_T = noise.randn([self.video_shape[0], total, *self.video_shape[2:]]).to(self.device)
+            layout = block_layout(total, self.frames_per_block, independent_first_frame=self.independent_first_frame)
             blocks = len(layout.generated)
             ro = causal_rollout(
                 self.generator, x_T, self.timesteps, cond, frames_per_block=self.frames_per_block,
                 exit_indices=self._exit_indices(kind, blocks), independent_first_frame=self.independent_first_frame,
                 context_noise=self.context_noise, generator=noise, grad=grad,
+                grad_frames=frames if total > frames else None,
             )
+            if total > frames:
+                ro.x0, ro.mask = self._last_window(ro.x0, frames)
             return ro, noise
         exit_index = self._exit_indices(kind, 1)[0]
         return bidirectional_rollout(self.generator, x_T, self.timesteps, cond, exit_index, noise, grad=grad), noise
+
+    def _rollout_length(self, kind: str, frames: int) -> int:
+        """Latent frames of this update's causal rollout: ``frames`` plus a whole number of blocks drawn uniformly
+        (shared by all ranks) up to ``max_rollout_frames``."""
+        if not self.max_rollout_frames or self.max_rollout_frames <= frames:
+            return frames
+        extra_blocks = (self.max_rollout_frames - frames) // self.frames_per_block
+        return frames + self.frames_per_block * self.shared_randint(kind + "-length", extra_blocks + 1)
+
+    def _last_window(self, video: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last ``frames`` of a long rollout as the score nets see them (reference §3.3 steps 6–7): its first
+        frame is replaced by the re-encoding of the last pixel frame decoded before the window; the generator loss
+        skips the first block. Returns (video [B, C, frames, H, W], mask of the same shape)."""
+        with torch.no_grad():
+            earlier = self.conditioner.decode(video[:, :, : video.shape[2] - frames + 1].detach())
+            first = self.conditioner.encode_video(earlier[:, :, -1:]).to(video.dtype)
+        window = torch.cat([first, video[:, :, -(frames - 1):]], dim=2)
+        mask = torch.ones_like(window, dtype=torch.bool)
+        mask[:, :, : 1 if self.independent_first_frame else self.frames_per_block] = False
+        return window, mask
 
     def _generator_update(self, cond: Cond, uncond: Cond, real: torch.Tensor | None) -> None:
         g_opt, _ = self.optimizers()
@@ -294,6 +335,7 @@ class DistillModule(RecipeModule):
         with self.toggled_optimizer(g_opt):
             rollout, g = self._rollout(cond, grad=True, kind="gen", real=real)
             x = rollout.x0
+            mask = getattr(rollout, "mask", None)
             t = self._score_timesteps(x.shape[2], rollout, g)
             eps = g.randn_like(x)
             dm_weight = 1.0 if self.gan is None else self.gan["dmd_weight"]
@@ -302,7 +344,7 @@ class DistillModule(RecipeModule):
 
                 loss, sid_logs = sid_generator_loss(
                     x, t, eps, fake=self.critic, real=self.teacher, cond=cond, uncond=uncond,
-                    real_guidance_scale=self.real_guidance_scale, alpha=self.sid_alpha,
+                    real_guidance_scale=self.real_guidance_scale, alpha=self.sid_alpha, mask=mask,
                 )
                 logs.update({f"train/{k}": v for k, v in sid_logs.items()})
             else:
@@ -310,7 +352,7 @@ class DistillModule(RecipeModule):
                     x, t, eps, fake=self.critic, real=self.teacher, cond=cond, uncond=uncond,
                     real_guidance_scale=self.real_guidance_scale, fake_guidance_scale=self.fake_guidance_scale,
                 )
-                loss = dmd_generator_loss(x, kl.grad)
+                loss = dmd_generator_loss(x, kl.grad, mask)
                 logs["train/dmd_gradient_norm"] = kl.gradient_norm
             loss = dm_weight * loss
             if self.gan is not None:
@@ -353,6 +395,8 @@ class DistillModule(RecipeModule):
             )
             loss = loss + gan_loss
             logs.update({f"train/disc_{k}": v for k, v in gan_logs.items()})
+        if self.gan is not None:  # warm-up: only the head learns
+            c_opt.param_groups[0]["lr"] = 0.0 if self.in_gan_warmup() else self.critic_lr
         params = list(self.critic.parameters()) + (list(self.disc_head.parameters()) if self.disc_head is not None else [])
         grad_norm = self.optimizer_update(c_opt, loss, params, self.max_grad_norm_critic)
         if grad_norm is None:
@@ -397,7 +441,7 @@ class DistillModule(RecipeModule):
 _GAN_DEFAULTS = {
     "g_weight": 1e-2, "d_weight": 1e-2, "relativistic": False, "r1_weight": 0.0, "r2_weight": 0.0,
     "r1_sigma": 0.01, "r2_sigma": 0.01, "blocks": [-1], "head_lr_multiplier": 1.0, "tokens_per_block": 1,
-    "dmd_weight": 1.0,
+    "dmd_weight": 1.0, "warmup_steps": 0,
 }
 
 
