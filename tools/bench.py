@@ -63,7 +63,7 @@ from sfplus.nets.vae import WanVAE  # noqa: E402
 from sfplus.nets.wan import WanConfig, WanDiT  # noqa: E402
 
 GIB = 2**30
-WORKLOADS = ("dit13b", "dit14b", "vae", "pipe14b", "causal13b", "train13b", "plan13b")
+WORKLOADS = ("dit13b", "dit14b", "vae", "pipe14b", "causal13b", "train13b", "train13b_causal", "plan13b")
 
 
 class BenchError(ValueError):
@@ -437,10 +437,14 @@ class Bench:
         except Exception as err:  # the timing row stays useful without the video
             return {"mp4": None, "mp4_error": repr(err)[:300]}
 
-    def _w_train13b(self) -> dict:
+    def _w_train13b_causal(self) -> dict:
+        """The Self-Forcing iteration: a causal 1.3B generator rolled out block by block with the KV cache."""
+        return self._w_train13b(causal=True)
+
+    def _w_train13b(self, causal: bool = False) -> dict:
         from sfplus.objectives.dmd import critic_flow_loss, dmd_generator_loss, dmd_kl_grad
         from sfplus.parallel import apply_activation_checkpointing
-        from sfplus.rollout import bidirectional_rollout
+        from sfplus.rollout import bidirectional_rollout as _bidirectional_rollout
 
         s, dev = self.sizes, self.device
         self.keep()
@@ -459,6 +463,15 @@ class Bench:
         rng = self.generator(seed=4)
         exit_index = len(s.steps) - 1  # fixed at the last step, as the reference harness
         losses = {}
+
+        def bidirectional_rollout(net, noise, timesteps, cond, exit_index, rng, grad):
+            if not causal:
+                return _bidirectional_rollout(net, noise, timesteps, cond, exit_index, rng, grad=grad)
+            from sfplus.causal_rollout import causal_rollout
+
+            fpb = 3 if noise.shape[2] % 3 == 0 else 1
+            return causal_rollout(net, noise, timesteps, cond, frames_per_block=fpb, exit_indices=exit_index,
+                                  generator=rng, grad=grad)
 
         def score_inputs(x):
             t = sample_score_timesteps(1, s.frames, generator=torch.Generator().manual_seed(5), shift=s.shift,
@@ -503,7 +516,7 @@ class Bench:
         # forward-equivalents: no-grad calls 1x, a trained call 1x forward + 1x recompute + 2x backward
         c_flops, g_flops = (steps - 1 + 1 + 4) * fwd, (steps - 1 + 3 + 4) * fwd
         peaks = [p for p in (c_peak, g_peak) if p is not None]
-        result = row("train13b", c_med + g_med, max(peaks) if peaks else None, c_flops + g_flops,
+        result = row("train13b_causal" if causal else "train13b", c_med + g_med, max(peaks) if peaks else None, c_flops + g_flops,
                      critic_s=round(c_med, 4), generator_s=round(g_med, 4), critic_runs_s=_r(c_runs),
                      generator_runs_s=_r(g_runs), critic_peak_gib=c_peak, generator_peak_gib=g_peak,
                      peak_reserved_gib=_reserved_gib(dev), iteration_1g5c_s=round(g_med + 5 * c_med, 3),
