@@ -6,7 +6,7 @@
 * :class:`ODEInitModule` — ODE-regression initialisation of a causal generator from teacher trajectories.
 """
 
-from sfplus.modules.base import RecipeModule, sample_seed, stable_seed, to_uint8_video
+from sfplus.modules.base import RecipeModule, SingleNetModule, sample_seed, stable_seed, to_uint8_video
 from sfplus.modules.diffusion import DiffusionModule
 from sfplus.modules.distill import DistillModule
 from sfplus.modules.ode import ODEInitModule

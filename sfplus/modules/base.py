@@ -344,6 +344,42 @@ def _default_toy_conditioner() -> Conditioner:
     return ToyConditioner()
 
 
+class SingleNetModule(RecipeModule):
+    """A recipe that trains one DiT (``model``) with an EMA copy (``model_ema``): diffusion training and ODE
+    initialisation. Subclasses set ``init_checkpoint``, ``lr``, ``betas``, ``weight_decay`` and ``ema_started``."""
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        with self.net_context():
+            self.model = self.build_net()
+            self.model_ema = self.build_net()
+        self.prepare_nets([self.model], [], [self.model_ema])
+        if not self._weights_pending:
+            self.load_initial_weights()
+
+    def load_initial_weights(self) -> None:
+        from sfplus.parallel import load_weights
+
+        if self.init_checkpoint:
+            load_weights(self.model, self.init_checkpoint)
+        else:
+            # Fresh weights are a function of the seed, so two runs of one config start identically.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(stable_seed(self.seed, "init") % (2**31))
+                self.model.init_weights()
+        _copy_weights(self.model_ema, self.model)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+
+    def counters(self) -> dict[str, int]:
+        return {**super().counters(), "ema_started": int(self.ema_started)}
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.model_ema, self.model)]
+
+
 @torch.no_grad()
 def _copy_weights(dst: nn.Module, src: nn.Module) -> None:
     """Copy parameters between two identically built (and identically sharded) nets, local shards only."""

@@ -9,13 +9,13 @@ from torch import nn
 
 from sfplus.conditioning import Conditioner, Cond
 from sfplus.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
-from sfplus.modules.base import RecipeModule, _copy_weights, _default_toy_conditioner
-from sfplus.noise import SampleNoise, stable_seed
+from sfplus.modules.base import SingleNetModule, _default_toy_conditioner
+from sfplus.noise import SampleNoise
 from sfplus.objectives.diffusion import flow_matching_loss
 from sfplus.sampling import teacher_sample
 
 
-class DiffusionModule(RecipeModule):
+class DiffusionModule(SingleNetModule):
     """Flow-matching training of one DiT from scratch or from weights (the toy teacher).
 
     Args:
@@ -71,36 +71,6 @@ class DiffusionModule(RecipeModule):
         self.model_ema: nn.Module | None = None
         self.ema_started = False
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        with self.net_context():
-            self.model = self.build_net()
-            self.model_ema = self.build_net()
-        self.prepare_nets([self.model], [], [self.model_ema])
-        if not self._weights_pending:
-            self.load_initial_weights()
-
-    def load_initial_weights(self) -> None:
-        from sfplus.parallel import load_weights
-
-        if self.init_checkpoint:
-            load_weights(self.model, self.init_checkpoint)
-        else:
-            # Fresh weights are a function of the seed, so two runs of one config start identically.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(stable_seed(self.seed, "init") % (2**31))
-                self.model.init_weights()
-        _copy_weights(self.model_ema, self.model)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-
-    def counters(self) -> dict[str, int]:
-        return {**super().counters(), "ema_started": int(self.ema_started)}
-
-    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.model_ema, self.model)]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         latents = batch["latents"].to(self.device)

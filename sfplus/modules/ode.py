@@ -9,8 +9,8 @@ from torch import nn
 
 from sfplus.conditioning import Conditioner, Cond
 from sfplus.flow import warp_timesteps
-from sfplus.modules.base import RecipeModule, _copy_weights, _default_toy_conditioner
-from sfplus.noise import SampleNoise, stable_seed
+from sfplus.modules.base import SingleNetModule, _copy_weights, _default_toy_conditioner
+from sfplus.noise import SampleNoise
 from sfplus.objectives.ode import ode_regression_loss
 
 
@@ -18,7 +18,7 @@ class ODETimestepsError(ValueError):
     """The trajectories' snapshot timesteps do not match the module's few-step schedule."""
 
 
-class ODEInitModule(RecipeModule):
+class ODEInitModule(SingleNetModule):
     """Regress a causal generator onto teacher ODE trajectories: the start of the Self-Forcing recipe.
 
     Each batch holds trajectories ``ode_latents`` [B, K, C, F, H, W] (noisiest → clean) at ``ode_timesteps``
@@ -98,35 +98,6 @@ class ODEInitModule(RecipeModule):
         self._causal_layout()  # a bad block layout fails at construction
 
     # ---- nets ---------------------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        with self.net_context():
-            self.model = self.build_net()
-            self.model_ema = self.build_net()
-        self.prepare_nets([self.model], [], [self.model_ema])
-        if not self._weights_pending:
-            self.load_initial_weights()
-
-    def load_initial_weights(self) -> None:
-        from sfplus.parallel import load_weights
-
-        if self.init_checkpoint:
-            load_weights(self.model, self.init_checkpoint)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(stable_seed(self.seed, "init") % (2**31))
-                self.model.init_weights()
-        _copy_weights(self.model_ema, self.model)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-
-    def counters(self) -> dict[str, int]:
-        return {**super().counters(), "ema_started": int(self.ema_started)}
-
-    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.model_ema, self.model)]
 
     def _causal_layout(self):
         from sfplus.nets.causal import BlockCausal
