@@ -31,6 +31,10 @@ class DiffusionModule(SingleNetModule):
         sampler: ``euler`` or ``unipc`` (Wan's default solver); sample_steps, sample_shift, guidance_scale: the
             multi-step CFG sampler used by ``predict`` (Wan's CFG convention ``v_u + g (v_c - v_u)``).
         seed: base seed of training noise; predict_seed: base seed of generated videos.
+        causal: train a block-causal model (reference §5.5, diffusion forcing): ``{frames_per_block,
+            independent_first_frame}``; every block gets its own timestep and attends to earlier blocks only.
+        teacher_forcing: the noisy blocks see the CLEAN earlier blocks as context (through the KV cache), noised
+            to a random level below ``noise_augmentation_max_timestep`` (0: exactly clean).
         scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
             frozen_dtype: bf16|fp32|None, compile: bool (torch.compile each block), accumulate_grad_batches: int}``
             (see sfplus.parallel).
@@ -58,8 +62,19 @@ class DiffusionModule(SingleNetModule):
         seed: int = 0,
         predict_seed: int = 0,
         scale: dict | None = None,
+        causal: dict | None = None,
+        teacher_forcing: bool = False,
+        noise_augmentation_max_timestep: int = 0,
     ) -> None:
         super().__init__(net, net_overrides, conditioner or _default_toy_conditioner(), seed, scale)
+        self.causal = None
+        if causal is not None:
+            from sfplus.nets.causal import BlockCausal
+
+            self.causal = BlockCausal(**causal)
+        if teacher_forcing and self.causal is None:
+            raise ValueError("teacher_forcing trains a causal model: set causal: {frames_per_block: ...}")
+        self.teacher_forcing, self.noise_augmentation_max_timestep = teacher_forcing, noise_augmentation_max_timestep
         self.init_checkpoint = init_checkpoint
         self.lr, self.betas, self.weight_decay, self.max_grad_norm = lr, tuple(betas), weight_decay, max_grad_norm
         self.cond_dropout, self.train_shift = cond_dropout, train_shift
@@ -80,10 +95,13 @@ class DiffusionModule(SingleNetModule):
         drop = noise.rand() < self.cond_dropout
         prompts = [self.conditioner.negative_prompt if d else p for p, d in zip(prompts, drop.tolist())]
         cond, _ = self.with_image(batch, self.conditioner.text(prompts, self.device))
-        # sigma ~ U(0, 1] through the shift (sigma > 0: the x0 <-> flow conversions divide by it).
-        t = (NUM_TRAIN_TIMESTEPS * shift_sigma(1.0 - noise.rand().double(), self.train_shift)).float().to(self.device)
         eps = noise.randn_like(latents)
-        loss = flow_matching_loss(self.model, latents, t, eps, cond)
+        if self.causal is not None:
+            loss = self._causal_loss(latents, eps, cond, noise)
+        else:
+            # sigma ~ U(0, 1] through the shift (sigma > 0: the x0 <-> flow conversions divide by it).
+            t = (NUM_TRAIN_TIMESTEPS * shift_sigma(1.0 - noise.rand().double(), self.train_shift)).float()
+            loss = flow_matching_loss(self.model, latents, t.to(self.device), eps, cond)
         opt = self.optimizers()
         grad_norm = self.optimizer_update(opt, loss, self.model.parameters(), self.max_grad_norm)
         if grad_norm is None:
@@ -93,8 +111,34 @@ class DiffusionModule(SingleNetModule):
         self.log_dict({"train/loss": loss.detach(), "train/grad_norm": grad_norm, "train/iteration": float(self.iteration)}, prog_bar=True)
         return loss.detach()
 
+    def _causal_loss(self, latents: torch.Tensor, eps: torch.Tensor, cond: Cond, noise: SampleNoise) -> torch.Tensor:
+        """Diffusion forcing: per-block timesteps, block-causal attention; with teacher forcing, clean (augmented)
+        earlier blocks as context. Flow-matching loss on every frame."""
+        from sfplus.flow import add_noise, x0_to_flow
+        from sfplus.objectives.causvid import teacher_forced_x0
+        from sfplus.objectives.timesteps import block_training_timesteps
+
+        b, _, frames = latents.shape[:3]
+        t = block_training_timesteps(b, frames, frames_per_block=self.causal.frames_per_block,
+                                     independent_first_frame=self.causal.independent_first_frame,
+                                     shift=self.train_shift, generator=noise, device=self.device)
+        x_t = add_noise(latents, eps, t)
+        target = eps.float() - latents.float()
+        if not self.teacher_forcing:
+            v = self.model(x_t, t, **cond, causal=self.causal).float()
+            return ((v - target) ** 2).mean()
+        # Noise augmentation of the clean context re-uses eps (reference §5.5 step 3).
+        aug = noise.rand() * self.noise_augmentation_max_timestep
+        t_aug = aug.view(b, 1).expand(b, frames).float().to(self.device)
+        context = add_noise(latents, eps, t_aug) if self.noise_augmentation_max_timestep > 0 else latents
+        x0 = teacher_forced_x0(self.model, context, x_t, t, cond, self.causal, context_t=t_aug)
+        return ((x0_to_flow(x_t, x0, t) - target) ** 2).mean()
+
     def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator) -> torch.Tensor:
         net = self.model_ema if self.ema_started else self.model
+        if self.causal is not None:  # all frames denoised together under the block-causal mask
+            causal_net, causal = net, self.causal
+            net = lambda x, t, **c: causal_net(x, t, **c, causal=causal)  # noqa: E731
         if self.sampler == "unipc":
             from sfplus.unipc import unipc_sample
 

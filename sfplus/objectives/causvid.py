@@ -100,11 +100,14 @@ def causvid_generator_output(
         return predict_x0(lambda x, tt, **c: net(x, tt, **c, **kw), x_in, t, cond)
     if causal is None:
         raise ValueError("CausVid teacher forcing needs a causal generator (causal=BlockCausal(...))")
-    return _teacher_forced_x0(net, x_clean, x_in, t, cond, causal)
+    return teacher_forced_x0(net, x_clean, x_in, t, cond, causal)
 
 
-def _teacher_forced_x0(net, x_clean, x_in, t, cond: Cond, causal: BlockCausal) -> torch.Tensor:
-    """Block-by-block x0 with the KV cache holding the clean earlier blocks (see the module docstring)."""
+def teacher_forced_x0(net, x_clean, x_in, t, cond: Cond, causal: BlockCausal,
+                      context_t: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-by-block x0 [B, C, F, H, W] of ``x_in`` at ``t`` [B, F], with the KV cache holding the earlier blocks
+    of ``x_clean`` at ``context_t`` [B, F] (default 0: clean; the noise-augmented context of causal diffusion
+    training passes its augmentation level). See the module docstring."""
     config = getattr(net, "config", None)
     if config is None or not hasattr(config, "patch_size"):
         raise ValueError("teacher forcing runs through the KV cache and needs a WanDiT generator (with .config); "
@@ -126,6 +129,7 @@ def _teacher_forced_x0(net, x_clean, x_in, t, cond: Cond, causal: BlockCausal) -
         if j + 1 < len(ranges):  # overwrite this block's cache slot with its clean version, seen by later blocks
             with torch.no_grad():
                 clean = x_clean[:, :, start:stop]
-                net(clean, torch.zeros(b, stop - start, device=t.device), **cond_j, kv_cache=cache,
-                    frame_offset=start)
+                ctx_t = (torch.zeros(b, stop - start, device=t.device) if context_t is None
+                         else context_t[:, start:stop])
+                net(clean, ctx_t, **cond_j, kv_cache=cache, frame_offset=start)
     return torch.cat(outs, dim=2)
