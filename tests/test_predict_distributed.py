@@ -19,6 +19,7 @@ def config(tmp_path: Path, out: str) -> Path:
     cfg = {
         "seed_everything": 0,  # the same random (untrained) nets in every process
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 1, "logger": False, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path / f"{out}-run"),
                     "enable_model_summary": False, "enable_checkpointing": False,
                     "callbacks": [{"class_path": "sfplus.callbacks.VideoWriter",
                                    "init_args": {"output_dir": str(tmp_path / out), "save_latents": True}}]},
