@@ -140,7 +140,7 @@ def tiny_twin(name: str, tmp_path: Path, teacher: str) -> Path:
 def test_toy_twin_runs_two_steps(name, tmp_path, tiny_teacher):
     torch.set_num_threads(1)
     main(["fit", "--config", str(tiny_twin(name, tmp_path, tiny_teacher))])
-    ckpt = torch.load(tmp_path / "dirpath" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "dirpath" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     counters = ckpt["sfplus"]["counters"]
     assert counters["batches_seen"] == 2
