@@ -67,12 +67,13 @@ def run(preset: str, generator_type: str, steps: int, tiny: bool) -> dict:
         strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), max_steps=steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, inference_mode=False, callbacks=[timer],
+        precision="bf16-mixed" if cuda else "32-true",
     )
     trainer.fit(module, DataLoader(_Prompts(), batch_size=1, collate_fn=_collate))
     by_kind: dict[str, list[float]] = {}
     for kind, seconds in timer.rows[1:]:  # the first update pays for warm-up
         by_kind.setdefault(kind, []).append(round(seconds, 3))
-    row = {"name": f"fit_{generator_type}", "preset": preset, "updates": len(timer.rows), "seconds": by_kind,
+    row = {"name": f"fit_{generator_type}", "preset": preset, "precision": trainer.precision, "updates": len(timer.rows), "seconds": by_kind,
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
     if not tiny:
         from sfplus.plan import plan

@@ -97,6 +97,11 @@ class RecipeModule(L.LightningModule):
             for net in trainable:
                 apply_activation_checkpointing(net)
         mesh = self.data_parallel_mesh()
+        if mesh is not None and mesh.size() == 1:
+            # Nothing to shard on one device; FSDP2 (torch 2.11) also fails there with bf16 params and fp32
+            # gradient reduction (a bf16 grad assigned to an fp32 param, found on an H200). Use the trainer's
+            # precision (bf16-mixed autocast) instead.
+            mesh = None
         if mesh is not None:
             for net in [*trainable, *frozen, *ema]:
                 if hasattr(net, "blocks"):
