@@ -23,7 +23,7 @@ import torch
 
 from sfplus.conditioning import Cond, Conditioner
 from sfplus.flow import warp_timesteps
-from sfplus.sampling import euler_sigmas, timestep_tensor
+from sfplus.sampling import euler_cfg_states
 
 REFERENCE_KEEP = (1000.0, 750.0, 500.0, 250.0, 0.0)  # unshifted; at shift 8 → [1000, 960, 888.9, 727.3, 0]
 
@@ -98,22 +98,13 @@ def teacher_trajectory(
     if noise.ndim != 5:
         raise TrajectoryError(f"noise must be [B, C, F, H, W], got {tuple(noise.shape)}")
     keep = snapshot_indices(num_steps, keep_timesteps)
-    sigmas = euler_sigmas(num_steps, shift)
-    use_cfg = uncond is not None and guidance != 1.0
-    x = noise.float()
-    snaps: dict[int, torch.Tensor] = {}
-    for i in range(num_steps + 1):
+    snaps = {}
+    states = euler_cfg_states(net, noise, cond, uncond, num_steps=num_steps, shift=shift, guidance_scale=guidance)
+    for i, x in enumerate(states):
         if i in keep:
             snaps[i] = x.clone()
-        if i == num_steps:
+        if i >= max(keep):
             break
-        t = timestep_tensor(1000.0 * sigmas[i], x)
-        xin = x.to(noise.dtype)
-        v = net(xin, t, **cond).float()
-        if use_cfg:
-            v_u = net(xin, t, **uncond).float()  # type: ignore[arg-type]
-            v = v_u + guidance * (v - v_u)
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
     return torch.stack([snaps[i] for i in keep], dim=1)
 
 

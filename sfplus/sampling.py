@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -73,6 +73,37 @@ def euler_sigmas(num_steps: int, shift: float) -> list[float]:
 
 
 @torch.no_grad()
+def euler_cfg_states(
+    net: FlowNet,
+    noise: torch.Tensor,
+    cond: Cond,
+    uncond: Cond | None,
+    *,
+    num_steps: int,
+    shift: float,
+    guidance_scale: float,
+) -> Iterator[torch.Tensor]:
+    """The states x_0 (= noise) … x_N (= the sample) of Wan's Euler flow solver with CFG, fp32 [B, C, F, H, W].
+
+    ``v = v_u + g (v_c - v_u)`` (Wan's convention; ``uncond=None`` or ``g = 1``: no CFG),
+    ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v`` over :func:`euler_sigmas`. The net sees ``noise``'s dtype.
+    """
+    sigmas = euler_sigmas(num_steps, shift)
+    x = noise.float()
+    use_cfg = uncond is not None and guidance_scale != 1.0
+    yield x
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        t = timestep_tensor(1000.0 * s, x)
+        xin = x.to(noise.dtype)
+        v = net(xin, t, **cond).float()
+        if use_cfg:
+            v_u = net(xin, t, **uncond).float()
+            v = v_u + guidance_scale * (v - v_u)
+        x = x + (s_next - s) * v
+        yield x
+
+
+@torch.no_grad()
 def teacher_sample(
     net: FlowNet,
     noise: torch.Tensor,
@@ -83,20 +114,11 @@ def teacher_sample(
     shift: float = 5.0,
     guidance_scale: float = 5.0,
 ) -> torch.Tensor:
-    """Multi-step Euler flow sampling with classifier-free guidance (``uncond=None`` or scale 1 → no CFG).
+    """Multi-step Euler flow sampling with classifier-free guidance (:func:`euler_cfg_states`, last state).
 
-    ``v = v_u + g (v_c - v_u)`` (Wan's convention), ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v``.
     Makes ``num_steps`` (no CFG) or ``2 * num_steps`` evaluations. Returns x0 [B, C, F, H, W] fp32.
     """
-    sigmas = euler_sigmas(num_steps, shift)
-    x = noise.float()
-    use_cfg = uncond is not None and guidance_scale != 1.0
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        t = timestep_tensor(1000.0 * s, x)
-        xin = x.to(noise.dtype)
-        v = net(xin, t, **cond).float()
-        if use_cfg:
-            v_u = net(xin, t, **uncond).float()
-            v = v_u + guidance_scale * (v - v_u)
-        x = x + (s_next - s) * v
+    for x in euler_cfg_states(net, noise, cond, uncond, num_steps=num_steps, shift=shift,
+                              guidance_scale=guidance_scale):
+        pass
     return x
