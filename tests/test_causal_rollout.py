@@ -12,23 +12,12 @@ STEPS = [1000.0, 937.5, 1000.0 * 5 / 6, 625.0]
 B, C, H, W = 2, 16, 4, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny ops: one thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    model = build_dit("tiny").eval()
-    model.init_weights()
-    with torch.no_grad():
-        model.head.head.weight.normal_(std=0.2)  # zero-init head would make every output 0
-    return model
+def net(tiny_dit):
+    return tiny_dit
 
 
 def _randn(*shape, seed=0):

@@ -23,12 +23,7 @@ SHAPE = (3, 4, 4, 4)  # C, F, H, W
 REFERENCE_STEPS = warp_timesteps([1000, 750, 500, 250], 8.0)  # [1000, 960, 888.9, 727.3]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_ode_shards(out: Path, n: int, steps: list[float] = REFERENCE_STEPS) -> Path:

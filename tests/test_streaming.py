@@ -7,7 +7,6 @@ from sfplus.causal_rollout import CausalLayoutError, causal_rollout
 from sfplus.flow import flow_to_x0
 from sfplus.nets.causal import BlockCausal
 from sfplus.nets.codec import IdentityCodec, WanVAECodec
-from sfplus.nets.presets import build_dit
 from sfplus.nets.vae import WanVAE
 from sfplus.streaming import causal_generate, causal_sample, stream_video
 
@@ -15,22 +14,12 @@ STEPS = [1000.0, 937.5, 1000.0 * 5 / 6, 625.0]
 B, C, H, W = 2, 16, 4, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    model = build_dit("tiny").eval()
-    model.init_weights()
-    with torch.no_grad():
-        model.head.head.weight.normal_(std=0.2)
-    return model
+def net(tiny_dit):
+    return tiny_dit
 
 
 def _randn(*shape, seed=0):

@@ -35,12 +35,7 @@ VOCAB = 64
 SENTENCES = ["a red square moves left", "a cat sits on a mat", "two dogs run in the park", "the sun sets slowly"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokenizer(folder: Path) -> None:
