@@ -21,6 +21,7 @@ import sfplus.callbacks  # noqa: F401
 import sfplus.conditioning  # noqa: F401
 import sfplus.datamodules  # noqa: F401
 from sfplus.modules import DiffusionModule, DistillModule  # noqa: F401
+from sfplus.parallel import close_process_group
 
 
 class SfplusCLI(LightningCLI):
@@ -55,6 +56,7 @@ def main(args: list[str] | None = None) -> None:
             tools[argv[0]](argv[1:])
         else:
             SfplusCLI(args=args)
+            close_process_group()
     except (ValueError, FileNotFoundError, PermissionError, KeyError) as err:
         if os.environ.get("SFPLUS_DEBUG"):
             raise

@@ -104,3 +104,17 @@ def load_weights(net: nn.Module, source: str | os.PathLike | dict[str, torch.Ten
     if seen != own_keys:
         raise CheckpointError(f"weights in {source} left {sorted(own_keys - seen)[:8]} unloaded")
     return net
+
+
+def close_process_group() -> None:
+    """Tear the default process group down in step on every rank after a successful run.
+
+    Lightning leaves the group alive at exit; with gloo, a rank that reaches interpreter shutdown while a peer is
+    still writing its last checkpoint can abort in the C++ destructor ("terminate called without an active
+    exception"), turning a finished job into a failed one. A barrier, then an explicit destroy, avoids that race.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

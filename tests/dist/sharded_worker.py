@@ -22,6 +22,7 @@ from sfplus.conditioning import ToyConditioner
 from sfplus.datamodules import PromptDataModule
 from sfplus.modules import DistillModule
 from sfplus.nets.presets import build_dit
+from sfplus.parallel import close_process_group
 
 TINY = {"in_dim": 3, "out_dim": 3}
 
@@ -68,6 +69,7 @@ def main() -> None:
     states = {name: full_state(getattr(module, name)) for name in ("generator", "generator_ema", "critic")}
     if trainer.global_rank == 0:
         torch.save({**states, "counters": module.counters()}, out)
+    close_process_group()
 
 
 if __name__ == "__main__":
