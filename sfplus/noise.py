@@ -50,9 +50,10 @@ class SampleNoise:
             raise ValueError(f"noise for {len(self)} samples asked for a batch of {x.shape[0]}")
         return self.randn(x.shape[1:]).to(x.device, x.dtype)
 
-    def rand(self) -> torch.Tensor:
-        """[B] uniform in [0, 1)."""
-        return torch.cat([torch.rand(1, generator=g, device=self.device) for g in self.generators])
+    def rand(self, *shape: int) -> torch.Tensor:
+        """[B, *shape] uniform in [0, 1) ([B] without ``shape``); row b from sample b's own stream."""
+        rows = [torch.rand(1, *shape, generator=g, device=self.device) for g in self.generators]
+        return torch.cat(rows)
 
     def randint(self, low: int, high: int) -> torch.Tensor:
         """[B] integers in [low, high)."""

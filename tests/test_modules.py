@@ -119,8 +119,9 @@ def test_exact_resume_distill(tmp_path, teacher_file, prompt_file):
 
 def test_exact_resume_diffusion(tmp_path):
     def run(max_steps, ckpt=None, root="x"):
+        # Per-frame timesteps on half the samples: their draws must resume exactly too.
         module = DiffusionModule(net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
-                                 video_shape=SHAPE, seed=1)
+                                 video_shape=SHAPE, seed=1, frame_timestep_prob=0.5)
         data = ToyDataModule(frames=2, height=8, width=8, size=3, batch_size=4, length=64, batches_per_epoch=3)
         tr = trainer(tmp_path / root, max_steps)
         tr.fit(module, datamodule=data, ckpt_path=ckpt)
@@ -182,3 +183,24 @@ def test_gradient_accumulation_reproduces_the_larger_batch(tmp_path, teacher_fil
     assert (small.generator_steps, small.critic_steps) == (big.generator_steps, big.critic_steps)
     for (name, p), q in zip(big.state_dict().items(), small.state_dict().values()):
         torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_frame_timestep_prob_draws_per_frame_timesteps_for_that_fraction():
+    from sfplus.noise import SampleNoise
+
+    def draw(prob, n=64, frames=5):
+        module = DiffusionModule(net="tiny", net_overrides=TINY, frame_timestep_prob=prob, train_shift=3.0)
+        return module._training_timesteps(SampleNoise(range(n)), frames)
+
+    assert draw(0.0).shape == (64,)
+    t = draw(1.0)
+    assert t.shape == (64, 5) and (t.std(dim=1) > 0).all()
+    mixed = draw(0.5)
+    varying = mixed.std(dim=1) > 0
+    assert 0 < varying.sum() < 64  # some clips share one timestep, some draw per frame
+    assert ((mixed > 0) & (mixed <= 1000)).all()
+    assert torch.equal(draw(0.5), mixed)  # a function of the sample streams only
+    with pytest.raises(ValueError, match="frame_timestep_prob"):
+        DiffusionModule(net="tiny", net_overrides=TINY, frame_timestep_prob=1.5)
+    with pytest.raises(ValueError, match="bidirectional"):
+        DiffusionModule(net="tiny", net_overrides=TINY, frame_timestep_prob=0.5, causal={"frames_per_block": 1})

@@ -33,6 +33,10 @@ class DiffusionModule(SingleNetModule):
         seed: base seed of training noise; predict_seed: base seed of generated videos.
         causal: train a block-causal model (reference §5.5, diffusion forcing): ``{frames_per_block,
             independent_first_frame}``; every block gets its own timestep and attends to earlier blocks only.
+        frame_timestep_prob: bidirectional training only: the fraction of samples that draw an independent
+            timestep per latent frame instead of one per clip (diffusion-forcing-style noise levels). Frames then
+            see less-noisy neighbours, which teaches the net to carry content across frames; sampling still
+            uses one timestep per clip. 0 keeps plain flow matching.
         teacher_forcing: the noisy blocks see the CLEAN earlier blocks as context (through the KV cache), noised
             to a random level below ``noise_augmentation_max_timestep`` (0: exactly clean).
         scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
@@ -65,6 +69,7 @@ class DiffusionModule(SingleNetModule):
         causal: dict | None = None,
         teacher_forcing: bool = False,
         noise_augmentation_max_timestep: int = 0,
+        frame_timestep_prob: float = 0.0,
     ) -> None:
         super().__init__(net, net_overrides, conditioner or _default_toy_conditioner(), seed, scale)
         self.causal = None
@@ -75,6 +80,12 @@ class DiffusionModule(SingleNetModule):
         if teacher_forcing and self.causal is None:
             raise ValueError("teacher_forcing trains a causal model: set causal: {frames_per_block: ...}")
         self.teacher_forcing, self.noise_augmentation_max_timestep = teacher_forcing, noise_augmentation_max_timestep
+        if not 0.0 <= frame_timestep_prob <= 1.0:
+            raise ValueError(f"frame_timestep_prob must lie in [0, 1], got {frame_timestep_prob}")
+        if frame_timestep_prob > 0 and self.causal is not None:
+            raise ValueError("frame_timestep_prob is for bidirectional training; a causal model already draws a "
+                             "timestep per block")
+        self.frame_timestep_prob = float(frame_timestep_prob)
         self.init_checkpoint = init_checkpoint
         self.lr, self.betas, self.weight_decay, self.max_grad_norm = lr, tuple(betas), weight_decay, max_grad_norm
         self.cond_dropout, self.train_shift = cond_dropout, train_shift
@@ -100,7 +111,7 @@ class DiffusionModule(SingleNetModule):
             loss = self._causal_loss(latents, eps, cond, noise)
         else:
             # sigma ~ U(0, 1] through the shift (sigma > 0: the x0 <-> flow conversions divide by it).
-            t = (NUM_TRAIN_TIMESTEPS * shift_sigma(1.0 - noise.rand().double(), self.train_shift)).float()
+            t = self._training_timesteps(noise, latents.shape[2])
             loss = flow_matching_loss(self.model, latents, t.to(self.device), eps, cond)
         opt = self.optimizers()
         grad_norm = self.optimizer_update(opt, loss, self.model.parameters(), self.max_grad_norm)
@@ -110,6 +121,17 @@ class DiffusionModule(SingleNetModule):
         self.last_update = "model"
         self.log_dict({"train/loss": loss.detach(), "train/grad_norm": grad_norm, "train/iteration": float(self.iteration)}, prog_bar=True)
         return loss.detach()
+
+    def _training_timesteps(self, noise: SampleNoise, frames: int) -> torch.Tensor:
+        """Timesteps [B] (one per clip), or [B, F] when ``frame_timestep_prob`` > 0 (a per-frame draw for that
+        fraction of the samples, the clip's own timestep repeated for the rest). sigma ~ U(0, 1] through the
+        shift (sigma > 0: the x0 <-> flow conversions divide by it)."""
+        t = (NUM_TRAIN_TIMESTEPS * shift_sigma(1.0 - noise.rand().double(), self.train_shift)).float()
+        if self.frame_timestep_prob == 0:
+            return t
+        per_frame = (NUM_TRAIN_TIMESTEPS * shift_sigma(1.0 - noise.rand(frames).double(), self.train_shift)).float()
+        independent = noise.rand() < self.frame_timestep_prob  # [B]
+        return torch.where(independent[:, None], per_frame, t[:, None].expand(-1, frames))
 
     def _causal_loss(self, latents: torch.Tensor, eps: torch.Tensor, cond: Cond, noise: SampleNoise) -> torch.Tensor:
         """Diffusion forcing: per-block timesteps, block-causal attention; with teacher forcing, clean (augmented)
