@@ -165,3 +165,11 @@ def test_causal_diffusion_training(tmp_path, teacher_forcing, aug):
         b = module.model(y, t, **ctx, causal=module.causal)
     torch.testing.assert_close(a[:, :, :2], b[:, :, :2])
     assert not torch.allclose(a[:, :, 2:], b[:, :, 2:])
+    # Sampling runs block by block (reference §6.6): the first block ignores the later blocks' noise.
+    uncond = module.conditioner.negative(1)
+    with torch.no_grad():
+        va = module.sample(ctx, uncond, x, torch.Generator())
+        vb = module.sample(ctx, uncond, y, torch.Generator())
+    assert va.shape == x.shape and module.sampler_description()["kind"] == "causal-euler-cfg"
+    torch.testing.assert_close(va[:, :, :2], vb[:, :, :2])
+    assert not torch.allclose(va[:, :, 2:], vb[:, :, 2:])

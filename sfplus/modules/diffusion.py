@@ -33,6 +33,7 @@ class DiffusionModule(SingleNetModule):
         seed: base seed of training noise; predict_seed: base seed of generated videos.
         causal: train a block-causal model (reference §5.5, diffusion forcing): ``{frames_per_block,
             independent_first_frame}``; every block gets its own timestep and attends to earlier blocks only.
+            Sampled block by block with clean context (`sfplus.causal_diffusion`, reference §6.6).
         frame_timestep_prob: bidirectional training only: the fraction of samples that draw an independent
             timestep per latent frame instead of one per clip (diffusion-forcing-style noise levels). Frames then
             see less-noisy neighbours, which teaches the net to carry content across frames; sampling still
@@ -156,11 +157,19 @@ class DiffusionModule(SingleNetModule):
         x0 = teacher_forced_x0(self.model, context, x_t, t, cond, self.causal, context_t=t_aug)
         return ((x0_to_flow(x_t, x0, t) - target) ** 2).mean()
 
-    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator) -> torch.Tensor:
+    def sample(self, cond: Cond, uncond: Cond | None, noise: torch.Tensor, generator: SampleNoise | torch.Generator) -> torch.Tensor:
         net = self.model_ema if self.ema_started else self.model
-        if self.causal is not None:  # all frames denoised together under the block-causal mask
-            causal_net, causal = net, self.causal
-            net = lambda x, t, **c: causal_net(x, t, **c, causal=causal)  # noqa: E731
+        if self.causal is not None:
+            # Block by block with clean context through the KV caches (reference §6.6): what a teacher-forced
+            # model was trained on; all frames at once under the causal mask would give it noisy context.
+            from sfplus.causal_diffusion import causal_diffusion_sample
+
+            c = self.causal
+            return causal_diffusion_sample(
+                net, noise, cond, uncond, frames_per_block=c.frames_per_block,
+                independent_first_frame=c.independent_first_frame, local_window_frames=c.local_window_frames,
+                sink_frames=c.sink_frames, num_steps=self.sample_steps, shift=self.sample_shift,
+                guidance_scale=self.guidance_scale, sampler=self.sampler)
         if self.sampler == "unipc":
             from sfplus.unipc import unipc_sample
 
@@ -172,7 +181,8 @@ class DiffusionModule(SingleNetModule):
         )
 
     def sampler_description(self) -> dict[str, Any]:
-        return {"kind": f"{self.sampler}-cfg", "steps": self.sample_steps, "shift": self.sample_shift,
+        kind = f"{self.sampler}-cfg" if self.causal is None else f"causal-{self.sampler}-cfg"
+        return {"kind": kind, "steps": self.sample_steps, "shift": self.sample_shift,
                 "guidance_scale": self.guidance_scale, "weights": "ema" if self.ema_started else "model"}
 
 
