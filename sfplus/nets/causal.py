@@ -104,6 +104,40 @@ def block_causal_mask(causal: BlockCausal, frames: int, tokens_per_frame: int, d
     return create_block_mask(mask_mod, None, None, length, length, device=device, _compile=False)
 
 
+def teacher_forcing_mask(causal: BlockCausal, frames: int, tokens_per_frame: int, device: torch.device | str):
+    """Mask over the 2·F·S tokens [clean frames ; noisy frames] of the parallel teacher-forcing mode (spec §1.1).
+
+    A clean query in block j attends to the clean keys of blocks <= j (block-causal, as when the clean blocks were
+    cached one by one); a noisy query in block j attends to the clean keys of blocks < j and the noisy keys of its
+    own block j. Flex `BlockMask`, or dense bool [2L, 2L] (True = attend) when the backend resolves to sdpa.
+    """
+    if causal.local_window_frames is not None:
+        raise ValueError("teacher forcing (clean_x) supports no local attention window: set "
+                         "BlockCausal.local_window_frames=None")
+    s, length = tokens_per_frame, frames * tokens_per_frame
+    frame_ends = block_frame_ends(causal, frames)
+    frame_starts = [0 if f == 0 or frame_ends[f - 1] == f else None for f in range(frames)]
+    for f in range(frames):  # a frame whose predecessor's block goes on shares that block's start
+        frame_starts[f] = f if frame_starts[f] is not None else frame_starts[f - 1]
+    ends = torch.tensor(frame_ends, dtype=torch.long, device=device).repeat_interleave(s) * s  # [L]
+    starts = torch.tensor(frame_starts, dtype=torch.long, device=device).repeat_interleave(s) * s  # [L]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_noisy, kv_noisy = q_idx >= length, kv_idx >= length
+        q = torch.where(q_noisy, q_idx - length, q_idx)
+        kv = torch.where(kv_noisy, kv_idx - length, kv_idx)
+        clean_query = ~kv_noisy & (kv < ends[q])
+        noisy_query = torch.where(kv_noisy, (kv >= starts[q]) & (kv < ends[q]), kv < starts[q])
+        return torch.where(q_noisy, noisy_query, clean_query)
+
+    if causal.resolve_backend(device) == "sdpa":
+        idx = torch.arange(2 * length, device=device)
+        return mask_mod(None, None, idx[:, None], idx[None, :])
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, None, None, 2 * length, 2 * length, device=device, _compile=False)
+
+
 class KVCache:
     """Per-layer self-attention keys/values of already generated frames, plus cached cross-attention keys/values.
 

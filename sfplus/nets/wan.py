@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sfplus.nets.attention import attention
-from sfplus.nets.causal import BlockCausal, KVCache, KVCacheStep, block_causal_mask
+from sfplus.nets.causal import BlockCausal, KVCache, KVCacheStep, block_causal_mask, teacher_forcing_mask
 from sfplus.nets.rope import apply_rope, rope_cos_sin, rope_split
 
 __all__ = ["WanConfig", "WanDiT", "sinusoidal_embedding"]
@@ -453,6 +453,8 @@ class WanDiT(nn.Module):
         kv_cache: KVCache | None = None,
         frame_offset: int = 0,
         return_hidden: tuple[int, ...] = (),
+        clean_x: torch.Tensor | None = None,
+        clean_t: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict]:
         """Predict the flow v = noise - x0.
 
@@ -465,6 +467,11 @@ class WanDiT(nn.Module):
         kv_cache: streaming mode: x holds the frames [frame_offset, frame_offset + F) only; see `KVCache`.
         frame_offset: absolute index of x's first (post-patch) frame; shifts the RoPE frame positions.
         return_hidden: block indices whose output token stream to return as well (GAN discriminator features).
+        clean_x: teacher forcing in one parallel call (needs ``causal``): clean (or noise-augmented) latents like
+            ``x``. The sequence is [clean frames ; noisy frames] with the same RoPE frame positions; noisy block j
+            attends to clean blocks < j and to itself, the clean half is block-causal (`teacher_forcing_mask`).
+            Gradients reach the clean half's keys and values. Only the noisy half is returned.
+        clean_t: [B] or [B, F'] timesteps of the clean half (default 0).
         Returns: [B, out_dim, F, H, W] float32; with `return_hidden`, `(flow, hidden)` where hidden maps each
             requested block index to that block's output [B, L, dim] (L = F'·H'·W', frame-major) and "e" to the
             time embedding [B, Tf, dim] float32 (Tf = 1 or F').
@@ -483,12 +490,20 @@ class WanDiT(nn.Module):
 
         w = self.patch_embedding.weight
         tokens = self.patch_embedding(x.to(w.dtype)).flatten(2).transpose(1, 2)  # [B, L, dim], L = F'·H'·W'
-        e, e0 = self.time_embed(t, batch, frames)
         cos, sin = rope_cos_sin(grid, cfg.head_dim, frame_offset=frame_offset, theta=cfg.rope_theta,
                                 max_positions=cfg.rope_max_positions, device=x.device)
+        if clean_x is None:
+            e, e0 = self.time_embed(t, batch, frames)
+        else:  # teacher forcing: prepend the clean half (same RoPE positions, its own timesteps)
+            clean_tokens, t, cos, sin = self._teacher_forcing_inputs(clean_x, clean_t, x, y, t, causal, kv_cache,
+                                                                      frames, cos, sin)
+            tokens = torch.cat([clean_tokens, tokens], dim=1)
+            e, e0 = self.time_embed(t, batch, 2 * frames)
 
         block_mask = attn_mask = None
-        if causal is not None:
+        if clean_x is not None:
+            block_mask, attn_mask = self._causal_mask(causal, frames, tokens_per_frame, x.device, teacher_forcing=True)
+        elif causal is not None:
             block_mask, attn_mask = self._causal_mask(causal, frames, tokens_per_frame, x.device)
         kv_step = None if kv_cache is None else kv_cache.begin(frame_offset, frames, tokens_per_frame, batch)
 
@@ -504,6 +519,9 @@ class WanDiT(nn.Module):
             kv_cache.set_cross(context_kvs.collected)
         if kv_cache is not None:
             kv_cache.commit(kv_step)
+        if clean_x is not None:  # keep the noisy half
+            tokens, e = tokens[:, frames * tokens_per_frame:], e[:, frames:]
+            hidden = {i: h[:, frames * tokens_per_frame:] for i, h in hidden.items()}
         flow = self.unpatchify(self.head(tokens, e), grid)
         if not wanted:
             return flow
@@ -537,12 +555,37 @@ class WanDiT(nn.Module):
         collect = kv_cache is not None and not kv_cache.has_cross()
         return CrossContext(ctx, ctx_img, len(self.blocks), collect)
 
-    def _causal_mask(self, causal: BlockCausal, frames: int, tokens_per_frame: int, device: torch.device):
+    def _teacher_forcing_inputs(self, clean_x, clean_t, x, y, t, causal, kv_cache, frames, cos, sin):
+        """Tokens of the clean half, timesteps [B, 2F'] (clean first) and the RoPE tables repeated for both halves."""
+        if causal is None or kv_cache is not None:
+            raise ValueError("clean_x (parallel teacher forcing) needs causal=BlockCausal(...) and no kv_cache")
+        clean = self._check_video(clean_x, y)
+        if clean.shape != x.shape:
+            raise ValueError(f"clean_x (+ y) {tuple(clean.shape)} must match x (+ y) {tuple(x.shape)}")
+        batch = x.shape[0]
+
+        def per_frame(tt: torch.Tensor, name: str) -> torch.Tensor:
+            tt = tt.to(x.device).float()
+            tt = tt.expand(batch) if tt.ndim == 0 else tt
+            tt = tt[:, None].expand(batch, frames) if tt.ndim == 1 else tt
+            if tuple(tt.shape) != (batch, frames):
+                raise ValueError(f"{name} must be [B={batch}] or [B={batch}, F={frames}], got {tuple(tt.shape)}")
+            return tt
+
+        t_clean = torch.zeros(batch, frames, device=x.device) if clean_t is None else per_frame(clean_t, "clean_t")
+        w = self.patch_embedding.weight
+        clean_tokens = self.patch_embedding(clean.to(w.dtype)).flatten(2).transpose(1, 2)
+        both_t = torch.cat([t_clean, per_frame(t, "t")], dim=1)
+        return clean_tokens, both_t, torch.cat([cos, cos]), torch.cat([sin, sin])
+
+    def _causal_mask(self, causal: BlockCausal, frames: int, tokens_per_frame: int, device: torch.device,
+                     teacher_forcing: bool = False):
         """Flex block mask, or dense bool mask when the backend resolves to sdpa; cached per shape and device."""
-        key = (causal, frames, tokens_per_frame, str(device))
+        key = (causal, frames, tokens_per_frame, str(device), teacher_forcing)
         if key not in self._mask_cache:
             if len(self._mask_cache) > 8:  # shapes rarely vary; keep the cache bounded anyway
                 self._mask_cache.clear()
-            self._mask_cache[key] = block_causal_mask(causal, frames, tokens_per_frame, device)
+            make = teacher_forcing_mask if teacher_forcing else block_causal_mask
+            self._mask_cache[key] = make(causal, frames, tokens_per_frame, device)
         mask = self._mask_cache[key]
         return (None, mask) if causal.resolve_backend(device) == "sdpa" else (mask, None)

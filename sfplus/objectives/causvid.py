@@ -7,13 +7,13 @@ every causal block picks one of the few-step timesteps ``t_k`` (constant within 
 video per step and gathers; each frame uses exactly one of those copies, so one noise tensor is the same
 distribution and is what we draw.
 
-Teacher forcing (the generator sees clean context instead of its own noisy inputs for earlier blocks): WanDiT has
-no ``[clean; noisy]`` parallel mode, so it runs block by block through the KV cache — block j is denoised with the
-cache holding the *clean* blocks < j (written at t = 0), then its own slot is overwritten by the clean block j.
-The forward values equal the reference's parallel teacher forcing (clean tokens block-causal among themselves, noisy
-block j attending to clean blocks < j and to itself). Gradient difference: the cache stores keys/values detached
-(:class:`sfplus.nets.causal.KVCache`), so the loss on block j reaches the weights through block j's own forward
-only, not through the clean context's keys/values as in the reference's single parallel forward.
+Teacher forcing (the generator sees clean context instead of its own noisy inputs for earlier blocks) is one
+parallel WanDiT call on ``[clean frames ; noisy frames]`` (``clean_x=``, spec §1.1): clean tokens block-causal among
+themselves, noisy block j attending to clean blocks < j and to itself, both halves at the same RoPE frame positions.
+As in the reference, the loss on block j reaches the weights also through the clean context's keys and values.
+With a local attention window (which that mask does not model) it runs block by block through the KV cache instead:
+the same forward values, but the cache holds the clean keys/values detached (:class:`sfplus.nets.causal.KVCache`), so
+there the loss reaches the weights through block j's own forward only.
 """
 
 from __future__ import annotations
@@ -105,9 +105,12 @@ def causvid_generator_output(
 
 def teacher_forced_x0(net, x_clean, x_in, t, cond: Cond, causal: BlockCausal,
                       context_t: torch.Tensor | None = None) -> torch.Tensor:
-    """Block-by-block x0 [B, C, F, H, W] of ``x_in`` at ``t`` [B, F], with the KV cache holding the earlier blocks
-    of ``x_clean`` at ``context_t`` [B, F] (default 0: clean; the noise-augmented context of causal diffusion
-    training passes its augmentation level). See the module docstring."""
+    """x0 [B, C, F, H, W] of ``x_in`` at ``t`` [B, F] under teacher forcing: block j sees the blocks < j of
+    ``x_clean`` at ``context_t`` [B, F] (default 0: clean; the noise-augmented context of causal diffusion training
+    passes its augmentation level). One parallel call, or block by block with a local window (module docstring)."""
+    if causal.local_window_frames is None:
+        parallel = lambda x, tt, **c: net(x, tt, **c, causal=causal, clean_x=x_clean, clean_t=context_t)  # noqa: E731
+        return predict_x0(parallel, x_in, t, cond)
     config = getattr(net, "config", None)
     if config is None or not hasattr(config, "patch_size"):
         raise ValueError("teacher forcing runs through the KV cache and needs a WanDiT generator (with .config); "
