@@ -120,5 +120,10 @@ def test_bidirectional_generator_uses_one_step_per_sample():
     assert causal == "none" and torch.equal(t, t[:, :1].expand_as(t))
     with pytest.raises(ValueError, match="causal generator"):
         causvid_generator_output(model, d["x"], STEPS, d["cond"], None, teacher_forcing=True)
+    # Parallel teacher forcing needs only a net that takes clean_x; the windowed KV-cache path needs a WanDiT.
+    calls.clear()
+    causvid_generator_output(net, d["x"], STEPS, d["cond"], BlockCausal(2), teacher_forcing=True)
+    assert len(calls) == 1 and isinstance(calls[0][1], BlockCausal)
     with pytest.raises(ValueError, match="WanDiT"):
-        causvid_generator_output(net, d["x"], STEPS, d["cond"], BlockCausal(2), teacher_forcing=True)
+        causvid_generator_output(net, d["x"], STEPS, d["cond"], BlockCausal(2, local_window_frames=2),
+                                 teacher_forcing=True)
