@@ -86,3 +86,12 @@ def test_teacher_forcing_errors_name_the_problem(tiny_dit):
         tiny_dit(noisy, t, **cond, causal=BlockCausal(1, backend="sdpa"), clean_x=clean[:, :, :3])
     with pytest.raises(ValueError, match="clean_t"):
         tiny_dit(noisy, t, **cond, causal=BlockCausal(1, backend="sdpa"), clean_x=clean, clean_t=torch.zeros(B, 2))
+
+
+def test_flex_block_mask_equals_the_dense_mask(tiny_dit, one_thread):
+    """The flex-attention BlockMask (the CUDA path) computes what the dense SDPA mask does (forward, on CPU)."""
+    clean, noisy, t, ct, cond = _inputs(tiny_dit)
+    with torch.no_grad():
+        dense = tiny_dit(noisy, t, **cond, causal=BlockCausal(2, True, backend="sdpa"), clean_x=clean, clean_t=ct)
+        flex = tiny_dit(noisy, t, **cond, causal=BlockCausal(2, True, backend="flex"), clean_x=clean, clean_t=ct)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
