@@ -145,3 +145,32 @@ def test_module_uses_atomic_temp_in_same_dir(tmp_path):
         assert tmp.parent == tmp_path / "d" and tmp.suffix == ".mp4" and tmp.name.startswith(".")
     finally:
         tmp.unlink()
+
+
+def test_video_writer_reports_progress_per_batch(tmp_path, capsys):
+    """A live readout: videos written, videos/s, batches done of the total, ETA (every batch with progress_every_s=0)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sfplus.callbacks import VideoWriter
+
+    writer = VideoWriter(output_dir=str(tmp_path), progress_every_s=0)
+    trainer = SimpleNamespace(global_rank=0, ckpt_path=None, num_predict_batches=[3], progress_bar_callback=None)
+    writer.setup(trainer, None, "predict")
+    writer.on_predict_start(trainer, None)
+    video = torch.zeros(2, 8, 8, 3, dtype=torch.uint8)  # [T, H, W, 3]
+    for batch_idx in range(2):
+        prediction = {"videos": [video], "index": torch.tensor([batch_idx]), "sample": torch.tensor([0]),
+                      "text": [f"prompt {batch_idx}"], "prompts": [f"prompt {batch_idx}"], "seed": torch.tensor([1]),
+                      "sampler": {"kind": "test"}}
+        writer.write_on_batch_end(trainer, None, prediction, None, None, batch_idx)
+    writer.write_on_batch_end(trainer, None, {"videos": None}, None, None, 2)  # a batch of skipped outputs
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "videos/s" in ln]
+    assert [ln.split(",")[0] for ln in lines] == ["[rank 0] 1 videos", "[rank 0] 2 videos", "[rank 0] 2 videos"]
+    assert "batch 1/3" in lines[0] and "ETA" in lines[0] and "batch 3/3" in lines[2]
+    quiet = VideoWriter(output_dir=str(tmp_path), progress_every_s=3600)
+    quiet.on_predict_start(trainer, None)
+    for batch_idx in range(3):
+        quiet.write_on_batch_end(trainer, None, {"videos": None}, None, None, batch_idx)
+    assert sum("videos/s" in ln for ln in capsys.readouterr().out.splitlines()) == 1  # throttled
