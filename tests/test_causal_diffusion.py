@@ -102,3 +102,16 @@ def test_initial_latent_leads_the_video_and_bad_sampler_is_named(tiny_dit, one_t
     with pytest.raises(ValueError, match="sampler"):
         causal_diffusion_sample(tiny_dit, _noise(2), cond, uncond, frames_per_block=2, num_steps=2, shift=3.0,
                                 guidance_scale=G, sampler="ddim")
+
+
+def test_rolling_window_streams_past_the_window(tiny_dit, one_thread):
+    """With a local window (+ sink) the sampler runs past the window; blocks inside the window are unchanged."""
+    cond, uncond = _conds(tiny_dit)
+    noise = _noise(8)
+    kw = dict(frames_per_block=2, num_steps=2, shift=3.0, guidance_scale=G)
+    full = causal_diffusion_sample(tiny_dit, noise, cond, uncond, **kw)
+    windowed = causal_diffusion_sample(tiny_dit, noise, cond, uncond, local_window_frames=4, sink_frames=0, **kw)
+    assert windowed.shape == full.shape and torch.isfinite(windowed).all()
+    # A block ending at frame b sees frames [b - 4, b): blocks 0-1 see everything, block 2 no longer sees 0-1.
+    torch.testing.assert_close(windowed[:, :, :4], full[:, :, :4], atol=1e-5, rtol=1e-5)
+    assert (windowed[:, :, 4:6] - full[:, :, 4:6]).abs().max() > 1e-4
