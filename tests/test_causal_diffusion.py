@@ -115,3 +115,7 @@ def test_rolling_window_streams_past_the_window(tiny_dit, one_thread):
     # A block ending at frame b sees frames [b - 4, b): blocks 0-1 see everything, block 2 no longer sees 0-1.
     torch.testing.assert_close(windowed[:, :, :4], full[:, :, :4], atol=1e-5, rtol=1e-5)
     assert (windowed[:, :, 4:6] - full[:, :, 4:6]).abs().max() > 1e-4
+    # Two sink frames keep frames 0-1 visible: block 2 sees all of [0, 6) again; block 3 misses frames 2-3.
+    sunk = causal_diffusion_sample(tiny_dit, noise, cond, uncond, local_window_frames=4, sink_frames=2, **kw)
+    torch.testing.assert_close(sunk[:, :, :6], full[:, :, :6], atol=1e-5, rtol=1e-5)
+    assert (sunk[:, :, 6:] - full[:, :, 6:]).abs().max() > 1e-4
