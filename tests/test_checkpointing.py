@@ -8,7 +8,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from sfplus.callbacks import EMA
 from sfplus.callbacks.checkpointing import (
@@ -25,9 +24,8 @@ from sfplus.callbacks.checkpointing import (
 from sfplus.conditioning import ToyConditioner
 from sfplus.datamodules import PromptDataModule
 from sfplus.modules import DistillModule
-from sfplus.nets.presets import build_dit
+from tests.helpers import TINY, write_tiny_teacher
 
-TINY = {"in_dim": 3, "out_dim": 3}
 
 
 class Crash(RuntimeError):
@@ -168,12 +166,7 @@ def test_callback_arguments_are_validated():
 
 @pytest.fixture()
 def tiny_run(tmp_path):
-    torch.manual_seed(0)
-    net = build_dit("tiny", **TINY)
-    net.init_weights()
-    torch.nn.init.normal_(net.head.head.weight, std=0.02)
-    teacher = tmp_path / "teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(teacher))
+    teacher = write_tiny_teacher(tmp_path / "teacher.safetensors")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"a square moving {i}" for i in range(8)))
 

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from sfplus.cli import main
 from sfplus.datamodules.shard_format import Sample, write_shards
 from sfplus.flow import warp_timesteps
-from sfplus.nets.presets import build_dit
+from tests.helpers import write_tiny_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -87,13 +86,7 @@ def test_ode_init_recipe_matches_the_trajectory_schedule():
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    net = build_dit("tiny", **TINY)
-    net.init_weights()
-    torch.nn.init.normal_(net.head.head.weight, std=0.02)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    return str(path)
+    return write_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.safetensors", TINY)
 
 
 def tiny_ode_shards(out: Path) -> str:

@@ -15,21 +15,14 @@ from sfplus.datamodules import PromptDataModule, ToyDataModule
 from sfplus.modules import DiffusionModule, DistillModule
 from sfplus.nets.checkpoints import CheckpointError
 from sfplus.nets.presets import build_dit
+from tests.helpers import TINY, write_tiny_teacher
 
-TINY = {"in_dim": 3, "out_dim": 3}
 SHAPE = [3, 2, 4, 4]
 
 
 @pytest.fixture()
 def teacher_file(tmp_path: Path) -> str:
-    torch.manual_seed(0)
-    net = build_dit("tiny", **TINY)
-    net.init_weights()
-    # init_weights zeroes the head; give it weights so the teacher's outputs depend on its inputs.
-    torch.nn.init.normal_(net.head.head.weight, std=0.02)
-    path = tmp_path / "teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    return str(path)
+    return write_tiny_teacher(tmp_path / "teacher.safetensors")
 
 
 @pytest.fixture()

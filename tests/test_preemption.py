@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from sfplus.callbacks import EMA
 from sfplus.callbacks.checkpointing import AtomicCheckpoint, resume_path
@@ -18,20 +17,13 @@ from sfplus.callbacks.preemption import Preemption, agree_on_code, slurm_job_id
 from sfplus.conditioning import ToyConditioner
 from sfplus.datamodules import PromptDataModule
 from sfplus.modules import DistillModule
-from sfplus.nets.presets import build_dit
+from tests.helpers import TINY, write_tiny_teacher
 
-TINY = {"in_dim": 3, "out_dim": 3}
 
 
 @pytest.fixture()
 def teacher_file(tmp_path: Path) -> str:
-    torch.manual_seed(0)
-    net = build_dit("tiny", **TINY)
-    net.init_weights()
-    torch.nn.init.normal_(net.head.head.weight, std=0.02)  # a teacher whose output depends on its input
-    path = tmp_path / "teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    return str(path)
+    return write_tiny_teacher(tmp_path / "teacher.safetensors")
 
 
 @pytest.fixture()

@@ -9,26 +9,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from sfplus.callbacks import EMA
 from sfplus.conditioning import ToyConditioner
 from sfplus.datamodules import PromptDataModule, ToyDataModule
 from sfplus.modules import DistillModule
-from sfplus.nets.presets import build_dit
+from tests.helpers import TINY, write_tiny_teacher
 
-TINY = {"in_dim": 3, "out_dim": 3}
 
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    net = build_dit("tiny", **TINY)
-    net.init_weights()
-    torch.nn.init.normal_(net.head.head.weight, std=0.02)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    return str(path)
+    return write_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.safetensors")
 
 
 class LossRecorder(L.Callback):
