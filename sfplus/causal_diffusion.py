@@ -23,19 +23,15 @@ import torch
 
 from sfplus.causal_rollout import _block_cond, block_layout, new_kv_cache
 from sfplus.conditioning import Cond
-from sfplus.sampling import FlowNet, euler_cfg_states, timestep_tensor
+from sfplus.sampling import FlowNet, teacher_sample, timestep_tensor
 from sfplus.unipc import unipc_sample
 
 __all__ = ["causal_diffusion_sample"]
 
 
 def _solve(net: FlowNet, noise: torch.Tensor, cond: Cond, uncond: Cond | None, sampler: str, **kw) -> torch.Tensor:
-    if sampler == "unipc":
-        return unipc_sample(net, noise, cond, uncond, **kw)
-    x = noise.float()
-    for x in euler_cfg_states(net, noise, cond, uncond, **kw):
-        pass
-    return x
+    solver = unipc_sample if sampler == "unipc" else teacher_sample
+    return solver(net, noise, cond, uncond, **kw)
 
 
 @torch.no_grad()

@@ -116,9 +116,11 @@ def teacher_forcing_mask(causal: BlockCausal, frames: int, tokens_per_frame: int
                          "BlockCausal.local_window_frames=None")
     s, length = tokens_per_frame, frames * tokens_per_frame
     frame_ends = block_frame_ends(causal, frames)
-    frame_starts = [0 if f == 0 or frame_ends[f - 1] == f else None for f in range(frames)]
-    for f in range(frames):  # a frame whose predecessor's block goes on shares that block's start
-        frame_starts[f] = f if frame_starts[f] is not None else frame_starts[f - 1]
+    frame_starts, start = [], 0
+    for f, end in enumerate(frame_ends):
+        if f and frame_ends[f - 1] != end:  # a new block begins at frame f
+            start = f
+        frame_starts.append(start)
     ends = torch.tensor(frame_ends, dtype=torch.long, device=device).repeat_interleave(s) * s  # [L]
     starts = torch.tensor(frame_starts, dtype=torch.long, device=device).repeat_interleave(s) * s  # [L]
 
