@@ -199,14 +199,17 @@ def _run_blocks(net, noise, steps, cond, layout, exits, *, grad_from_frame, grad
     """Core loop shared by `causal_rollout` and `sfplus.streaming.causal_generate`.
 
     Yields ``((start, stop), x0_block)`` for each generated block as soon as its exit step is done; the block's
-    context refresh runs when the consumer asks for the next block. No autograd mode is held across a yield.
+    context refresh runs when the consumer asks for the next block. The last block gets no refresh: no later block
+    would read it (the reference runs it anyway: one wasted net call per video). No autograd mode is held across a
+    yield.
     """
     total, dtype = layout.total_frames, noise.dtype
     f0 = total - noise.shape[2]
     for a, b in layout.context:
         _write_context(net, initial_latent[:, :, a:b], context_noise, cond, cache, a, b, total, counter, generator,
                        dtype)
-    for (a, b), k in zip(layout.generated, exits):
+    last = len(layout.generated) - 1
+    for i, ((a, b), k) in enumerate(zip(layout.generated, exits)):
         x = noise[:, :, a - f0:b - f0]
         with torch.no_grad():
             for j in range(k):
@@ -215,7 +218,8 @@ def _run_blocks(net, noise, steps, cond, layout, exits, *, grad_from_frame, grad
         with torch.set_grad_enabled(grad and a >= grad_from_frame):
             x0 = _predict(net, x, steps[k], cond, cache, a, b, total, counter)
         yield (a, b), x0
-        _write_context(net, x0, context_noise, cond, cache, a, b, total, counter, generator, dtype)
+        if i < last:
+            _write_context(net, x0, context_noise, cond, cache, a, b, total, counter, generator, dtype)
 
 
 def _prepare(net, noise, timesteps, frames_per_block, independent_first_frame, initial_latent, context_noise,

@@ -60,6 +60,9 @@ class CausalConv3d(nn.Conv3d):
     With a `cache`, the last `CACHE_T` input frames of the previous chunk replace (part of) the zero padding,
     so running a video chunk by chunk gives the same result as running it whole.
 
+    Spatial zero padding is the convolution's own (no padded copy of the input); the temporal history and zero
+    frames are joined to the input in one concatenation.
+
     Shapes: x [B, C_in, T, H, W] -> [B, C_out, T', H', W'] (T' = T for stride 1).
     """
 
@@ -71,23 +74,39 @@ class CausalConv3d(nn.Conv3d):
         stride: int | Sequence[int] = 1,
         padding: int | Sequence[int] = 0,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0)
         pad_t, pad_h, pad_w = _triple(padding)
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, pad_h, pad_w))
         # All 2·pad_t temporal padding goes before the first frame (causality).
         self.time_pad = 2 * pad_t
-        self.space_pad = (pad_w, pad_w, pad_h, pad_h)
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
         time_pad = self.time_pad
+        parts = [x]
         if cache is not None and time_pad > 0:
             history = cache.get(self)
             if history is not None:
-                x = torch.cat([history.to(x.device, x.dtype), x], dim=2)  # type: ignore[union-attr]
+                parts.insert(0, history.to(x.device, x.dtype))  # type: ignore[union-attr]
                 time_pad -= history.shape[2]  # type: ignore[union-attr]
-            # clone: do not keep the whole chunk alive through a view of it.
-            cache.set(self, x[:, :, -CACHE_T:].clone())
-        x = F.pad(x, (*self.space_pad, time_pad, 0))
+            cache.set(self, _last_frames(parts, CACHE_T))
+        if time_pad > 0:
+            # zeros_like keeps x's memory format (channels-last inputs stay channels-last through the cat)
+            zero = torch.zeros_like(x[:, :, :1])
+            parts[:0] = [zero] * time_pad
+        if len(parts) > 1:
+            x = torch.cat(parts, dim=2)
         return super().forward(x)
+
+
+def _last_frames(parts: list[Tensor], n: int) -> Tensor:
+    """The last n frames of the concatenation of `parts` along time, as a fresh tensor: a view would keep the
+    whole chunk alive."""
+    tail: list[Tensor] = []
+    for part in reversed(parts):
+        need = n - sum(t.shape[2] for t in tail)
+        if need <= 0:
+            break
+        tail.insert(0, part[:, :, -need:])
+    return torch.cat(tail, dim=2) if len(tail) > 1 else tail[0].clone()
 
 
 class RMSNorm(nn.Module):
@@ -95,16 +114,38 @@ class RMSNorm(nn.Module):
 
     Computed in fp32 (design: norms in fp32) and cast back. `images=True` is the per-frame 2D variant used by
     the attention block (gamma [C, 1, 1]); otherwise gamma is [C, 1, 1, 1] for [B, C, T, H, W] input.
+    `forward(x, silu=True)` applies the SiLU that follows every norm of the VAE before the cast (one fp32 pass
+    fewer). With `compiled = True` (set by `WanVAE.compile_norms`) the norm runs as one fused kernel on CUDA.
     """
 
     def __init__(self, dim: int, images: bool = False) -> None:
         super().__init__()
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+        self.compiled = False
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.normalize(x.float(), dim=1) * self.scale * self.gamma.float()
-        return y.to(x.dtype)
+    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        fn = _compiled_norm() if self.compiled and x.is_cuda else _rms_norm
+        return fn(x, self.gamma, self.scale, silu)
+
+
+def _rms_norm(x: Tensor, gamma: Tensor, scale: float, silu: bool) -> Tensor:
+    """fp32 F.normalize over channels · scale · gamma (then SiLU), cast back to x's dtype."""
+    y = F.normalize(x.float(), dim=1) * (gamma.float() * scale)
+    if silu:
+        y = F.silu(y)
+    return y.to(x.dtype)
+
+
+_COMPILED_NORM = None
+
+
+def _compiled_norm():
+    """`_rms_norm` through torch.compile (one kernel: the channel reduction, scale, SiLU and cast), built once."""
+    global _COMPILED_NORM
+    if _COMPILED_NORM is None:
+        _COMPILED_NORM = torch.compile(_rms_norm, dynamic=True)
+    return _COMPILED_NORM
 
 
 class ResidualBlock(nn.Module):
@@ -127,10 +168,7 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
-        h = x
-        for layer in self.residual:
-            h = layer(h, cache) if isinstance(layer, CausalConv3d) else layer(h)
-        return h + self.shortcut(x)
+        return _run(self.residual, x, cache) + self.shortcut(x)
 
 
 class AttentionBlock(nn.Module):
@@ -157,10 +195,8 @@ class AttentionBlock(nn.Module):
 
 
 class _Upsample2x(nn.Upsample):
-    """Nearest ×2 upsampling computed in fp32 (as official) and cast back."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).to(x.dtype)
+    """Nearest ×2 upsampling. The original computes it in fp32 and casts back; nearest only copies values, so
+    running it in the input's dtype gives the same bits with two passes fewer."""
 
 
 RESAMPLE_MODES = ("downsample2d", "downsample3d", "upsample2d", "upsample3d")
@@ -212,7 +248,7 @@ class Resample(nn.Module):
                 # time_conv's own cache starts empty on the second chunk: the first latent frame is not
                 # part of its history (zero padding instead), as in the original model.
                 y = self.time_conv(x, cache)  # [B, 2C, T, H, W]
-                x = y.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+                x = _interleave_frames(y[:, :c], y[:, c:])
 
         b, c, t, h, w = x.shape
         y = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
@@ -227,10 +263,35 @@ class Resample(nn.Module):
         return x
 
 
+def _interleave_frames(even: Tensor, odd: Tensor) -> Tensor:
+    """[B, C, T, H, W] twice -> [B, C, 2T, H, W] with frames even[0], odd[0], even[1], ... in the inputs' memory
+    format (a reshape would silently turn channels-last into channels-first)."""
+    b, c, t, h, w = even.shape
+    fmt = torch.channels_last_3d if _is_channels_last(even) else torch.contiguous_format
+    out = torch.empty((b, c, 2 * t, h, w), dtype=even.dtype, device=even.device, memory_format=fmt)
+    out[:, :, 0::2] = even
+    out[:, :, 1::2] = odd
+    return out
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+
+
 def _run(layers: nn.Sequential, x: Tensor, cache: CausalCache | None) -> Tensor:
-    """Run a Sequential of blocks, passing the cache to those that take one (all but SiLU/norms)."""
-    for layer in layers:
-        if isinstance(layer, (nn.SiLU, RMSNorm, nn.Dropout)):
+    """Run a Sequential of blocks, passing the cache to those that take one (all but SiLU/norms/dropout).
+
+    An RMSNorm directly followed by a SiLU runs as one `norm(x, silu=True)` call.
+    """
+    fused_silu = False
+    for i, layer in enumerate(layers):
+        if fused_silu:
+            fused_silu = False  # this SiLU already ran inside the norm
+            continue
+        if isinstance(layer, RMSNorm):
+            fused_silu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.SiLU)
+            x = layer(x, silu=fused_silu)
+        elif isinstance(layer, (nn.SiLU, nn.Dropout)):
             x = layer(x)
         else:
             x = layer(x, cache)

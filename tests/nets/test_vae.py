@@ -304,3 +304,39 @@ def test_wan_vae_codec_rejects_frame_counts_not_1_plus_4k(frames):
         latent_shape(codec, frames, 16, 16)
     with pytest.raises(VideoShapeError, match=r"\[B, 16, F>=1, h, w\]"):
         codec.decode(torch.zeros(1, 3, 2, 2, 2))
+
+
+# ------------------------------------------------------------------ speed paths (same results)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 8])
+def test_chunked_decode_equals_frame_by_frame(chunk):
+    """Several latent frames per decoder call give the frame-by-frame (original) video."""
+    vae = _tiny_vae()
+    z = torch.randn(1, 16, 6, 2, 3)
+    with torch.no_grad():
+        reference = StreamingDecoder(vae, chunk_frames=1).decode(z)
+        chunked = StreamingDecoder(vae, chunk_frames=chunk).decode(z)
+    assert chunked.shape == (1, 3, 21, 16, 24)
+    torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=0)
+
+
+def test_channels_last_and_compiled_norm_flags_keep_results():
+    vae = _tiny_vae()
+    video = _video(5, 16, 16, batch=1)
+    z = torch.randn(1, 16, 3, 2, 2)
+    with torch.no_grad():
+        enc, dec = vae.encode(video), vae.decode(z)
+        vae.use_channels_last().compile_norms()  # compiled norms only act on CUDA tensors
+        assert vae.decoder.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        enc_cl, dec_cl = vae.encode(video), vae.decode(z)
+    assert dec_cl.is_contiguous()
+    torch.testing.assert_close(enc_cl, enc, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dec_cl, dec, atol=1e-5, rtol=0)
+    vae.use_channels_last(False)
+    assert vae.decoder.conv1.weight.is_contiguous()
+
+
+def test_stream_decoder_rejects_bad_chunk():
+    with pytest.raises(ValueError, match="chunk_frames"):
+        StreamingDecoder(_tiny_vae(), chunk_frames=0)
