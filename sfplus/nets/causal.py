@@ -278,15 +278,32 @@ class KVCacheStep:
         self._index: tuple | None = None
         self._past: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
+    @torch.compiler.disable  # cache bookkeeping stays eager; a compiled block runs as graphs around it
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the block's k, v [B, n·S, heads, head_dim] (detached) and return the keys/values to attend to:
         the cached window + sink frames, then the block's live k, v."""
         if layer not in self._past:
             self._past[layer] = self._write_and_read(layer, k, v)
+            span = self._contiguous_span()
+            if span is not None and not torch.is_grad_enabled() and k.dtype == self.cache.k[layer].dtype:
+                # Inference: the cache now holds past frames and this block side by side, with the same values
+                # as the live k, v (no grad, same dtype): attend to that slice, no concatenated copy.
+                return self.cache.k[layer][:, span], self.cache.v[layer][:, span]
         past = self._past[layer]
         if past is None:
             return k, v
         return torch.cat([past[0].to(k.dtype), k], dim=1), torch.cat([past[1].to(v.dtype), v], dim=1)
+
+    def _contiguous_span(self) -> slice | None:
+        """The buffer slice [past frames | this block] when both are contiguous and adjacent, else None."""
+        write, read = self._index  # type: ignore[misc]
+        if not isinstance(write, slice):
+            return None
+        if not self._read_frames:
+            return write
+        if isinstance(read, slice) and read.stop == write.start:
+            return slice(read.start, write.stop)
+        return None
 
     def _write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         cache = self.cache

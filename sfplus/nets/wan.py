@@ -107,8 +107,9 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Run a Linear in its weight dtype (autocast, when active, still decides)."""
-    return layer(x.to(layer.weight.dtype))
+    """Run a Linear in its weight dtype (autocast, when active, still decides). Layers that quantise their own
+    input (`sfplus.nets.fp8.Fp8Linear`) name the dtype they take as `input_dtype`."""
+    return layer(x.to(getattr(layer, "input_dtype", None) or layer.weight.dtype))
 
 
 def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

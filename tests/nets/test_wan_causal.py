@@ -256,3 +256,32 @@ def test_kv_cache_is_safe_under_activation_checkpointing():
     torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_inference_reads_the_cache_in_place_and_matches_the_grad_path():
+    """Without grad, a block attends to a slice of the cache (no concatenated copy) with the same result."""
+    from sfplus.nets.causal import KVCacheStep
+
+    model = _model()
+    data = _data(6)
+    causal = BlockCausal(2)
+    seen = []
+    original = KVCacheStep.update
+
+    def spy(self, layer, k, v):
+        keys, values = original(self, layer, k, v)
+        buffer = self.cache.k[layer]
+        seen.append(keys.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr())
+        return keys, values
+
+    KVCacheStep.update = spy
+    try:
+        with torch.no_grad():
+            fast = _step_all(model, data, causal, _cache(model, data, causal))
+        in_place, seen[:] = list(seen), []
+        with torch.enable_grad():
+            slow = _step_all(model, data, causal, _cache(model, data, causal)).detach()
+    finally:
+        KVCacheStep.update = original
+    assert all(in_place) and not any(seen)
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-6)
