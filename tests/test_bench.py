@@ -95,7 +95,7 @@ def test_pipeline_runs_every_step(rows):
 def test_causal_stream_and_its_video(rows):
     r = rows["causal13b"]
     extra = r["extra"]
-    assert extra["blocks"] == 2 and extra["frames"] == 21 and extra["dit_calls"] == 2 * (4 + 1)
+    assert extra["blocks"] == 2 and extra["frames"] == 21 and extra["dit_calls"] == 2 * (4 + 1) - 1
     assert 0 < extra["first_frame_s"] <= max(r["extra"]["runs_s"]) * 1.5
     assert extra["fps"] == pytest.approx(21 / r["median_s"], rel=1e-2)
     assert "mp4_error" not in extra, extra.get("mp4_error")
@@ -147,3 +147,26 @@ def test_compiled_blocks_give_the_eager_output():
     assert not runner._nets  # the compiled net is not reused by another workload
     with pytest.raises(SystemExit):
         bench.main(["vae", "--tiny", "--device", "cpu", "--compile"])
+
+
+def test_vae_sweep_variants_give_the_same_video(rows):
+    extra = rows["vae_sweep"]["extra"]
+    assert [(v["chunk_frames"], v["channels_last"], v["compile_norms"]) for v in extra["variants"]] == list(
+        bench.VAE_SWEEP)
+    # bf16 weights: the same video up to kernel rounding (fp32 equality: tests/nets/test_vae.py)
+    assert all(v["max_abs_diff"] < 0.1 for v in extra["variants"])
+    assert extra["best"]["median_s"] == rows["vae_sweep"]["median_s"]
+
+
+def test_fp8_and_compile_variants_report_fidelity():
+    rows = bench.main(["dit13b", "causal13b", "--tiny", "--device", "cpu", "--fp8", "--no-video",
+                       "--vae-chunk", "2", "--vae-channels-last"])
+    env, dit, causal = rows
+    assert env["fp8"] and env["vae_chunk"] == 2 and env["vae_channels_last"]
+    for r in (dit, causal):
+        assert "error" not in r, r
+        assert r["extra"]["fp8_linears"] > 0
+        assert 15 < r["extra"]["psnr_vs_eager_db"] < float("inf")
+    assert causal["extra"]["vae"] == dict(chunk_frames=2, channels_last=True, compile_norms=False)
+    with pytest.raises(SystemExit):
+        bench.main(["vae", "--tiny", "--device", "cpu", "--fp8"])

@@ -13,8 +13,8 @@ Workloads (full sizes: latent 1x16x21x60x104 = 81 frames of 480x832, 32,760 vide
 * ``vae`` — Wan VAE decode of 21 latent frames to 81 frames 480x832.
 * ``pipe14b`` — 4-step 14B T2V ``few_step_sample`` + VAE decode: 4 DiT calls (the reference runs only 3, its bug
   B2), so the row also gives the time per DiT call and the sampling/decode split.
-* ``causal13b`` — causal 1.3B streaming: 7 blocks x 3 latent frames, 4 steps + a cache refresh each
-  (``causal_generate``), decoded block by block (``stream_video``); time to the first decoded frame and frames per
+* ``causal13b`` — causal 1.3B streaming: 7 blocks x 3 latent frames, 4 steps + a cache refresh each but the last
+  (``causal_generate``; the reference also refreshes after the last block: 35 calls against 34), decoded block by block (``stream_video``); time to the first decoded frame and frames per
   second including decode; the decoded video of the last run is written as MP4 (``--video``, default
   ``$OUT/causal13b.mp4``).
 * ``train13b`` — one DMD critic step and one generator step (bidirectional 1.3B generator, critic and teacher,
@@ -23,10 +23,16 @@ Workloads (full sizes: latent 1x16x21x60x104 = 81 frames of 480x832, 32,760 vide
 * ``plan13b`` — ``sfplus.plan.plan`` for the same set-up next to the measured peak of ``train13b`` (runs it if it
   has not run in this process).
 
-Variants (flags): ``--compile [BACKEND]`` compiles every DiT block with ``torch.compile`` (dit13b/dit14b only; the
-row adds the compile time and the relative difference to the eager output), ``--sdpa cudnn|flash|efficient`` puts
-one attention backend first, ``--cudnn-benchmark`` lets cuDNN autotune the VAE convolutions, ``--sdpa-probe`` times
-each attention backend alone on the 1.3B self-attention shape (in the ``env`` line).
+* ``vae_sweep`` — the VAE decode under each speed setting (`VAE_SWEEP`: latent frames per decoder call,
+  channels-last, compiled norms), each against the original frame-by-frame decode of the same latents.
+
+Variants (flags): ``--compile [BACKEND]`` compiles every DiT block with ``torch.compile`` (dit13b, dit14b,
+causal13b, train13b, train13b_causal), ``--fp8`` swaps the DiT block linears for FP8 ones (dit13b, dit14b,
+causal13b); both add the first-call time and the relative difference and PSNR to the bf16 eager output of the same
+call. ``--vae-chunk N``, ``--vae-channels-last``, ``--vae-compile-norms`` set the VAE decoder (vae, pipe14b,
+causal13b). ``--sdpa cudnn|flash|efficient`` puts one attention backend first, ``--cudnn-benchmark`` lets cuDNN
+autotune the VAE convolutions, ``--sdpa-probe`` times each attention backend alone on the 1.3B self-attention
+shape (in the ``env`` line).
 
 Timing: ``warmup`` untimed calls, then ``reps`` calls timed with CUDA events (wall clock on CPU), median reported.
 Peak memory = ``torch.cuda.max_memory_allocated`` since the workload started (weights included), as the reference.
@@ -63,7 +69,8 @@ from sfplus.nets.vae import WanVAE  # noqa: E402
 from sfplus.nets.wan import WanConfig, WanDiT  # noqa: E402
 
 GIB = 2**30
-WORKLOADS = ("dit13b", "dit14b", "vae", "pipe14b", "causal13b", "train13b", "train13b_causal", "plan13b")
+WORKLOADS = ("dit13b", "dit14b", "vae", "vae_sweep", "pipe14b", "causal13b", "train13b", "train13b_causal",
+             "plan13b")
 
 
 class BenchError(ValueError):
@@ -158,6 +165,20 @@ def vae_decode_flops(vae_overrides: tuple, latent: tuple[int, ...]) -> float:
     return float(counter.get_total_flops())
 
 
+# (chunk_frames, channels_last, compile_norms) of the `vae_sweep` workload; the first is the original frame by frame.
+VAE_SWEEP = ((1, False, False), (4, False, False), (4, True, False), (4, True, True), (8, True, True),
+             (20, True, True))
+
+
+def configure_vae(vae: WanVAE, chunk_frames: int = 4, channels_last: bool = False,
+                  compile_norms: bool = False) -> WanVAE:
+    """Set the decoder's speed options on a built WanVAE (all keep the results; see `WanVAE`)."""
+    vae.decode_chunk_frames = chunk_frames
+    if vae.channels_last != channels_last:
+        vae.use_channels_last(channels_last)
+    return vae.compile_norms(compile_norms)
+
+
 def _vae_flops(sizes: Sizes) -> float:
     return vae_decode_flops(tuple(sorted(sizes.vae.items())), sizes.latent)
 
@@ -220,10 +241,12 @@ class Bench:
     """Runs workloads on one device, keeping the built nets that the next workload can reuse."""
 
     def __init__(self, sizes: Sizes, device: torch.device | str, video_path: str | None = None,
-                 compile_backend: str | None = None) -> None:
+                 compile_backend: str | None = None, fp8: bool = False, vae_options: dict | None = None) -> None:
         self.sizes, self.device = sizes, torch.device(device)
         self.video_path = video_path
-        self.compile_backend = compile_backend  # torch.compile the DiT blocks of dit13b/dit14b with this backend
+        self.compile_backend = compile_backend  # torch.compile the DiT blocks with this backend
+        self.fp8 = fp8  # FP8 linears in the DiT blocks (inference workloads)
+        self.vae_options = dict(vae_options or {})  # chunk_frames, channels_last, compile_norms
         self.results: dict[str, dict] = {}
         self._nets: dict[str, torch.nn.Module] = {}
 
@@ -252,7 +275,8 @@ class Bench:
         return self._build(f"dit:{preset}", lambda: build_dit(preset), torch.bfloat16)
 
     def vae(self) -> WanVAE:
-        return self._build("vae", lambda: WanVAE(**self.sizes.vae), torch.bfloat16)
+        vae = self._build("vae", lambda: WanVAE(**self.sizes.vae), torch.bfloat16)
+        return configure_vae(vae, **self.vae_options)
 
     def context(self, cfg: WanConfig, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> torch.Tensor:
         """Fake text features [1, text_len, text_dim]: random rows, zero past `prompt_rows` (padding)."""
@@ -295,31 +319,51 @@ class Bench:
             with torch.no_grad():
                 out["y"] = net(x, t, ctx)
 
-        extra = {}
-        if self.compile_backend:
-            extra.update(self._compile_blocks(net, step, out))
-            self._nets.pop(f"dit:{preset}")  # compiled in place: no other workload reuses it
+        extra = self._transform(f"dit:{preset}", net, step, out)
         med, runs, _ = measure(step, dev, s.warmup, s.reps)
-        if "eager" in out:  # compiled vs eager output of the same call (bf16 weights, fp32 output)
-            y, y0 = out["y"].float(), out.pop("eager").float()
-            extra["rel_diff_vs_eager"] = float(f"{float((y - y0).norm() / y0.norm()):.3g}")
+        extra.update(self._fidelity(out))
         flops = dit_flops(net.config, s.frames, s.height, s.width)
         return row(name, med, _peak_gib(dev), flops, runs_s=_r(runs), flops=flops, shape="x".join(map(str, s.latent)),
                    params=net.num_parameters(), **extra)
 
-    def _compile_blocks(self, net: WanDiT, step: Callable[[], None], out: dict) -> dict:
-        """`torch.compile` every DiT block in place (state-dict keys unchanged): Inductor fuses the fp32
-        norm / modulation / RoPE / gate chains around the matmuls and attention. Runs `step` once eagerly first
-        (reference output) and once to compile (timed apart from the measurement)."""
+    def _transform(self, key: str, net: WanDiT, step: Callable[[], None], out: dict) -> dict:
+        """Apply the variant flags to `net` in place: `--fp8` swaps the block linears for FP8 ones, `--compile`
+        compiles every block (Inductor fuses the fp32 norm / modulation / RoPE / gate chains around the matmuls and
+        attention; shapes that change between calls, as the KV-cache lengths, make it dynamic after one
+        recompile). Runs `step` once before (the bf16 eager reference output, kept in ``out["eager"]``) and once
+        after (compilation, timed apart from the measurement)."""
+        if not (self.fp8 or self.compile_backend):
+            return {}
         step()
         out["eager"] = out["y"]
-        for block in net.blocks:
-            block.compile(backend=self.compile_backend, dynamic=False)
+        extra: dict = {}
+        if self.fp8:
+            from sfplus.nets.fp8 import quantize_dit_fp8
+
+            extra["fp8_linears"] = quantize_dit_fp8(net)
+        if self.compile_backend:
+            for block in net.blocks:
+                block.compile(backend=self.compile_backend)
+            extra["compile_backend"] = self.compile_backend
+        self._nets.pop(key)  # changed in place: no other workload reuses it
         _sync(self.device)
         t0 = time.perf_counter()
         step()
         _sync(self.device)
-        return {"compile_backend": self.compile_backend, "first_call_s": round(time.perf_counter() - t0, 2)}
+        extra["first_call_s"] = round(time.perf_counter() - t0, 2)
+        return extra
+
+    @staticmethod
+    def _fidelity(out: dict) -> dict:
+        """The variant's output against the eager bf16 one of the same call: relative L2 and PSNR (peak-to-peak of
+        the reference; for pixels in [-1, 1] that is at most 2)."""
+        if "eager" not in out:
+            return {}
+        from sfplus.nets.fp8 import psnr
+
+        y, y0 = out["y"].float(), out.pop("eager").float()
+        return {"rel_diff_vs_eager": float(f"{float((y - y0).norm() / y0.norm()):.3g}"),
+                "psnr_vs_eager_db": round(psnr(y, y0), 2)}
 
     def _w_dit13b(self) -> dict:
         return self._dit_step(self.sizes.small, "dit13b")
@@ -342,6 +386,36 @@ class Bench:
         med, runs, _ = measure(decode, dev, s.warmup, s.reps)
         flops = _vae_flops(s)
         return row("vae", med, _peak_gib(dev), flops, runs_s=_r(runs), flops=flops, out_shape=list(out_shape))
+
+    def _w_vae_sweep(self) -> dict:
+        """The VAE decode under each speed setting, against the frame-by-frame eager decode of the same latents:
+        median seconds, peak memory and the largest pixel difference per variant."""
+        s, dev = self.sizes, self.device
+        self.keep("vae")
+        vae = self._build("vae", lambda: WanVAE(**s.vae), torch.bfloat16)
+        z = self.noise()
+        variants, reference = [], None
+        for chunk, channels_last, norms in VAE_SWEEP:
+            configure_vae(vae, chunk_frames=chunk, channels_last=channels_last, compile_norms=norms)
+            _reset_peak(dev)
+            out = {}
+
+            def decode():
+                with torch.no_grad():
+                    out["y"] = vae.decode(z)
+
+            med, runs, _ = measure(decode, dev, s.warmup + (1 if norms else 0), s.reps)
+            if reference is None:
+                reference = out["y"]
+            variants.append(dict(chunk_frames=chunk, channels_last=channels_last, compile_norms=norms,
+                                 median_s=round(med, 4), runs_s=_r(runs), peak_mem_gib=_peak_gib(dev),
+                                 max_abs_diff=float((out["y"].float() - reference.float()).abs().max())))
+            print(json.dumps(dict(name="vae_sweep.variant", **variants[-1])), flush=True)
+        configure_vae(vae)
+        best = min(variants, key=lambda v: v["median_s"])
+        flops = _vae_flops(s)
+        return row("vae_sweep", best["median_s"], best["peak_mem_gib"], flops, flops=flops, best=best,
+                   variants=variants)
 
     def _w_pipe14b(self) -> dict:
         from sfplus.sampling import few_step_sample
@@ -401,12 +475,20 @@ class Bench:
             last[:] = pixels
             return {"first_frame_s": first, "wall_s": time.perf_counter() - t0}
 
+        def video():
+            stream()
+            out["y"] = torch.cat(last, dim=2)
+
+        out: dict = {}
+        variant = self._transform(f"dit:{s.small}", net, video, out)
         med, runs, parts = measure(stream, dev, s.warmup, s.reps)
+        out["y"] = torch.cat(last, dim=2)
+        variant.update(self._fidelity(out))
         n_frames = sum(p.shape[2] for p in last)
         flops = causal_flops(net.config, s) + _vae_flops(s)
         extra = dict(runs_s=_r(runs), first_frame_s=round(parts["first_frame_s"], 4), frames=n_frames,
                      fps=round(n_frames / med, 2), blocks=len(last), dit_calls=(s.frames // s.frames_per_block)
-                     * (len(s.steps) + 1), flops=flops)
+                     * (len(s.steps) + 1) - 1, flops=flops, vae=dict(self.vae_options), **variant)
         video = torch.cat(last, dim=2)
         del last[:]
         extra.update(self._write_video(video))
@@ -455,6 +537,11 @@ class Bench:
         for net in (generator, critic):
             apply_activation_checkpointing(net.train())
         teacher.eval().requires_grad_(False)
+        if self.compile_backend:  # what `scale: {compile: true}` does: compile the (checkpointed) blocks
+            from sfplus.parallel import compile_blocks
+
+            for net in (generator, critic, teacher):
+                compile_blocks(net, backend=self.compile_backend)
         g_opt = torch.optim.AdamW(generator.parameters(), lr=2e-6, betas=(0.0, 0.999), weight_decay=0.01)
         c_opt = torch.optim.AdamW(critic.parameters(), lr=4e-7, betas=(0.0, 0.999), weight_decay=0.01)
         cfg = generator.config
@@ -603,7 +690,8 @@ def sdpa_probe(device: torch.device, tokens: int = 32760, heads: int = 12, head_
 
 def env_row(device: torch.device, args) -> dict:
     info = dict(name="env", torch=torch.__version__, device=str(device), tag=args.tag, sdpa=args.sdpa,
-                compile=args.compile,
+                compile=args.compile, fp8=args.fp8, vae_chunk=args.vae_chunk,
+                vae_channels_last=args.vae_channels_last, vae_compile_norms=args.vae_compile_norms,
                 cudnn_benchmark=args.cudnn_benchmark, date=datetime.date.today().isoformat(),
                 tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
     if device.type == "cuda":
@@ -632,7 +720,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="put this SDPA backend first (default: PyTorch's own order)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                        help="torch.compile each DiT block (dit13b/dit14b only; default backend inductor)")
+                        help="torch.compile each DiT block (dit13b, dit14b, causal13b; default backend inductor)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="FP8 linears in the DiT blocks (dit13b, dit14b, causal13b), PSNR against bf16")
+    parser.add_argument("--vae-chunk", type=int, default=4, help="latent frames per VAE decoder call")
+    parser.add_argument("--vae-channels-last", action="store_true", help="channels-last VAE convolutions")
+    parser.add_argument("--vae-compile-norms", action="store_true", help="torch.compile the VAE norms (CUDA)")
     parser.add_argument("--tag", default="", help="label copied into the env row")
     parser.add_argument("--sdpa-probe", action="store_true",
                         help="time each SDPA backend on the 1.3B self-attention shape (GPU only)")
@@ -655,9 +748,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     video = args.video or (os.path.join(os.environ["OUT"], "causal13b.mp4") if os.environ.get("OUT") else None)
     if args.no_video:
         video = None
-    if args.compile and any(w not in ("dit13b", "dit14b") for w in args.workloads):
-        parser.error("--compile applies to dit13b and dit14b only (the other workloads would recompile per shape)")
-    bench = Bench(sizes, device, video_path=video, compile_backend=args.compile)
+    fp8_workloads, compile_workloads = ("dit13b", "dit14b", "causal13b"), ("train13b", "train13b_causal")
+    if args.fp8 and any(w not in fp8_workloads for w in args.workloads):
+        parser.error(f"--fp8 applies to {', '.join(fp8_workloads)} only")
+    if args.compile and any(w not in fp8_workloads + compile_workloads for w in args.workloads):
+        parser.error(f"--compile applies to {', '.join(fp8_workloads + compile_workloads)} only")
+    if args.vae_chunk < 1:
+        parser.error(f"--vae-chunk must be >= 1, got {args.vae_chunk}")
+    vae_options = dict(chunk_frames=args.vae_chunk, channels_last=args.vae_channels_last,
+                       compile_norms=args.vae_compile_norms)
+    bench = Bench(sizes, device, video_path=video, compile_backend=args.compile, fp8=args.fp8,
+                  vae_options=vae_options)
     with _sdpa_priority(args.sdpa):
         rows = [env_row(device, args)]
         print(json.dumps(rows[0]), flush=True)
