@@ -214,7 +214,22 @@ def measure(fn: Callable[[], dict | None], device: torch.device, warmup: int, re
             times.append(time.perf_counter() - t0)
         extras.append(extra if isinstance(extra, dict) else {})
     medians = {k: statistics.median(e[k] for e in extras) for k in extras[0]} if extras[0] else {}
+    if PROFILE_TOP and device.type == "cuda":
+        _print_profile(fn, PROFILE_TOP)
     return statistics.median(times), times, medians
+
+
+PROFILE_TOP = 0  # --profile N: after timing, one more call under torch.profiler; print its N costliest kernels
+
+
+def _print_profile(fn: Callable[[], object], top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
+    print(f"# profile (one call, top {top} kernels by CUDA time)\n{table}", flush=True)
 
 
 def _peak_gib(device: torch.device) -> float | None:
@@ -727,12 +742,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--vae-channels-last", action="store_true", help="channels-last VAE convolutions")
     parser.add_argument("--vae-compile-norms", action="store_true", help="torch.compile the VAE norms (CUDA)")
     parser.add_argument("--tag", default="", help="label copied into the env row")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile one more call and print its N costliest CUDA kernels")
     parser.add_argument("--sdpa-probe", action="store_true",
                         help="time each SDPA backend on the 1.3B self-attention shape (GPU only)")
     args = parser.parse_args(argv)
     bad = [w for w in args.workloads if w not in WORKLOADS]
     if bad:
         parser.error(f"unknown workload(s) {bad}; known: {', '.join(WORKLOADS)}")
+    global PROFILE_TOP
+    PROFILE_TOP = max(0, args.profile)
     sizes = Sizes.tiny() if args.tiny else Sizes()
     if args.tiny and args.device == "cpu":
         torch.set_num_threads(1)  # tiny ops: threads only contend

@@ -120,18 +120,20 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, images: bool = False) -> None:
         super().__init__()
-        self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
         self.compiled = False
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
-        fn = _compiled_norm() if self.compiled and x.is_cuda else _rms_norm
-        return fn(x, self.gamma, self.scale, silu)
+        if self.compiled and x.is_cuda:
+            # gamma as a plain tensor: a parameter's shape is static to dynamo, which would make the channel count
+            # static too and compile one graph per width (the recompile limit then falls back to eager).
+            return _compiled_norm()(x, self.gamma.detach() if not torch.is_grad_enabled() else self.gamma, silu)
+        return _rms_norm(x, self.gamma, silu)
 
 
-def _rms_norm(x: Tensor, gamma: Tensor, scale: float, silu: bool) -> Tensor:
-    """fp32 F.normalize over channels · scale · gamma (then SiLU), cast back to x's dtype."""
-    y = F.normalize(x.float(), dim=1) * (gamma.float() * scale)
+def _rms_norm(x: Tensor, gamma: Tensor, silu: bool) -> Tensor:
+    """fp32 F.normalize over channels · sqrt(C) · gamma (then SiLU), cast back to x's dtype."""
+    y = F.normalize(x.float(), dim=1) * (gamma.float() * x.shape[1] ** 0.5)
     if silu:
         y = F.silu(y)
     return y.to(x.dtype)

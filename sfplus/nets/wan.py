@@ -245,8 +245,12 @@ class CrossContext:
     def kv(self, attn: "CrossAttention", layer: int) -> tuple[torch.Tensor, ...]:
         kv = attn.context_kv(self.context, self.context_img)
         if self.collected is not None:
-            self.collected[layer] = kv
+            self._collect(layer, kv)
         return kv
+
+    @torch.compiler.disable  # indexing by `layer` inside a compiled block would specialise it: one graph per layer
+    def _collect(self, layer: int, kv: tuple[torch.Tensor, ...]) -> None:
+        self.collected[layer] = kv  # type: ignore[index]
 
 
 class WanBlock(nn.Module):
