@@ -153,8 +153,9 @@ def test_vae_sweep_variants_give_the_same_video(rows):
     extra = rows["vae_sweep"]["extra"]
     assert [(v["chunk_frames"], v["channels_last"], v["compile_norms"]) for v in extra["variants"]] == list(
         bench.VAE_SWEEP)
-    # bf16 weights: the same video up to kernel rounding (fp32 equality: tests/nets/test_vae.py)
-    assert all(v["max_abs_diff"] < 0.1 for v in extra["variants"])
+    # bf16 weights, 4-channel tiny VAE: the same video up to bf16 rounding (channels-last applies gamma in bf16, as
+    # the original does everywhere); fp32 equality is tested in tests/nets/test_vae.py
+    assert all(v["max_abs_diff"] < 0.25 for v in extra["variants"])
     assert extra["best"]["median_s"] == rows["vae_sweep"]["median_s"]
 
 

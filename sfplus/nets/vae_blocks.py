@@ -115,7 +115,8 @@ class RMSNorm(nn.Module):
     Computed in fp32 (design: norms in fp32) and cast back. `images=True` is the per-frame 2D variant used by
     the attention block (gamma [C, 1, 1]); otherwise gamma is [C, 1, 1, 1] for [B, C, T, H, W] input.
     `forward(x, silu=True)` applies the SiLU that follows every norm of the VAE before the cast (one fp32 pass
-    fewer). With `compiled = True` (set by `WanVAE.compile_norms`) the norm runs as one fused kernel on CUDA.
+    fewer). Channels-last input runs as a row-wise `F.rms_norm` (`WanVAE.use_channels_last`); channels-first input
+    on CUDA can run through torch.compile instead (`compiled = True`, set by `WanVAE.compile_norms`).
     """
 
     def __init__(self, dim: int, images: bool = False) -> None:
@@ -124,6 +125,8 @@ class RMSNorm(nn.Module):
         self.compiled = False
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        if _channels_innermost(x):
+            return _rms_norm_channels_last(x, self.gamma, silu)
         if self.compiled and x.is_cuda:
             # gamma as a plain tensor: a parameter's shape is static to dynamo, which would make the channel count
             # static too and compile one graph per width (the recompile limit then falls back to eager).
@@ -137,6 +140,23 @@ def _rms_norm(x: Tensor, gamma: Tensor, silu: bool) -> Tensor:
     if silu:
         y = F.silu(y)
     return y.to(x.dtype)
+
+
+def _channels_innermost(x: Tensor) -> bool:
+    """True for channels-last tensors (NDHWC / NHWC storage), whose channels are contiguous per position."""
+    fmt = torch.channels_last_3d if x.ndim == 5 else torch.channels_last if x.ndim == 4 else None
+    return fmt is not None and x.shape[1] > 1 and x.is_contiguous(memory_format=fmt) and not x.is_contiguous()
+
+
+def _rms_norm_channels_last(x: Tensor, gamma: Tensor, silu: bool) -> Tensor:
+    """The same norm on channels-last storage, as a row-wise `F.rms_norm` over the contiguous channel dim (fp32
+    statistics inside; one fused kernel on CUDA), SiLU in place. x / max(|x|, 1e-12) · sqrt(C) equals
+    x · rsqrt(mean(x²) + eps) with eps = 1e-24 / C; gamma is applied in x's dtype. Returns channels-last."""
+    c = x.shape[1]
+    y = F.rms_norm(x.movedim(1, -1), (c,), weight=gamma.reshape(c).to(x.dtype), eps=1e-24 / c)
+    if silu:
+        y = F.silu(y, inplace=True)
+    return y.movedim(-1, 1)
 
 
 _COMPILED_NORM = None

@@ -340,3 +340,14 @@ def test_channels_last_and_compiled_norm_flags_keep_results():
 def test_stream_decoder_rejects_bad_chunk():
     with pytest.raises(ValueError, match="chunk_frames"):
         StreamingDecoder(_tiny_vae(), chunk_frames=0)
+
+
+@pytest.mark.gpu
+def test_cuda_fast_decode_equals_cpu_decode():
+    """On CUDA the loader's defaults (channels-last, cuDNN autotuning, 4-frame chunks) decode the same video."""
+    vae = _tiny_vae()
+    z = torch.randn(1, 16, 6, 4, 6)
+    with torch.no_grad():
+        reference = vae.decode(z)
+        fast = vae.cuda().use_channels_last().decode(z.cuda()).cpu()
+    torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
