@@ -160,6 +160,26 @@ def test_compile_blocks_gives_the_eager_output():
     torch.testing.assert_close(compiled, eager)
 
 
+def test_compiled_checkpointed_training_equals_eager(tmp_path, teacher_file, prompt_file, monkeypatch):
+    """`scale: {compile, activation_checkpointing}` together train exactly like eager (dynamo's eager backend:
+    what is tested is the wrapping order, which Inductor shares)."""
+    import sfplus.parallel as parallel
+
+    compile_blocks = parallel.compile_blocks
+    monkeypatch.setattr(parallel, "compile_blocks", lambda net: compile_blocks(net, backend="eager"))
+    weights = []
+    for i, compile_ in enumerate([False, True]):
+        torch._dynamo.reset()
+        module = distill(teacher_file, scale={"compile": compile_, "activation_checkpointing": True})
+        data = PromptDataModule(prompt_file, batch_size=2, batches_per_epoch=4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            trainer(tmp_path / str(i), 3).fit(module, datamodule=data)
+        weights.append({k: v.clone() for k, v in module.generator.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-5, rtol=1e-4, msg=key)
+
+
 def test_unknown_scale_option_is_named():
     with pytest.raises(ValueError, match="unknown scale options \\['compiled'\\]"):
         DiffusionModule(net="tiny", scale={"compiled": True})

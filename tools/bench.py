@@ -549,14 +549,14 @@ class Bench:
         torch.manual_seed(0)
         with dev:  # fp32 master weights
             generator, critic, teacher = (build_dit(s.small) for _ in range(3))
-        for net in (generator, critic):
-            apply_activation_checkpointing(net.train())
-        teacher.eval().requires_grad_(False)
-        if self.compile_backend:  # what `scale: {compile: true}` does: compile the (checkpointed) blocks
+        if self.compile_backend:  # what `scale: {compile: true}` does: compile the blocks, then checkpoint them
             from sfplus.parallel import compile_blocks
 
             for net in (generator, critic, teacher):
                 compile_blocks(net, backend=self.compile_backend)
+        for net in (generator, critic):
+            apply_activation_checkpointing(net.train())
+        teacher.eval().requires_grad_(False)
         g_opt = torch.optim.AdamW(generator.parameters(), lr=2e-6, betas=(0.0, 0.999), weight_decay=0.01)
         c_opt = torch.optim.AdamW(critic.parameters(), lr=4e-7, betas=(0.0, 0.999), weight_decay=0.01)
         cfg = generator.config

@@ -93,6 +93,14 @@ class RecipeModule(L.LightningModule):
         for net in frozen:
             if self.frozen_dtype:
                 net.to(DTYPES[self.frozen_dtype])
+        if self.compile_blocks:
+            # Before the checkpoint wrappers: a compiled block inside a checkpoint recomputes correctly, while
+            # compiling the wrapper (the checkpoint traced by dynamo) fails in backward under autocast.
+            from sfplus.parallel import compile_blocks
+
+            for net in [*trainable, *frozen, *ema]:
+                if hasattr(net, "blocks"):
+                    compile_blocks(net)
         if self.activation_checkpointing:
             for net in trainable:
                 apply_activation_checkpointing(net)
@@ -111,12 +119,6 @@ class RecipeModule(L.LightningModule):
 
                     fully_shard(net, mesh=mesh, mp_policy=MixedPrecisionPolicy(
                         param_dtype=DTYPES[self.param_dtype], reduce_dtype=torch.float32))
-        if self.compile_blocks:
-            from sfplus.parallel import compile_blocks
-
-            for net in [*trainable, *frozen, *ema]:
-                if hasattr(net, "blocks"):
-                    compile_blocks(net)
 
     def net_context(self):
         """Nets are built on the meta device when they will be sharded, and filled after materialisation."""
