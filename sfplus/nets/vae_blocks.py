@@ -126,14 +126,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
         if _channels_innermost(x):
-            if self.compiled and x.is_cuda:  # one kernel: row statistics, gamma, SiLU, cast
-                return _compiled(_rms_norm_rows)(x, self.gamma.detach() if not torch.is_grad_enabled() else
-                                                 self.gamma, silu)
             return _rms_norm_channels_last(x, self.gamma, silu)
         if self.compiled and x.is_cuda:
             # gamma as a plain tensor: a parameter's shape is static to dynamo, which would make the channel count
             # static too and compile one graph per width (the recompile limit then falls back to eager).
-            return _compiled(_rms_norm)(x, self.gamma.detach() if not torch.is_grad_enabled() else self.gamma, silu)
+            return _compiled_norm()(x, self.gamma.detach() if not torch.is_grad_enabled() else self.gamma, silu)
         return _rms_norm(x, self.gamma, silu)
 
 
@@ -162,26 +159,15 @@ def _rms_norm_channels_last(x: Tensor, gamma: Tensor, silu: bool) -> Tensor:
     return y.movedim(-1, 1)
 
 
-def _rms_norm_rows(x: Tensor, gamma: Tensor, silu: bool) -> Tensor:
-    """`_rms_norm_channels_last` written out for torch.compile (fp32 statistics and gamma, SiLU, one cast), with
-    the output kept channels-last."""
-    c = x.shape[1]
-    rows = x.movedim(1, -1).float()
-    y = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-24 / c) * gamma.reshape(c).float()
-    if silu:
-        y = F.silu(y)
-    fmt = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
-    return y.to(x.dtype).movedim(-1, 1).contiguous(memory_format=fmt)
+_COMPILED_NORM = None
 
 
-_COMPILED: dict = {}
-
-
-def _compiled(fn):
-    """`fn` through torch.compile (dynamic shapes: one graph for every width and chunk length), built once."""
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
-    return _COMPILED[fn]
+def _compiled_norm():
+    """`_rms_norm` through torch.compile (one kernel: the channel reduction, scale, SiLU and cast), built once."""
+    global _COMPILED_NORM
+    if _COMPILED_NORM is None:
+        _COMPILED_NORM = torch.compile(_rms_norm, dynamic=True)
+    return _COMPILED_NORM
 
 
 class ResidualBlock(nn.Module):

@@ -351,18 +351,3 @@ def test_cuda_fast_decode_equals_cpu_decode():
         reference = vae.decode(z)
         fast = vae.cuda().use_channels_last().decode(z.cuda()).cpu()
     torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
-
-
-def test_norm_variants_agree():
-    """The three RMSNorm paths (channels-first fp32, channels-last rms_norm, the compiled rows form) agree."""
-    from sfplus.nets.vae_blocks import _rms_norm, _rms_norm_channels_last, _rms_norm_rows
-
-    torch.manual_seed(0)
-    gamma = torch.randn(96, 1, 1, 1)
-    x = torch.randn(1, 96, 3, 5, 7) * 3
-    last = x.contiguous(memory_format=torch.channels_last_3d)
-    expected = _rms_norm(x, gamma, True)
-    torch.testing.assert_close(_rms_norm_channels_last(last, gamma, True), expected, atol=1e-5, rtol=1e-5)
-    rows = _rms_norm_rows(last, gamma, True)
-    assert rows.is_contiguous(memory_format=torch.channels_last_3d)
-    torch.testing.assert_close(rows, expected, atol=1e-5, rtol=1e-5)
