@@ -188,6 +188,7 @@ class KVCache:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.end_frame = 0  # frames [0, end_frame) have been written (and are cached unless evicted)
+        self.frame_writes: dict[int, int] = {}  # frame -> how many forwards wrote it (see KVCacheStep)
         self._cross: list[tuple[torch.Tensor, ...]] | None = None
         if dtype is not None and device is not None:
             self._allocate(dtype, torch.device(device))
@@ -196,6 +197,7 @@ class KVCache:
     def reset(self) -> None:
         """Forget all frames and the cross-attention cache (buffers stay allocated)."""
         self.end_frame, self._cross = 0, None
+        self.frame_writes = {}
 
     @property
     def nbytes(self) -> int:
@@ -241,7 +243,10 @@ class KVCache:
                                  "with a rolling window (frames it needs may have been evicted)")
         lo = 0 if self.window is None else max(0, b - self.window)
         past = sorted(set(range(lo, k)) | set(range(min(self.sink, k))))
-        return KVCacheStep(self, b, list(range(k, b)), past)
+        step = KVCacheStep(self, b, list(range(k, b)), past)
+        for frame in range(k, b):
+            self.frame_writes[frame] = self.frame_writes.get(frame, 0) + 1
+        return step
 
     def commit(self, step: "KVCacheStep") -> None:
         """Finish a forward: frames [0, frame_offset + frames) are now the cached frames."""
@@ -270,6 +275,12 @@ class KVCacheStep:
     what it read, so a second call for the same layer — activation-checkpoint recomputation during backward, after
     the cache may have moved on — returns the same keys/values and leaves the cache alone. (Non-reentrant
     checkpointing only: reentrant checkpointing runs the first forward without grad, when reads are not copied.)
+
+    What is kept is a view of the cache, not a copy, unless the cache is a rolling window (whose slots are reused
+    for later frames): without a window a frame's slots only change when that frame itself is written again, which
+    a forward rollout never does to frames before the current block. A Self-Forcing generator step on 21 frames
+    would otherwise hold a copy of every block's past keys/values until backward (16.9 GiB at 1.3B, 480x832). If a
+    past frame is rewritten before the backward anyway, the recomputation raises instead of using changed values.
     """
 
     def __init__(self, cache: KVCache, end_frame: int, write_frames: list[int], read_frames: list[int]) -> None:
@@ -277,6 +288,7 @@ class KVCacheStep:
         self._write_frames, self._read_frames = write_frames, read_frames
         self._index: tuple | None = None
         self._past: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._read_writes = [cache.frame_writes.get(f, 0) for f in read_frames]  # versions of what is read
 
     @torch.compiler.disable  # cache bookkeeping stays eager; a compiled block runs as graphs around it
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,10 +301,22 @@ class KVCacheStep:
                 # Inference: the cache now holds past frames and this block side by side, with the same values
                 # as the live k, v (no grad, same dtype): attend to that slice, no concatenated copy.
                 return self.cache.k[layer][:, span], self.cache.v[layer][:, span]
+        else:  # a recomputation: the past it read must still be in the cache
+            self._check_past_unchanged()
         past = self._past[layer]
         if past is None:
             return k, v
         return torch.cat([past[0].to(k.dtype), k], dim=1), torch.cat([past[1].to(v.dtype), v], dim=1)
+
+    def _check_past_unchanged(self) -> None:
+        if self.cache.window is not None:  # windowed reads are copies
+            return
+        now = [self.cache.frame_writes.get(f, 0) for f in self._read_frames]
+        if now != self._read_writes:
+            changed = [f for f, a, b in zip(self._read_frames, self._read_writes, now) if a != b]
+            raise RuntimeError(
+                f"KVCache: frames {changed} were rewritten after a grad-enabled forward read them and before its "
+                "backward recomputed it; run the backward first, or use a separate KVCache for the rewrite")
 
     def _contiguous_span(self) -> slice | None:
         """The buffer slice [past frames | this block] when both are contiguous and adjacent, else None."""
@@ -325,7 +349,8 @@ class KVCacheStep:
             return None
         if isinstance(read, slice):
             past_k, past_v = ck[:, read], cv[:, read]
-            if torch.is_grad_enabled():  # a backward (recompute) may come after the buffer changed: keep a copy
+            if torch.is_grad_enabled() and cache.window is not None:
+                # a rolling window reuses these slots for later frames before the backward's recompute: copy
                 past_k, past_v = past_k.clone(), past_v.clone()
         else:
             past_k, past_v = ck.index_select(1, read), cv.index_select(1, read)  # already copies

@@ -285,3 +285,23 @@ def test_inference_reads_the_cache_in_place_and_matches_the_grad_path():
         KVCacheStep.update = original
     assert all(in_place) and not any(seen)
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-6)
+
+
+def test_rewriting_a_read_frame_before_backward_is_an_error():
+    """The grad path keeps views of past frames: rewriting them before the recompute must fail loudly."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _model()
+    for block in model.blocks:
+        forward = block.forward
+        block.forward = lambda *a, _f=forward, **kw: checkpoint(_f, *a, use_reentrant=False, **kw)
+    data = _data(4, b=1, seed=3)
+    x, t, ctx = data["x"], data["t"], data["context"]
+    cache = KVCache(model.config, 1, 4, S)
+    with torch.no_grad():
+        model(x[:, :, :2], t[:, :2], ctx, kv_cache=cache, frame_offset=0)
+    out = model(x[:, :, 2:], t[:, 2:], ctx, kv_cache=cache, frame_offset=2)  # reads frames 0, 1
+    with torch.no_grad():
+        model(x[:, :, :2] * 0.5, t[:, :2], ctx, kv_cache=cache, frame_offset=0)  # rewrites them
+    with pytest.raises(RuntimeError, match=r"frames \[0, 1\] were rewritten"):
+        out.square().mean().backward()
