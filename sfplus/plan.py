@@ -41,8 +41,18 @@ B = per-GPU batch). Tensors autograd keeps per token per block, in bytes:
 A DMD generator update keeps the generator's graph while the teacher and critic score its output, then runs the
 backward; a critic update is the same with the critic's graph. Peak activations =
 ``stored(trainable net) + max(no-grad forward(teacher or critic), recomputed block + backward workspace)``, the
-maximum over the trainable nets. Not counted: the latents, noise and text features (MBs), the VAE decode of
-sample videos (run it outside the training step), the causal (Self-Forcing) rollout's KV cache.
+maximum over the trainable nets.
+
+A causal (Self-Forcing) generator (``causal_frames_per_block``) adds its rollout's KV cache, alive from the rollout
+to the backward: ``L·2·d·2·N_cached·B`` (bf16 keys and values of every block; N_cached = all frames' tokens, or the
+sink + window frames with a rolling window). Each block's grad-enabled exit step stores its checkpointed input, which
+over all blocks is the same ``L·4d·N·B`` as one bidirectional pass. With a rolling window the grad-enabled reads of
+past keys/values are copies (the ring reuses slots): ``L·2·d·2·Σ_blocks(past tokens)·B`` more. Without a window
+they are views of the cache (`sfplus.nets.causal.KVCacheStep`). Measured on one H200 (docs/performance.md):
+1.3B Self-Forcing generator step 67.9 GiB against 62.0 GiB bidirectional, +5.9 GiB for a 5.6 GiB cache term.
+
+Not counted: the latents, noise and text features (MBs), the VAE decode of sample videos (run it outside the
+training step).
 """
 
 from __future__ import annotations
@@ -165,7 +175,8 @@ def _bytes_of(dtype: str, field_name: str) -> int:
 def _estimate(
     gen: NetSize, critic: NetSize | None, teacher: NetSize | None, *, gpus: int, batch_size: int,
     latent_shape: list[int], activation_checkpointing: bool, offload_encoders: bool, ema: bool,
-    master_dtype: str, teacher_dtype: str, overhead_gib: float,
+    master_dtype: str, teacher_dtype: str, overhead_gib: float, causal_frames_per_block: int | None = None,
+    local_window_frames: int | None = None, sink_frames: int = 0,
 ) -> list[tuple[str, float, str]]:
     m = _bytes_of(master_dtype, "master_dtype")
     t = _bytes_of(teacher_dtype, "teacher_dtype")
@@ -211,12 +222,36 @@ def _estimate(
     how = (f"{n_tok} tokens ({name}): " + ("block inputs + one recomputed block" if activation_checkpointing
                                            else "all blocks' intermediates") + " + backward/no-grad working set")
     rows.append(("activations", peak, how))
+    if causal_frames_per_block:
+        rows += _kv_cache_rows(gen, latent_shape, batch_size, causal_frames_per_block, local_window_frames,
+                               sink_frames)
 
     if not offload_encoders:
         names = ["umt5-xxl", "wan-vae"] + (["clip-vit-h"] if gen.image else [])
         enc = sum(ENCODERS[k][0] * ENCODERS[k][1] for k in names)
         rows.append(("frozen encoders", enc, " + ".join(names) + " (replicated)"))
     rows.append(("fixed overhead", overhead_gib * GIB, "CUDA context, NCCL buffers, fragmentation"))
+    return rows
+
+
+def _kv_cache_rows(gen: NetSize, latent_shape: list[int], batch: int, fpb: int, window: int | None,
+                   sink: int) -> list[tuple[str, float, str]]:
+    """The causal rollout's KV cache (and, with a rolling window, the copies of past keys/values kept for the
+    backward), from the module docstring."""
+    _, frames, h, w = latent_shape
+    pt, ph, pw = gen.patch
+    per_frame = (h // ph) * (w // pw)
+    latent_frames = frames // pt
+    if fpb < 1 or latent_frames % fpb:
+        raise PlanError(f"causal_frames_per_block must divide the {latent_frames} latent frames, got {fpb}")
+    slots = latent_frames if window is None else min(latent_frames, sink + window)
+    per_token = gen.layers * 2 * gen.dim * 2 * batch  # k and v, bf16, every layer
+    rows = [("KV cache (causal rollout)", per_token * slots * per_frame,
+             f"{gen.layers} layers x k,v x {gen.dim} x 2 B x {slots} frames x {per_frame} tokens")]
+    if window is not None:
+        past = sum(min(start, sink + window) for start in range(0, latent_frames, fpb))
+        rows.append(("past K/V copies (window)", per_token * past * per_frame,
+                     f"grad-enabled reads of a rolling window: {past} frames over all blocks"))
     return rows
 
 
@@ -234,6 +269,9 @@ def plan(
     master_dtype: Literal["fp32", "bf16"] = "fp32",
     teacher_dtype: Literal["bf16", "fp32"] = "bf16",
     overhead_gib: float = 4.0,
+    causal_frames_per_block: int | None = None,
+    local_window_frames: int | None = None,
+    sink_frames: int = 0,
 ) -> MemoryPlan:
     """Estimate per-GPU memory of a training recipe and say whether it fits.
 
@@ -251,6 +289,9 @@ def plan(
         master_dtype: dtype of trainable weights, gradients and AdamW states.
         teacher_dtype: dtype of the frozen teacher.
         overhead_gib: fixed per-GPU overhead.
+        causal_frames_per_block: latent frames per block of a causal (Self-Forcing) generator; None for a
+            bidirectional one. Adds the rollout's KV cache.
+        local_window_frames, sink_frames: the causal generator's rolling attention window and sink frames.
     """
     latent_shape = list(latent_shape or [16, 21, 60, 104])
     if len(latent_shape) != 4 or min(latent_shape) <= 0:
@@ -269,7 +310,10 @@ def plan(
                     offload_encoders=offload_encoders, ema=ema, master_dtype=master_dtype,
                     teacher_dtype=teacher_dtype, overhead_gib=overhead_gib)
     fixed = dict(latent_shape=latent_shape, ema=ema, master_dtype=master_dtype, teacher_dtype=teacher_dtype,
-                 overhead_gib=overhead_gib)
+                 overhead_gib=overhead_gib, causal_frames_per_block=causal_frames_per_block,
+                 local_window_frames=local_window_frames, sink_frames=sink_frames)
+    settings.update(causal_frames_per_block=causal_frames_per_block, local_window_frames=local_window_frames,
+                    sink_frames=sink_frames)
 
     def total(**change) -> float:
         kw = dict(gpus=gpus, batch_size=batch_size, activation_checkpointing=activation_checkpointing,

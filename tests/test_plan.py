@@ -99,3 +99,20 @@ def test_command_line_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert result.settings["critic"] is None and "teacher (frozen)" not in out
     assert "does NOT fit in a 10 GiB GPU" in out and "total" in out and "activations" in out
+
+
+def test_causal_generator_adds_its_kv_cache():
+    kw = dict(generator="wan2.1-t2v-1.3b", critic="wan2.1-t2v-1.3b", teacher="wan2.1-t2v-1.3b", gpus=1,
+              gpu_memory_gib=141)
+    bidirectional = plan(**kw)
+    causal = plan(**kw, causal_frames_per_block=3)
+    cache = causal.row("KV cache (causal rollout)")
+    assert cache == 30 * 2 * 1536 * 2 * 21 * 1560  # layers x (k, v) x dim x bf16 x frames x tokens per frame
+    assert cache / GIB == pytest.approx(5.62, abs=0.01)
+    assert causal.total_bytes == pytest.approx(bidirectional.total_bytes + cache)
+    windowed = plan(**kw, causal_frames_per_block=3, local_window_frames=6, sink_frames=3)
+    assert windowed.row("KV cache (causal rollout)") == pytest.approx(cache * 9 / 21)
+    # past reads of blocks starting at frames 0, 3, ..., 18, capped at the 9 cached frames: 0+3+6+9+9+9+9
+    assert windowed.row("past K/V copies (window)") == pytest.approx(cache * 45 / 21)
+    with pytest.raises(PlanError, match="causal_frames_per_block"):
+        plan(**kw, causal_frames_per_block=4)
