@@ -79,7 +79,8 @@ def run(preset: str, generator_type: str, steps: int, tiny: bool) -> dict:
         from sfplus.plan import plan
 
         estimate = plan(generator=preset, critic=preset, teacher=preset, gpus=1, gpu_memory_gib=139,
-                        latent_shape=shape, activation_checkpointing=True, offload_encoders=True)
+                        latent_shape=shape, activation_checkpointing=True, offload_encoders=True,
+                        causal_frames_per_block=3 if generator_type == "causal" else None)
         row["planner_gib"] = round(estimate.total_gib, 2)
     print(json.dumps(row), flush=True)
     return row
