@@ -180,6 +180,28 @@ def test_compiled_checkpointed_training_equals_eager(tmp_path, teacher_file, pro
         torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+def test_fp8_predict_quantizes_after_loading_and_refuses_training(tmp_path, teacher_file, prompt_file):
+    from sfplus.nets.fp8 import Fp8Linear
+
+    kw = dict(net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
+              video_shape=SHAPE, sample_steps=2)
+    plain, fp8 = DiffusionModule(**kw), DiffusionModule(**kw, scale={"fp8": True})
+    plain.configure_model(), fp8.configure_model()  # build the nets now (Lightning would, lazily)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a fresh net's zero head would make any two nets agree
+        for param in plain.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    fp8.load_state_dict(plain.state_dict())
+    data = PromptDataModule(prompt_file, batch_size=2)
+    out = [trainer(tmp_path / name, 1).predict(m, datamodule=data) for name, m in (("a", plain), ("b", fp8))]
+    assert isinstance(fp8.model_ema.blocks[0].ffn[0], Fp8Linear) and type(plain.model_ema.blocks[0].ffn[0]) is torch.nn.Linear
+    a, b = (torch.cat([r["latents"] for r in o]).float() for o in out)
+    assert a.shape == b.shape and torch.isfinite(b).all() and not torch.equal(a, b)
+    assert (a - b).norm() / a.norm() < 0.2  # close: the same weights, 8-bit matmuls
+    with pytest.raises(ValueError, match="scale.fp8 is for predict only"):
+        trainer(tmp_path / "c", 1).fit(DiffusionModule(**kw, scale={"fp8": True}), datamodule=data)
+
+
 def test_unknown_scale_option_is_named():
     with pytest.raises(ValueError, match="unknown scale options \\['compiled'\\]"):
         DiffusionModule(net="tiny", scale={"compiled": True})

@@ -50,13 +50,14 @@ class RecipeModule(L.LightningModule):
         self.param_dtype = scale.pop("param_dtype", "bf16")
         self.frozen_dtype = scale.pop("frozen_dtype", None)
         self.compile_blocks = bool(scale.pop("compile", False))
+        self.fp8 = bool(scale.pop("fp8", False))  # predict only: FP8 linears in the DiT blocks (sfplus.nets.fp8)
         self.accumulate = int(scale.pop("accumulate_grad_batches", 1))
         if self.accumulate < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {self.accumulate}")
         self._micro = 0  # micro-batch index inside the current (accumulated) update
         if scale:
             raise ValueError(f"unknown scale options {sorted(scale)}: use activation_checkpointing, param_dtype, "
-                             "frozen_dtype, compile, accumulate_grad_batches")
+                             "frozen_dtype, compile, fp8, accumulate_grad_batches")
         self._weights_pending = False
         self.conditioner = conditioner
         self.seed = seed
@@ -136,10 +137,26 @@ class RecipeModule(L.LightningModule):
             self._weights_pending = False
 
     def on_fit_start(self) -> None:
+        if self.fp8:
+            raise ValueError("scale.fp8 is for predict only: FP8 linears have no backward; train without it")
         self._load_pending()
 
     def on_predict_start(self) -> None:
         self._load_pending()
+        if self.fp8:
+            self._quantize_fp8()
+
+    def _quantize_fp8(self) -> None:
+        """Swap the block linears of every DiT in the module for FP8 ones (after the weights are loaded)."""
+        from sfplus.nets.fp8 import quantize_dit_fp8
+        from sfplus.parallel import is_sharded
+
+        for name, net in self.named_children():
+            if not hasattr(net, "blocks"):
+                continue
+            if is_sharded(net):
+                raise ValueError(f"scale.fp8: {name} is sharded (FSDP); predict with data parallelism only")
+            quantize_dit_fp8(getattr(net, "_orig_mod", net))
 
     def on_validation_start(self) -> None:
         self._load_pending()

@@ -41,7 +41,8 @@ class DiffusionModule(SingleNetModule):
         teacher_forcing: the noisy blocks see the CLEAN earlier blocks as context (through the KV cache), noised
             to a random level below ``noise_augmentation_max_timestep`` (0: exactly clean).
         scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
-            frozen_dtype: bf16|fp32|None, compile: bool (torch.compile each block), accumulate_grad_batches: int}``
+            frozen_dtype: bf16|fp32|None, compile: bool (torch.compile each block), fp8: bool (predict only: FP8
+            block linears), accumulate_grad_batches: int}``
             (see sfplus.parallel).
     """
 

@@ -66,7 +66,7 @@ class DistillModule(RecipeModule):
         seed: base seed of training randomness; predict_seed: base seed of generated videos.
         scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
             frozen_dtype: bf16|fp32|None (teacher storage), compile: bool (torch.compile each block),
-            accumulate_grad_batches: int (micro-batches per update; N GPUs reproduce N*k GPUs)}``
+            fp8: bool (predict only: FP8 block linears, sfplus.nets.fp8), accumulate_grad_batches: int (micro-batches per update; N GPUs reproduce N*k GPUs)}``
             (see sfplus.parallel).
     """
 

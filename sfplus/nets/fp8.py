@@ -28,7 +28,8 @@ def _rowwise_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Fp8Linear(nn.Module):
-    """`nn.Linear` replacement with an e4m3 weight and a per-output-channel scale; x [..., in] -> [..., out] bf16.
+    """`nn.Linear` replacement with an e4m3 weight and a per-output-channel scale; x [..., in] -> [..., out] in the
+    replaced layer's dtype (the matmul itself outputs bf16).
 
     Buffers: `qweight` [out, in] float8_e4m3fn, `weight_scale` [1, out] fp32, `bias` [out] bf16 or None.
     """
@@ -42,6 +43,7 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"Fp8Linear needs in/out features divisible by 16 (float8 matmul), got "
                              f"{in_features} -> {out_features}")
         self.in_features, self.out_features = in_features, out_features
+        self.output_dtype = linear.weight.dtype  # the replaced layer's: an fp32 net keeps fp32 activations
         with torch.no_grad():
             qweight, scale = _rowwise_quantize(linear.weight.detach())
         self.register_buffer("qweight", qweight)
@@ -56,7 +58,7 @@ class Fp8Linear(nn.Module):
                                out_dtype=torch.bfloat16)
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features)
+        return out.reshape(*shape[:-1], self.out_features).to(self.output_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
