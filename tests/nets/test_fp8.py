@@ -50,3 +50,18 @@ def test_quantized_dit_stays_close_to_bf16():
 def test_quantize_needs_a_dit():
     with pytest.raises(TypeError, match="WanDiT"):
         quantize_dit_fp8(nn.Linear(16, 16))
+
+
+@pytest.mark.gpu
+def test_quantized_dit_on_cuda_stays_close_to_bf16():
+    """The sm90 rowwise `_scaled_mm` path (the CPU test runs the CPU kernel)."""
+    torch.manual_seed(0)
+    net = build_dit("tiny").to("cuda", torch.bfloat16).eval()
+    x = torch.randn(2, 16, 3, 4, 4, device="cuda", dtype=torch.bfloat16)
+    t = torch.tensor([900.0, 300.0], device="cuda")
+    context = torch.randn(2, 8, 16, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        reference = net(x, t, context).float()
+        quantize_dit_fp8(net)
+        out = net(x, t, context).float()
+    assert psnr(out, reference) > 25 and not torch.equal(out, reference)
