@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sfplus.nets.vae_blocks import CausalCache, CausalConv3d, Decoder3d, Encoder3d, RMSNorm
+from sfplus.nets.vae_blocks import CausalCache, CausalConv3d, Decoder3d, Encoder3d
 from sfplus.nets.vae_keys import diffusers_vae_to_wan, is_diffusers_vae_state_dict
 
 # Per-channel statistics of Wan2.1 VAE posterior means (channel order 0..15), spec §4.5.
@@ -130,15 +130,6 @@ class WanVAE(nn.Module):
                 fmt = fmt3 if isinstance(module, nn.Conv3d) else fmt2
                 module.weight.data = module.weight.data.contiguous(memory_format=fmt)
         self.channels_last = enabled
-        return self
-
-    def compile_norms(self, enabled: bool = True) -> "WanVAE":
-        """Run every channels-first RMSNorm (+ SiLU) through `torch.compile` on CUDA (about 7 fp32 passes over a
-        full-resolution activation fused). Channels-last activations do not need it (`use_channels_last`: a
-        row-wise `F.rms_norm`); CPU tensors keep the eager path."""
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.compiled = enabled
         return self
 
     def _layout(self, x: Tensor) -> Tensor:

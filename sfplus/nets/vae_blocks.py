@@ -87,26 +87,15 @@ class CausalConv3d(nn.Conv3d):
             if history is not None:
                 parts.insert(0, history.to(x.device, x.dtype))  # type: ignore[union-attr]
                 time_pad -= history.shape[2]  # type: ignore[union-attr]
-            cache.set(self, _last_frames(parts, CACHE_T))
         if time_pad > 0:
             # zeros_like keeps x's memory format (channels-last inputs stay channels-last through the cat)
-            zero = torch.zeros_like(x[:, :, :1])
-            parts[:0] = [zero] * time_pad
-        if len(parts) > 1:
-            x = torch.cat(parts, dim=2)
-        return super().forward(x)
-
-
-def _last_frames(parts: list[Tensor], n: int) -> Tensor:
-    """The last n frames of the concatenation of `parts` along time, as a fresh tensor: a view would keep the
-    whole chunk alive."""
-    tail: list[Tensor] = []
-    for part in reversed(parts):
-        need = n - sum(t.shape[2] for t in tail)
-        if need <= 0:
-            break
-        tail.insert(0, part[:, :, -need:])
-    return torch.cat(tail, dim=2) if len(tail) > 1 else tail[0].clone()
+            parts[:0] = [torch.zeros_like(x[:, :, :1])] * time_pad
+        joined = torch.cat(parts, dim=2) if len(parts) > 1 else x
+        if cache is not None and self.time_pad > 0:
+            # clone: do not keep the whole chunk alive through a view of it. (A leading zero frame may come along:
+            # it is exactly the padding the next chunk would add.)
+            cache.set(self, joined[:, :, -CACHE_T:].clone())
+        return super().forward(joined)
 
 
 class RMSNorm(nn.Module):
@@ -115,22 +104,16 @@ class RMSNorm(nn.Module):
     Computed in fp32 (design: norms in fp32) and cast back. `images=True` is the per-frame 2D variant used by
     the attention block (gamma [C, 1, 1]); otherwise gamma is [C, 1, 1, 1] for [B, C, T, H, W] input.
     `forward(x, silu=True)` applies the SiLU that follows every norm of the VAE before the cast (one fp32 pass
-    fewer). Channels-last input runs as a row-wise `F.rms_norm` (`WanVAE.use_channels_last`); channels-first input
-    on CUDA can run through torch.compile instead (`compiled = True`, set by `WanVAE.compile_norms`).
+    fewer). Channels-last input runs as a row-wise `F.rms_norm` (`WanVAE.use_channels_last`).
     """
 
     def __init__(self, dim: int, images: bool = False) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
-        self.compiled = False
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
         if _channels_innermost(x):
             return _rms_norm_channels_last(x, self.gamma, silu)
-        if self.compiled and x.is_cuda:
-            # gamma as a plain tensor: a parameter's shape is static to dynamo, which would make the channel count
-            # static too and compile one graph per width (the recompile limit then falls back to eager).
-            return _compiled_norm()(x, self.gamma.detach() if not torch.is_grad_enabled() else self.gamma, silu)
         return _rms_norm(x, self.gamma, silu)
 
 
@@ -157,17 +140,6 @@ def _rms_norm_channels_last(x: Tensor, gamma: Tensor, silu: bool) -> Tensor:
     if silu:
         y = F.silu(y, inplace=True)
     return y.movedim(-1, 1)
-
-
-_COMPILED_NORM = None
-
-
-def _compiled_norm():
-    """`_rms_norm` through torch.compile (one kernel: the channel reduction, scale, SiLU and cast), built once."""
-    global _COMPILED_NORM
-    if _COMPILED_NORM is None:
-        _COMPILED_NORM = torch.compile(_rms_norm, dynamic=True)
-    return _COMPILED_NORM
 
 
 class ResidualBlock(nn.Module):
@@ -289,15 +261,11 @@ def _interleave_frames(even: Tensor, odd: Tensor) -> Tensor:
     """[B, C, T, H, W] twice -> [B, C, 2T, H, W] with frames even[0], odd[0], even[1], ... in the inputs' memory
     format (a reshape would silently turn channels-last into channels-first)."""
     b, c, t, h, w = even.shape
-    fmt = torch.channels_last_3d if _is_channels_last(even) else torch.contiguous_format
+    fmt = torch.channels_last_3d if _channels_innermost(even) else torch.contiguous_format
     out = torch.empty((b, c, 2 * t, h, w), dtype=even.dtype, device=even.device, memory_format=fmt)
     out[:, :, 0::2] = even
     out[:, :, 1::2] = odd
     return out
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
 
 
 def _run(layers: nn.Sequential, x: Tensor, cache: CausalCache | None) -> Tensor:
