@@ -156,7 +156,7 @@ class RecipeModule(L.LightningModule):
                 continue
             if is_sharded(net):
                 raise ValueError(f"scale.fp8: {name} is sharded (FSDP); predict with data parallelism only")
-            quantize_dit_fp8(getattr(net, "_orig_mod", net))
+            quantize_dit_fp8(net)
 
     def on_validation_start(self) -> None:
         self._load_pending()
