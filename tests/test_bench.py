@@ -151,7 +151,7 @@ def test_compiled_blocks_give_the_eager_output():
 
 def test_vae_sweep_variants_give_the_same_video(rows):
     extra = rows["vae_sweep"]["extra"]
-    assert [(v["chunk_frames"], v["channels_last"]) for v in extra["variants"]] == list(
+    assert [(v["chunk_frames"], v["channels_last"], v["fused_norms"]) for v in extra["variants"]] == list(
         bench.VAE_SWEEP)
     # bf16 weights, 4-channel tiny VAE: the same video up to bf16 rounding (channels-last applies gamma in bf16, as
     # the original does everywhere); fp32 equality is tested in tests/nets/test_vae.py
@@ -168,6 +168,6 @@ def test_fp8_and_compile_variants_report_fidelity():
         assert "error" not in r, r
         assert r["extra"]["fp8_linears"] > 0
         assert 15 < r["extra"]["psnr_vs_eager_db"] < float("inf")
-    assert causal["extra"]["vae"] == dict(chunk_frames=2, channels_last=True)
+    assert causal["extra"]["vae"] == dict(chunk_frames=2, channels_last=True, fused_norms=True)
     with pytest.raises(SystemExit):
         bench.main(["vae", "--tiny", "--device", "cpu", "--fp8"])

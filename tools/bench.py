@@ -24,12 +24,12 @@ Workloads (full sizes: latent 1x16x21x60x104 = 81 frames of 480x832, 32,760 vide
   has not run in this process).
 
 * ``vae_sweep`` — the VAE decode under each speed setting (`VAE_SWEEP`: latent frames per decoder call,
-  channels-last), each against the original frame-by-frame decode of the same latents.
+  channels-last, fused Triton norms), each against the original frame-by-frame decode of the same latents.
 
 Variants (flags): ``--compile [BACKEND]`` compiles every DiT block with ``torch.compile`` (dit13b, dit14b,
 causal13b, train13b, train13b_causal), ``--fp8`` swaps the DiT block linears for FP8 ones (dit13b, dit14b,
 causal13b); both add the first-call time and the relative difference and PSNR to the bf16 eager output of the same
-call. ``--vae-chunk N`` and ``--vae-channels-last`` set the VAE decoder (vae, pipe14b,
+call. ``--vae-chunk N``, ``--vae-channels-last`` and ``--vae-no-fused`` set the VAE decoder (vae, pipe14b,
 causal13b). ``--sdpa cudnn|flash|efficient`` puts one attention backend first, ``--cudnn-benchmark`` lets cuDNN
 autotune the VAE convolutions, ``--sdpa-probe`` times each attention backend alone on the 1.3B self-attention
 shape (in the ``env`` line).
@@ -166,14 +166,16 @@ def vae_decode_flops(vae_overrides: tuple, latent: tuple[int, ...]) -> float:
 
 
 # (chunk_frames, channels_last) of the `vae_sweep` workload; the first is the original frame by frame.
-VAE_SWEEP = ((1, False), (4, False), (4, True), (8, True), (20, True))
+VAE_SWEEP = ((1, False, False), (4, False, False), (4, True, False), (4, True, True), (8, True, True))
 
 
-def configure_vae(vae: WanVAE, chunk_frames: int = 4, channels_last: bool = False) -> WanVAE:
-    """Set the decoder's speed options on a built WanVAE (both keep the results; see `WanVAE`)."""
+def configure_vae(vae: WanVAE, chunk_frames: int = 4, channels_last: bool = False, fused_norms: bool = True) -> WanVAE:
+    """Set the decoder's speed options on a built WanVAE (all keep the results; see `WanVAE`). `fused_norms`
+    matters on CUDA with channels-last only (the Triton norm → conv path, `sfplus.nets.row_norm`)."""
     vae.decode_chunk_frames = chunk_frames
     if vae.channels_last != channels_last:
         vae.use_channels_last(channels_last)
+    vae.use_fused_norms(fused_norms)
     return vae
 
 
@@ -259,7 +261,7 @@ class Bench:
         self.video_path = video_path
         self.compile_backend = compile_backend  # torch.compile the DiT blocks with this backend
         self.fp8 = fp8  # FP8 linears in the DiT blocks (inference workloads)
-        self.vae_options = dict(vae_options or {})  # chunk_frames, channels_last
+        self.vae_options = dict(vae_options or {})  # chunk_frames, channels_last, fused_norms
         self.results: dict[str, dict] = {}
         self._nets: dict[str, torch.nn.Module] = {}
 
@@ -408,8 +410,8 @@ class Bench:
         vae = self._build("vae", lambda: WanVAE(**s.vae), torch.bfloat16)
         z = self.noise()
         variants, reference = [], None
-        for chunk, channels_last in VAE_SWEEP:
-            configure_vae(vae, chunk_frames=chunk, channels_last=channels_last)
+        for chunk, channels_last, fused in VAE_SWEEP:
+            configure_vae(vae, chunk_frames=chunk, channels_last=channels_last, fused_norms=fused)
             _reset_peak(dev)
             out = {}
 
@@ -420,7 +422,7 @@ class Bench:
             med, runs, _ = measure(decode, dev, s.warmup, s.reps)
             if reference is None:
                 reference = out["y"]
-            variants.append(dict(chunk_frames=chunk, channels_last=channels_last,
+            variants.append(dict(chunk_frames=chunk, channels_last=channels_last, fused_norms=fused,
                                  median_s=round(med, 4), runs_s=_r(runs), peak_mem_gib=_peak_gib(dev),
                                  max_abs_diff=float((out["y"].float() - reference.float()).abs().max())))
             print(json.dumps(dict(name="vae_sweep.variant", **variants[-1])), flush=True)
@@ -738,6 +740,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="FP8 linears in the DiT blocks (dit13b, dit14b, causal13b), PSNR against bf16")
     parser.add_argument("--vae-chunk", type=int, default=4, help="latent frames per VAE decoder call")
     parser.add_argument("--vae-channels-last", action="store_true", help="channels-last VAE convolutions")
+    parser.add_argument("--vae-no-fused", action="store_true",
+                        help="without the Triton norm → conv path (channels-last on CUDA only)")
     parser.add_argument("--tag", default="", help="label copied into the env row")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile one more call and print its N costliest CUDA kernels")
@@ -771,7 +775,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--compile applies to {', '.join(fp8_workloads + compile_workloads)} only")
     if args.vae_chunk < 1:
         parser.error(f"--vae-chunk must be >= 1, got {args.vae_chunk}")
-    vae_options = dict(chunk_frames=args.vae_chunk, channels_last=args.vae_channels_last)
+    vae_options = dict(chunk_frames=args.vae_chunk, channels_last=args.vae_channels_last,
+                       fused_norms=not args.vae_no_fused)
     bench = Bench(sizes, device, video_path=video, compile_backend=args.compile, fp8=args.fp8,
                   vae_options=vae_options)
     with _sdpa_priority(args.sdpa):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sfplus.nets.vae_blocks import CausalCache, CausalConv3d, Decoder3d, Encoder3d
+from sfplus.nets.vae_blocks import CausalCache, CausalConv3d, Decoder3d, Encoder3d, RMSNorm
 from sfplus.nets.vae_keys import diffusers_vae_to_wan, is_diffusers_vae_state_dict
 
 # Per-channel statistics of Wan2.1 VAE posterior means (channel order 0..15), spec §4.5.
@@ -130,6 +130,15 @@ class WanVAE(nn.Module):
                 fmt = fmt3 if isinstance(module, nn.Conv3d) else fmt2
                 module.weight.data = module.weight.data.contiguous(memory_format=fmt)
         self.channels_last = enabled
+        return self
+
+    def use_fused_norms(self, enabled: bool = True) -> "WanVAE":
+        """Let norm → SiLU → causal conv run as one Triton pass into the convolution's joined input where it can
+        (CUDA, Triton, channels-last, no autograd; `sfplus.nets.row_norm`). On by default; off gives the PyTorch
+        path. Same formula, fp32 inside."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.fused_kernel = enabled
         return self
 
     def _layout(self, x: Tensor) -> Tensor:

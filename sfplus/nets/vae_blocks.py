@@ -80,17 +80,41 @@ class CausalConv3d(nn.Conv3d):
         self.time_pad = 2 * pad_t
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
-        time_pad = self.time_pad
+        front, zeros = self._front(cache)
         parts = [x]
-        if cache is not None and time_pad > 0:
-            history = cache.get(self)
-            if history is not None:
-                parts.insert(0, history.to(x.device, x.dtype))  # type: ignore[union-attr]
-                time_pad -= history.shape[2]  # type: ignore[union-attr]
-        if time_pad > 0:
+        if front is not None:
+            parts.insert(0, front.to(x.device, x.dtype))
+        if zeros > 0:
             # zeros_like keeps x's memory format (channels-last inputs stay channels-last through the cat)
-            parts[:0] = [torch.zeros_like(x[:, :, :1])] * time_pad
+            parts[:0] = [torch.zeros_like(x[:, :, :1])] * zeros
         joined = torch.cat(parts, dim=2) if len(parts) > 1 else x
+        return self.forward_joined(joined, cache)
+
+    def _front(self, cache: CausalCache | None) -> tuple[Tensor | None, int]:
+        """What goes before the chunk in time: (cached history frames or None, number of zero frames)."""
+        history = cache.get(self) if cache is not None and self.time_pad > 0 else None
+        used = 0 if history is None else history.shape[2]  # type: ignore[union-attr]
+        return history, max(self.time_pad - used, 0)  # type: ignore[return-value]
+
+    def joined_buffer(self, x: Tensor, cache: CausalCache | None) -> tuple[Tensor, Tensor]:
+        """An uninitialised chunk with its history (or zero) frames already in front, in x's memory format.
+
+        Returns (joined [B, C, front + T, H, W], tail): whoever produces this convolution's input writes it into
+        `tail` (x's shape), then calls :meth:`forward_joined` — no concatenation copy.
+        """
+        history, zeros = self._front(cache)
+        front = zeros + (0 if history is None else history.shape[2])
+        b, c, t, h, w = x.shape
+        fmt = torch.channels_last_3d if _channels_innermost(x) else torch.contiguous_format
+        joined = torch.empty((b, c, front + t, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        if zeros:
+            joined[:, :, :zeros].zero_()
+        if history is not None:
+            joined[:, :, zeros:front].copy_(history)
+        return joined, joined[:, :, front:]
+
+    def forward_joined(self, joined: Tensor, cache: CausalCache | None) -> Tensor:
+        """The convolution of a chunk already joined to its temporal padding; updates the cache."""
         if cache is not None and self.time_pad > 0:
             # clone: do not keep the whole chunk alive through a view of it. (A leading zero frame may come along:
             # it is exactly the padding the next chunk would add.)
@@ -109,6 +133,8 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, images: bool = False) -> None:
         super().__init__()
+        # Inside a Sequential run by `_run`: may use the fused Triton kernel when it can (WanVAE.use_fused_norms).
+        self.fused_kernel = True
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
@@ -271,21 +297,52 @@ def _interleave_frames(even: Tensor, odd: Tensor) -> Tensor:
 def _run(layers: nn.Sequential, x: Tensor, cache: CausalCache | None) -> Tensor:
     """Run a Sequential of blocks, passing the cache to those that take one (all but SiLU/norms/dropout).
 
-    An RMSNorm directly followed by a SiLU runs as one `norm(x, silu=True)` call.
+    An RMSNorm directly followed by a SiLU runs as one `norm(x, silu=True)` call. Where the fused row-norm kernel
+    can run (CUDA, Triton, channels-last, inference), norm → SiLU → [identity dropout] → causal conv writes the
+    normalised activation straight into the convolution's joined input (`sfplus.nets.row_norm`).
     """
-    fused_silu = False
-    for i, layer in enumerate(layers):
-        if fused_silu:
-            fused_silu = False  # this SiLU already ran inside the norm
-            continue
+    i, n = 0, len(layers)
+    while i < n:
+        layer = layers[i]
         if isinstance(layer, RMSNorm):
-            fused_silu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.SiLU)
-            x = layer(x, silu=fused_silu)
+            silu = i + 1 < n and isinstance(layers[i + 1], nn.SiLU)
+            conv_at = _conv_after_norm_silu(layers, i) if silu else None
+            if conv_at is not None and layer.fused_kernel and _fused_norm_ok(x):
+                x = _norm_silu_conv(layer, layers[conv_at], x, cache)
+                i = conv_at + 1
+                continue
+            x = layer(x, silu=silu)
+            i += 2 if silu else 1
         elif isinstance(layer, (nn.SiLU, nn.Dropout)):
             x = layer(x)
+            i += 1
         else:
             x = layer(x, cache)
+            i += 1
     return x
+
+
+def _conv_after_norm_silu(layers: nn.Sequential, norm_at: int) -> int | None:
+    """Index of the CausalConv3d that follows norm, SiLU and identity dropouts, or None."""
+    j = norm_at + 2
+    while j < len(layers) and isinstance(layers[j], nn.Dropout) and (layers[j].p == 0 or not layers[j].training):
+        j += 1
+    return j if j < len(layers) and isinstance(layers[j], CausalConv3d) else None
+
+
+def _fused_norm_ok(x: Tensor) -> bool:
+    from sfplus.nets import row_norm
+
+    return x.ndim == 5 and _channels_innermost(x) and row_norm.available(x)
+
+
+def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: Tensor, cache: CausalCache | None) -> Tensor:
+    """conv(SiLU(norm(x))) with the norm written into the convolution's joined input (one pass, no copy)."""
+    from sfplus.nets.row_norm import rms_norm_silu_into
+
+    joined, tail = conv.joined_buffer(x, cache)
+    rms_norm_silu_into(x, norm.gamma, tail, silu=True)
+    return conv.forward_joined(joined, cache)
 
 
 def _middle(dim: int, dropout: float) -> nn.Sequential:
