@@ -171,3 +171,16 @@ def test_fp8_and_compile_variants_report_fidelity():
     assert causal["extra"]["vae"] == dict(chunk_frames=2, channels_last=True, fused_norms=True)
     with pytest.raises(SystemExit):
         bench.main(["vae", "--tiny", "--device", "cpu", "--fp8"])
+
+
+def test_training_options_reach_the_nets_and_the_plan():
+    """--teacher/--master-dtype/--teacher-dtype: the measured set-up and the plan it is compared with agree."""
+    rows = bench.main(["train13b", "plan13b", "--tiny", "--device", "cpu", "--teacher", "wan2.1-t2v-14b",
+                       "--master-dtype", "bf16", "--teacher-dtype", "bf16"])
+    train, plan = rows[1], rows[2]
+    assert "error" not in train and math.isfinite(train["extra"]["losses"]["generator"])
+    extra = plan["extra"]
+    assert (extra["teacher"], extra["master_dtype"], extra["teacher_dtype"]) == ("tiny", "bf16", "bf16")
+    rows_gib = extra["plan_rows_gib"]
+    assert rows_gib["AdamW states"] == pytest.approx(2 * rows_gib["weights (trainable)"], rel=1e-3)
+    assert rows_gib["teacher (frozen)"] == pytest.approx(rows_gib["weights (trainable)"] / 2, rel=1e-3)

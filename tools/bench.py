@@ -98,6 +98,13 @@ class Sizes:
     reps: int = 3
     pipe_reps: int = 2
     train_reps: int = 3
+    teacher: str | None = None  # train13b's teacher preset (None: `small`, as the reference harness)
+    master_dtype: str = "fp32"  # train13b's generator and critic weights (and AdamW states)
+    teacher_dtype: str = "fp32"
+
+    @property
+    def teacher_preset(self) -> str:
+        return self.teacher or self.small
 
     @classmethod
     def tiny(cls) -> "Sizes":
@@ -256,12 +263,14 @@ class Bench:
     """Runs workloads on one device, keeping the built nets that the next workload can reuse."""
 
     def __init__(self, sizes: Sizes, device: torch.device | str, video_path: str | None = None,
-                 compile_backend: str | None = None, fp8: bool = False, vae_options: dict | None = None) -> None:
+                 compile_backend: str | None = None, fp8: bool = False, vae_options: dict | None = None,
+                 memory_trace: int = 0) -> None:
         self.sizes, self.device = sizes, torch.device(device)
         self.video_path = video_path
         self.compile_backend = compile_backend  # torch.compile the DiT blocks with this backend
         self.fp8 = fp8  # FP8 linears in the DiT blocks (inference workloads)
         self.vae_options = dict(vae_options or {})  # chunk_frames, channels_last, fused_norms
+        self.memory_trace = memory_trace  # > 0: allocator trace of the training steps, top sites
         self.results: dict[str, dict] = {}
         self._nets: dict[str, torch.nn.Module] = {}
 
@@ -547,8 +556,16 @@ class Bench:
         self.keep()
         _reset_peak(dev)
         torch.manual_seed(0)
-        with dev:  # fp32 master weights
-            generator, critic, teacher = (build_dit(s.small) for _ in range(3))
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        old = torch.get_default_dtype()
+        try:
+            with dev:  # master weights in master_dtype (fp32 = the reference), built straight in their dtype
+                torch.set_default_dtype(dtypes[s.master_dtype])
+                generator, critic = (build_dit(s.small) for _ in range(2))
+                torch.set_default_dtype(dtypes[s.teacher_dtype])
+                teacher = build_dit(s.teacher_preset)
+        finally:
+            torch.set_default_dtype(old)
         if self.compile_backend:  # what `scale: {compile: true}` does: compile the blocks, then checkpoint them
             from sfplus.parallel import compile_blocks
 
@@ -613,17 +630,24 @@ class Bench:
         _reset_peak(dev)
         g_med, g_runs, _ = measure(generator_step, dev, s.warmup, s.train_reps)
         g_peak = _peak_gib(dev)
+        traces = {}
+        if self.memory_trace and dev.type == "cuda":  # what is alive at each step's peak (tools/memory_peak.py)
+            from tools.memory_peak import trace_peak
+
+            traces = dict(critic_trace=trace_peak(critic_step, dev, self.memory_trace),
+                          generator_trace=trace_peak(generator_step, dev, self.memory_trace))
         fwd = dit_flops(cfg, s.frames, s.height, s.width)
         steps = len(s.steps)
         # forward-equivalents: no-grad calls 1x, a trained call 1x forward + 1x recompute + 2x backward
-        c_flops, g_flops = (steps - 1 + 1 + 4) * fwd, (steps - 1 + 3 + 4) * fwd
+        fwd_teacher = dit_flops(teacher.config, s.frames, s.height, s.width)
+        c_flops, g_flops = (steps - 1 + 1 + 4) * fwd, (steps - 1 + 1 + 4) * fwd + 2 * fwd_teacher  # teacher cond+uncond
         peaks = [p for p in (c_peak, g_peak) if p is not None]
         result = row("train13b_causal" if causal else "train13b", c_med + g_med, max(peaks) if peaks else None, c_flops + g_flops,
                      critic_s=round(c_med, 4), generator_s=round(g_med, 4), critic_runs_s=_r(c_runs),
                      generator_runs_s=_r(g_runs), critic_peak_gib=c_peak, generator_peak_gib=g_peak,
                      peak_reserved_gib=_reserved_gib(dev), iteration_1g5c_s=round(g_med + 5 * c_med, 3),
                      critic_tflops=round(c_flops / c_med / 1e12, 1), generator_tflops=round(g_flops / g_med / 1e12, 1),
-                     losses={k: float(v) for k, v in losses.items()},
+                     losses={k: float(v) for k, v in losses.items()}, **traces,
                      note="critic: 4 no-grad rollout calls + fwd/bwd; generator: 3 no-grad + 1 grad rollout call, "
                           "critic + teacher cond/uncond (no grad), bwd; tflops count recompute and bwd = 2x fwd")
         return result  # the nets and optimizer states go with this frame; the next workload empties the cache
@@ -635,18 +659,18 @@ class Bench:
         train = self.results.get("train13b") or self.run("train13b")
         if "error" in train:
             raise BenchError(f"plan13b compares with train13b, which failed: {train['error']}")
-        estimate = plan(generator=s.small, critic=s.small, teacher=s.small, gpus=1, gpu_memory_gib=141.0,
+        estimate = plan(generator=s.small, critic=s.small, teacher=s.teacher_preset, gpus=1, gpu_memory_gib=141.0,
                         batch_size=1, latent_shape=list(s.latent[1:]), activation_checkpointing=True,
-                        offload_encoders=True, ema=False, master_dtype="fp32", teacher_dtype="fp32",
-                        overhead_gib=0.0)
+                        offload_encoders=True, ema=False, master_dtype=s.master_dtype,
+                        teacher_dtype=s.teacher_dtype, overhead_gib=0.0)
         measured = train["peak_mem_gib"]
         planned = estimate.total_gib
         return row("plan13b", None, measured, None, plan_total_gib=_g(planned),
                    plan_over_measured=None if not measured else round(planned / measured, 3),
                    measured_reserved_gib=train["extra"].get("peak_reserved_gib"),
                    plan_rows_gib={n: _g(b / GIB) for n, b, _ in estimate.rows},
-                   note="plan(gpus=1, no EMA, encoders offloaded, fp32 teacher, overhead 0) vs "
-                        "max_memory_allocated of train13b")
+                   teacher=s.teacher_preset, master_dtype=s.master_dtype, teacher_dtype=s.teacher_dtype,
+                   note="plan(gpus=1, no EMA, encoders offloaded, overhead 0) vs max_memory_allocated of train13b")
 
 
 def _g(x: float) -> float:
@@ -742,9 +766,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--vae-channels-last", action="store_true", help="channels-last VAE convolutions")
     parser.add_argument("--vae-no-fused", action="store_true",
                         help="without the Triton norm → conv path (channels-last on CUDA only)")
+    parser.add_argument("--teacher", help="train13b/plan13b: teacher preset (default: the 1.3B preset), e.g. "
+                                          "wan2.1-t2v-14b for the 14B-teacher recipe")
+    parser.add_argument("--master-dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="train13b/plan13b: generator and critic weights (and AdamW states)")
+    parser.add_argument("--teacher-dtype", choices=("fp32", "bf16"), default="fp32", help="train13b/plan13b")
     parser.add_argument("--tag", default="", help="label copied into the env row")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile one more call and print its N costliest CUDA kernels")
+    parser.add_argument("--memory-trace", type=int, default=0, metavar="N",
+                        help="train13b(_causal): after timing, trace one critic and one generator step and list the "
+                             "N largest allocation sites alive at each peak (tools/memory_peak.py; GPU only)")
     parser.add_argument("--sdpa-probe", action="store_true",
                         help="time each SDPA backend on the 1.3B self-attention shape (GPU only)")
     args = parser.parse_args(argv)
@@ -760,6 +792,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.reps < 1:
             parser.error(f"--reps must be >= 1, got {args.reps}")
         sizes = dataclasses.replace(sizes, reps=args.reps, pipe_reps=args.reps, train_reps=args.reps)
+    sizes = dataclasses.replace(sizes, teacher=args.teacher or None, master_dtype=args.master_dtype,
+                                teacher_dtype=args.teacher_dtype)
+    if args.tiny and args.teacher:
+        sizes = dataclasses.replace(sizes, teacher="tiny")
     device = torch.device(args.device)
     # same global settings as the reference harness
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -778,7 +814,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     vae_options = dict(chunk_frames=args.vae_chunk, channels_last=args.vae_channels_last,
                        fused_norms=not args.vae_no_fused)
     bench = Bench(sizes, device, video_path=video, compile_backend=args.compile, fp8=args.fp8,
-                  vae_options=vae_options)
+                  vae_options=vae_options, memory_trace=max(0, args.memory_trace))
     with _sdpa_priority(args.sdpa):
         rows = [env_row(device, args)]
         print(json.dumps(rows[0]), flush=True)

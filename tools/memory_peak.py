@@ -1,0 +1,90 @@
+"""What is alive at the peak: replay a CUDA allocator trace and group the live blocks by the code that made them.
+
+    from tools.memory_peak import trace_peak
+    report = trace_peak(step, device, top=25)   # runs step() once under torch's allocator history
+
+`max_memory_allocated` says how high memory went; this says what made it go there. The allocator history
+(`torch.cuda.memory._record_memory_history`) logs every allocation and free with its Python stack; replaying the
+log finds the moment of the peak and the blocks alive at it, and each block is charged to the innermost stack
+frame in project code (sfplus, tools, or whatever `sites` names), e.g. ``sfplus/nets/wan.py:301 forward``.
+Memory allocated before the trace started is one row ("allocated before the trace").
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import torch
+
+GIB = 2**30
+DEFAULT_SITES = ("sfplus/", "tools/", "/sfp/")
+
+
+def _site(frames: list[dict], sites: Iterable[str]) -> str:
+    """The innermost frame whose file path contains one of `sites` (else the innermost frame)."""
+    for frame in frames:
+        name = frame.get("filename", "")
+        if any(s in name for s in sites):
+            short = name.split("/sfplus/", 1)[-1] if "/sfplus/" in name else name.rsplit("/", 2)[-1]
+            if "/sfplus/" in name:
+                short = "sfplus/" + short
+            return f"{short}:{frame.get('line')} {frame.get('name')}"
+    if frames:
+        f = frames[0]
+        return f"{f.get('filename', '?')}:{f.get('line')} {f.get('name')}"
+    return "(no stack)"
+
+
+def live_at_peak(events: list[dict], before: int = 0) -> tuple[int, list[dict], int]:
+    """Replay allocator events; return (peak bytes, blocks alive at the peak, bytes allocated before the trace
+    that were still alive then). `before` is memory_allocated when the trace started."""
+    current = peak = before
+    peak_index = -1
+    for i, ev in enumerate(events):
+        action = ev.get("action")
+        if action == "alloc":
+            current += ev["size"]
+            if current > peak:
+                peak, peak_index = current, i
+        elif action == "free_requested":
+            current -= ev["size"]
+    live: dict[int, dict] = {}
+    freed_before = 0
+    for ev in events[: peak_index + 1]:
+        action = ev.get("action")
+        if action == "alloc":
+            live[ev["addr"]] = ev
+        elif action == "free_requested":
+            if live.pop(ev["addr"], None) is None:
+                freed_before += ev["size"]  # a block from before the trace
+    return peak, list(live.values()), before - freed_before
+
+
+def group_blocks(blocks: list[dict], sites: Iterable[str] = DEFAULT_SITES) -> list[tuple[str, int, int]]:
+    """[(site, bytes, count)] sorted by bytes, largest first."""
+    sums: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for b in blocks:
+        entry = sums[_site(b.get("frames") or [], sites)]
+        entry[0] += b["size"]
+        entry[1] += 1
+    return sorted(((k, v[0], v[1]) for k, v in sums.items()), key=lambda r: -r[1])
+
+
+def trace_peak(fn: Callable[[], object], device: torch.device, top: int = 25,
+               sites: Iterable[str] = DEFAULT_SITES) -> dict:
+    """Run fn() once with the allocator history on; return the peak and its largest live sites (GiB)."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.memory._record_memory_history(max_entries=5_000_000, stacks="python")
+    try:
+        fn()
+        torch.cuda.synchronize(device)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    events = snapshot["device_traces"][device.index or 0]
+    peak, blocks, old = live_at_peak(events, before)
+    rows = group_blocks(blocks, sites)
+    return dict(peak_gib=round(peak / GIB, 3), before_trace_gib=round(old / GIB, 3), events=len(events),
+                sites=[dict(site=s, gib=round(b / GIB, 3), blocks=n) for s, b, n in rows[:top]])
