@@ -1,9 +1,12 @@
 """The built-in toy task's data: synthetic moving-shape clips (training) and all toy prompts (prediction).
 
-With the toy's identity codec, latents are the pixels: ``latents`` [B, 3, F, H, W] in [-1, 1].
+``latents`` are the clips through the toy codec: the pixels [B, 3, F, H, W] in [-1, 1] (``frames_per_latent: 1``)
+or s frames stacked along the channels [B, 3·s, F/s, H, W] (``TimePackCodec``; the demo's teacher uses s = 4).
 """
 
 from __future__ import annotations
+
+import functools
 
 import lightning as L
 import torch
@@ -26,10 +29,11 @@ class _ToyTrainSet(Dataset):
         return {"prompts": item["prompt"], "latents": item["video"], "index": item["index"]}
 
 
-def _collate_train(items: list[dict]) -> dict:
+def _collate_train(items: list[dict], codec=None) -> dict:
+    latents = torch.stack([it["latents"] for it in items])
     return {
         "prompts": [it["prompts"] for it in items],
-        "latents": torch.stack([it["latents"] for it in items]),
+        "latents": latents if codec is None else codec.encode(latents),
         "index": torch.tensor([it["index"] for it in items]),
     }
 
@@ -44,6 +48,7 @@ class ToyDataModule(L.LightningDataModule):
         seed: the clips' seed and the order of training batches.
         batches_per_epoch: training batches per epoch on each rank (default: one pass).
         num_samples: videos per prompt when predicting (every colour/shape/direction combination is a prompt).
+        frames_per_latent: the toy codec's packing (``ToyConditioner.frames_per_latent``; must match the model's).
     """
 
     def __init__(
@@ -61,17 +66,23 @@ class ToyDataModule(L.LightningDataModule):
         seed: int = 0,
         batches_per_epoch: int | None = None,
         num_samples: int = 1,
+        frames_per_latent: int = 1,
     ) -> None:
         super().__init__()
+        from sfplus.nets.codec import TimePackCodec, latent_shape
+
+        self.codec = TimePackCodec(frames_per_latent) if frames_per_latent != 1 else None
         kwargs = {k: tuple(v) for k, v in (("colours", colours), ("shapes", shapes), ("directions", directions)) if v}
         self.spec = ToyVideoSpec(frames=frames, height=height, width=width, speed=speed, size=size, **kwargs)
+        if self.codec is not None:
+            latent_shape(self.codec, frames, height, width)  # clear error for a frame count s does not divide
         self.batch_size, self.length, self.seed = batch_size, length, seed
         self.batches_per_epoch, self.num_samples = batches_per_epoch, num_samples
 
     def train_dataloader(self) -> DataLoader:
         ds = _ToyTrainSet(ToyVideoDataset(self.length, self.seed, self.spec))
         sampler = EpochBatchSampler(len(ds), self.batch_size, seed=self.seed, batches_per_epoch=self.batches_per_epoch)
-        return DataLoader(ds, batch_sampler=sampler, collate_fn=_collate_train)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=functools.partial(_collate_train, codec=self.codec))
 
     def predict_dataloader(self) -> DataLoader:
         ds = PromptDataset(toy_prompts(self.spec), self.num_samples)

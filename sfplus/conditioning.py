@@ -83,16 +83,20 @@ class Conditioner(nn.Module):
 
 
 class ToyConditioner(Conditioner):
-    """The built-in toy task's frozen side: a hashed-word text encoder and the identity codec (latents = pixels).
+    """The built-in toy task's frozen side: a hashed-word text encoder and a lossless codec.
 
     Args:
         text_dim: width of the toy text embedding (the toy DiT preset's ``text_dim``).
         text_len: tokens per prompt (the toy preset's ``text_len``).
         negative_prompt: unconditional text; the toy teacher is trained with it as the dropped-prompt token.
+        frames_per_latent: 1 = the identity codec (latents are the pixels, one latent frame per frame); s > 1 =
+            ``TimePackCodec(s)`` (s frames stacked along the channels: 3·s latent channels). The demo uses 4.
     """
 
-    def __init__(self, text_dim: int = 32, text_len: int = 16, negative_prompt: str = "") -> None:
-        from sfplus.nets.codec import IdentityCodec
+    def __init__(self, text_dim: int = 32, text_len: int = 16, negative_prompt: str = "",
+                 frames_per_latent: int = 1) -> None:
+        from sfplus.nets.codec import IdentityCodec, TimePackCodec
         from sfplus.nets.text import ToyTextEncoder
 
-        super().__init__(ToyTextEncoder(dim=text_dim, max_len=text_len), IdentityCodec(), negative_prompt)
+        codec = IdentityCodec() if frames_per_latent == 1 else TimePackCodec(frames_per_latent)
+        super().__init__(ToyTextEncoder(dim=text_dim, max_len=text_len), codec, negative_prompt)

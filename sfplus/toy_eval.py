@@ -79,8 +79,9 @@ def evaluate(
     teacher_steps = teacher_steps or int(t_sampler.get("steps", 40))
     guidance_scale = guidance_scale if guidance_scale is not None else float(t_sampler.get("guidance_scale", 3.0))
     shift = shift if shift is not None else float(t_sampler.get("shift", 3.0))
-    conditioner = ToyConditioner()
     shape = list(t_info.get("video_shape", [3, frames, height, width]))
+    # the toy codec from the latent layout: 3·s channels = s frames per latent frame (TimePackCodec)
+    conditioner = ToyConditioner(frames_per_latent=max(1, shape[0] // 3))
 
     def cond_fn(chunk):
         return conditioner.text(chunk), conditioner.negative(len(chunk))
@@ -94,7 +95,7 @@ def evaluate(
 
     def add_row(name: str, fn) -> None:
         start = time.perf_counter()
-        videos = _generate(fn, prompts, seeds, shape, cond_fn, batch_size)
+        videos = conditioner.decode(_generate(fn, prompts, seeds, shape, cond_fn, batch_size))
         metrics = toy_metrics(videos, prompts, reference, spec)
         metrics["seconds"] = time.perf_counter() - start
         rows[name] = metrics

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import lightning as L
+import pytest
 
 from sfplus.callbacks import EMA
 from sfplus.cli import main
+from sfplus.conditioning import ToyConditioner
 from sfplus.datamodules import PromptDataModule, ToyDataModule
 from sfplus.modules import DiffusionModule, DistillModule
 
@@ -22,14 +24,19 @@ def _fit(module, data, root, steps):
     return trainer
 
 
-def test_toy_eval_scores_teacher_and_student(tmp_path, capsys):
-    teacher = DiffusionModule(net="toy", net_overrides=SMALL, sample_steps=3)
-    t = _fit(teacher, ToyDataModule(batch_size=2, length=8), tmp_path / "t", 2)
+@pytest.mark.parametrize("pack", [1, 4])
+def test_toy_eval_scores_teacher_and_student(tmp_path, capsys, pack):
+    """Also with the demo's packed codec (4 frames per latent frame): toy-eval finds the codec from the teacher's
+    latent shape and scores decoded videos."""
+    layout = {} if pack == 1 else dict(net_overrides={**SMALL, "in_dim": 12, "out_dim": 12},
+                                       conditioner=ToyConditioner(frames_per_latent=4), video_shape=[12, 1, 16, 16])
+    teacher = DiffusionModule(net="toy", **{"net_overrides": SMALL, **layout}, sample_steps=3)
+    t = _fit(teacher, ToyDataModule(batch_size=2, length=8, frames_per_latent=pack), tmp_path / "t", 2)
     t.save_checkpoint(tmp_path / "teacher.ckpt")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red square moving left\n")
-    student = DistillModule(net="toy", net_overrides=SMALL, teacher_checkpoint=str(tmp_path / "teacher.ckpt"),
-                            dfake_gen_update_ratio=1)
+    student = DistillModule(net="toy", **{"net_overrides": SMALL, **layout},
+                            teacher_checkpoint=str(tmp_path / "teacher.ckpt"), dfake_gen_update_ratio=1)
     s = _fit(student, PromptDataModule(str(prompts), batch_size=2), tmp_path / "s", 2)
     s.save_checkpoint(tmp_path / "student.ckpt")
     main(["toy-eval", "--teacher", str(tmp_path / "teacher.ckpt"), "--student", str(tmp_path / "student.ckpt"),
@@ -49,3 +56,15 @@ def test_toy_eval_names_a_missing_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["toy-eval", "--teacher", str(tmp_path / "nope.ckpt")])
     assert "nope.ckpt does not exist" in capsys.readouterr().err
+
+
+def test_toy_datamodule_packs_clips_for_the_packed_codec():
+    plain = next(iter(ToyDataModule(batch_size=2, length=8).train_dataloader()))
+    packed = next(iter(ToyDataModule(batch_size=2, length=8, frames_per_latent=4).train_dataloader()))
+    assert plain["latents"].shape == (2, 3, 4, 16, 16) and packed["latents"].shape == (2, 12, 1, 16, 16)
+    assert packed["prompts"] == plain["prompts"]
+    import torch
+
+    assert torch.equal(ToyConditioner(frames_per_latent=4).decode(packed["latents"]), plain["latents"])
+    with pytest.raises(ValueError, match="multiple of 3 frames, got 4"):
+        ToyDataModule(frames_per_latent=3)

@@ -1,10 +1,14 @@
 """Video codecs: what turns pixels into the latents the DiT works on, and back.
 
 The rest of sfplus only sees the `VideoCodec` protocol:
-- `IdentityCodec`: latents are the pixels (3 channels, strides 1); the built-in toy task uses it.
+- `IdentityCodec`: latents are the pixels (3 channels, strides 1).
+- `TimePackCodec`: latents are the pixels with every s consecutive frames stacked along the channels (3·s
+  channels, time ×s, lossless); the built-in toy teacher uses s = 4, a stand-in for the Wan VAE's ×4 time
+  compression that puts a clip's short-range motion inside one latent token.
 - `WanVAECodec`: the Wan2.1 VAE (16 channels, time ×4, space ×8), normalised latents.
 
-Pixels are [B, 3, T, H, W] in [-1, 1]; latents are [B, C, F, h, w] with F = 1 + (T-1)/temporal_stride and
+Pixels are [B, 3, T, H, W] in [-1, 1]; latents are [B, C, F, h, w] with F = 1 + (T-1)/temporal_stride (the
+first frame alone, as Wan; `first_frame_alone = True`) or F = T/temporal_stride (`TimePackCodec`), and
 h, w = H, W / spatial_stride. Decoded pixels are clamped to [-1, 1].
 """
 
@@ -19,6 +23,7 @@ from sfplus.nets.vae import StreamingDecoder, VideoShapeError, WanVAE
 __all__ = [
     "IdentityCodec",
     "StreamDecoder",
+    "TimePackCodec",
     "VideoCodec",
     "VideoShapeError",
     "WanVAECodec",
@@ -52,6 +57,12 @@ def latent_shape(codec: VideoCodec, num_frames: int, height: int, width: int) ->
     """(C, F, h, w) of the latents of a num_frames × height × width video; VideoShapeError if not encodable."""
     s, ss = codec.temporal_stride, codec.spatial_stride
     name = type(codec).__name__
+    if not getattr(codec, "first_frame_alone", True):
+        if num_frames < s or num_frames % s:
+            raise VideoShapeError(f"{name}: a video needs a multiple of {s} frames, got {num_frames}")
+        if height % ss or width % ss or height < ss or width < ss:
+            raise VideoShapeError(f"{name}: height and width must be positive multiples of {ss}, got {height}x{width}")
+        return codec.latent_channels, num_frames // s, height // ss, width // ss
     if num_frames < 1 or (num_frames - 1) % s:
         raise VideoShapeError(
             f"{name}: a video needs 1 + {s}·k frames (1, {1 + s}, {1 + 2 * s}, ...), got {num_frames}"
@@ -102,6 +113,42 @@ class _IdentityStream:
 
     def decode(self, block: Tensor) -> Tensor:
         return self.codec.decode(block)
+
+
+class TimePackCodec(nn.Module):
+    """Latents are the pixels with each run of s frames stacked along the channels: [B, 3, s·k, H, W] <->
+    [B, 3·s, k, H, W], channel c·s + j holding colour c of frame j of the run. Lossless (decode clamps).
+
+    The toy's stand-in for a video VAE's temporal compression: Wan's VAE folds 4 frames into each latent frame,
+    so a DiT sees short-range motion inside a token rather than as a relation between tokens. With the identity
+    codec a tiny DiT learned the toy's colours but never its prompt's motion direction (docs/toy_results.md);
+    with s = 4 it does.
+    """
+
+    first_frame_alone = False
+    spatial_stride = 1
+
+    def __init__(self, frames_per_latent: int = 4) -> None:
+        super().__init__()
+        if int(frames_per_latent) != frames_per_latent or frames_per_latent < 1:
+            raise ValueError(f"TimePackCodec: frames_per_latent must be a positive integer, got {frames_per_latent!r}")
+        self.temporal_stride = int(frames_per_latent)
+        self.latent_channels = 3 * self.temporal_stride
+
+    def encode(self, video: Tensor) -> Tensor:
+        _check_video(self, video)  # also: a multiple of s frames
+        b, c, t, h, w = video.shape
+        s = self.temporal_stride
+        return video.reshape(b, c, t // s, s, h, w).transpose(2, 3).reshape(b, c * s, t // s, h, w)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        _check_latents(self, latents)
+        b, cs, k, h, w = latents.shape
+        s = self.temporal_stride
+        return latents.reshape(b, cs // s, s, k, h, w).transpose(2, 3).reshape(b, cs // s, k * s, h, w).clamp(-1.0, 1.0)
+
+    def stream_decoder(self) -> _IdentityStream:
+        return _IdentityStream(self)  # type: ignore[arg-type]  # each latent frame decodes on its own
 
 
 class WanVAECodec(nn.Module):

@@ -276,6 +276,30 @@ def test_identity_codec_round_trip_and_stream():
         codec.encode(torch.zeros(1, 3, 8, 8))
 
 
+def test_time_pack_codec_stacks_frames_along_channels():
+    from sfplus.nets.codec import TimePackCodec
+
+    codec = TimePackCodec(4)
+    assert isinstance(codec, VideoCodec)
+    video = _video(8, 6, 5, batch=2)
+    latents = codec.encode(video)
+    assert latents.shape == (2, 12, 2, 6, 5) and latent_shape(codec, 8, 6, 5) == (12, 2, 6, 5)
+    # channel c*4 + j of latent frame k is colour c of frame 4k + j
+    torch.testing.assert_close(latents[:, 1 * 4 + 2, 1], video[:, 1, 6], atol=0, rtol=0)
+    torch.testing.assert_close(codec.decode(latents), video, atol=0, rtol=0)
+    stream = codec.stream_decoder()
+    torch.testing.assert_close(torch.cat([stream.decode(latents[:, :, :1]), stream.decode(latents[:, :, 1:])], 2),
+                               video, atol=0, rtol=0)
+    with pytest.raises(VideoShapeError, match="TimePackCodec: a video needs a multiple of 4 frames, got 5"):
+        latent_shape(codec, 5, 8, 8)
+    with pytest.raises(VideoShapeError, match="a video needs a multiple of 4 frames, got 5"):
+        codec.encode(_video(5, 4, 4))
+    with pytest.raises(VideoShapeError, match=r"expected latents \[B, 12"):
+        codec.decode(torch.zeros(1, 3, 1, 4, 4))
+    with pytest.raises(ValueError, match="frames_per_latent"):
+        TimePackCodec(0)
+
+
 def test_wan_vae_codec_adapts_the_vae():
     vae = _tiny_vae()
     codec = WanVAECodec(vae)
