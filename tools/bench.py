@@ -29,7 +29,7 @@ Workloads (full sizes: latent 1x16x21x60x104 = 81 frames of 480x832, 32,760 vide
 Variants (flags): ``--compile [BACKEND]`` compiles every DiT block with ``torch.compile`` (dit13b, dit14b,
 causal13b, train13b, train13b_causal), ``--fp8`` swaps the DiT block linears for FP8 ones (dit13b, dit14b,
 causal13b); both add the first-call time and the relative difference and PSNR to the bf16 eager output of the same
-call. ``--vae-chunk N``, ``--vae-channels-last`` and ``--vae-no-fused`` set the VAE decoder (vae, pipe14b,
+call. ``--vae-chunk N``, ``--vae-channels-last`` and ``--vae-fused`` set the VAE decoder (vae, pipe14b,
 causal13b). ``--sdpa cudnn|flash|efficient`` puts one attention backend first, ``--cudnn-benchmark`` lets cuDNN
 autotune the VAE convolutions, ``--sdpa-probe`` times each attention backend alone on the 1.3B self-attention
 shape (in the ``env`` line).
@@ -176,7 +176,7 @@ def vae_decode_flops(vae_overrides: tuple, latent: tuple[int, ...]) -> float:
 VAE_SWEEP = ((1, False, False), (4, False, False), (4, True, False), (4, True, True), (8, True, True))
 
 
-def configure_vae(vae: WanVAE, chunk_frames: int = 4, channels_last: bool = False, fused_norms: bool = True) -> WanVAE:
+def configure_vae(vae: WanVAE, chunk_frames: int = 4, channels_last: bool = False, fused_norms: bool = False) -> WanVAE:
     """Set the decoder's speed options on a built WanVAE (all keep the results; see `WanVAE`). `fused_norms`
     matters on CUDA with channels-last only (the Triton norm → conv path, `sfplus.nets.row_norm`)."""
     vae.decode_chunk_frames = chunk_frames
@@ -764,8 +764,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="FP8 linears in the DiT blocks (dit13b, dit14b, causal13b), PSNR against bf16")
     parser.add_argument("--vae-chunk", type=int, default=4, help="latent frames per VAE decoder call")
     parser.add_argument("--vae-channels-last", action="store_true", help="channels-last VAE convolutions")
-    parser.add_argument("--vae-no-fused", action="store_true",
-                        help="without the Triton norm → conv path (channels-last on CUDA only)")
+    parser.add_argument("--vae-fused", action="store_true",
+                        help="the Triton norm → conv path (channels-last on CUDA only; sfplus.nets.row_norm)")
     parser.add_argument("--teacher", help="train13b/plan13b: teacher preset (default: the 1.3B preset), e.g. "
                                           "wan2.1-t2v-14b for the 14B-teacher recipe")
     parser.add_argument("--master-dtype", choices=("fp32", "bf16"), default="fp32",
@@ -812,7 +812,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.vae_chunk < 1:
         parser.error(f"--vae-chunk must be >= 1, got {args.vae_chunk}")
     vae_options = dict(chunk_frames=args.vae_chunk, channels_last=args.vae_channels_last,
-                       fused_norms=not args.vae_no_fused)
+                       fused_norms=args.vae_fused)
     bench = Bench(sizes, device, video_path=video, compile_backend=args.compile, fp8=args.fp8,
                   vae_options=vae_options, memory_trace=max(0, args.memory_trace))
     with _sdpa_priority(args.sdpa):

@@ -134,8 +134,8 @@ class WanVAE(nn.Module):
 
     def use_fused_norms(self, enabled: bool = True) -> "WanVAE":
         """Let norm → SiLU → causal conv run as one Triton pass into the convolution's joined input where it can
-        (CUDA, Triton, channels-last, no autograd; `sfplus.nets.row_norm`). On by default; off gives the PyTorch
-        path. Same formula, fp32 inside."""
+        (CUDA, Triton, channels-last, no autograd; `sfplus.nets.row_norm`). Off by default until it has been timed and
+        checked on a GPU (docs/performance.md); off gives the PyTorch path. Same formula, fp32 inside."""
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.fused_kernel = enabled

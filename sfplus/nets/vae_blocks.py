@@ -134,7 +134,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, images: bool = False) -> None:
         super().__init__()
         # Inside a Sequential run by `_run`: may use the fused Triton kernel when it can (WanVAE.use_fused_norms).
-        self.fused_kernel = True
+        self.fused_kernel = False
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:

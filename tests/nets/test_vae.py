@@ -374,7 +374,7 @@ def test_fused_norm_path_writes_into_the_joined_input(monkeypatch, encode):
     convolution's pre-joined input: encode and decode equal the plain path, across chunks and caches."""
     from sfplus.nets import row_norm
 
-    vae = _tiny_vae().use_channels_last()
+    vae = _tiny_vae().use_channels_last().use_fused_norms()
     _randomize_norms(vae)
     video, z = _video(9, 16, 16, batch=2), torch.randn(2, 16, 6, 2, 2)
     with torch.no_grad():
@@ -429,7 +429,7 @@ def test_cuda_row_norm_kernel_matches_torch(channels, dtype):
 
 @pytest.mark.gpu
 def test_cuda_fused_norm_decode_equals_plain_decode():
-    vae = _tiny_vae().cuda().use_channels_last()
+    vae = _tiny_vae().cuda().use_channels_last().use_fused_norms()
     _randomize_norms(vae)
     z = torch.randn(1, 16, 6, 4, 6, device="cuda")
     with torch.no_grad():
