@@ -298,7 +298,12 @@ def load_folder_into(
         to_assign, to_copy = {}, {}
         for key, tensor in shard.items():
             target = own[key]
-            (to_assign if target.is_meta else to_copy)[key] = tensor.to(target.dtype)
+            if target.is_meta:
+                # A tensor of its own: safetensors may hand out unaligned views into one file buffer, and CPU
+                # kernels round differently on unaligned data (and keep the whole buffer alive through a view).
+                to_assign[key] = tensor.to(target.dtype, copy=tensor.dtype == target.dtype)
+            else:
+                to_copy[key] = tensor.to(target.dtype)
         shard.clear()  # drop the stored-dtype tensors before the next file
         if to_assign:
             model.load_state_dict(to_assign, strict=False, assign=True)
