@@ -80,10 +80,10 @@ class CausalConv3d(nn.Conv3d):
         self.time_pad = 2 * pad_t
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
-        front, zeros = self._front(cache)
+        history, zeros = self._front(cache)
         parts = [x]
-        if front is not None:
-            parts.insert(0, front.to(x.device, x.dtype))
+        if history is not None:
+            parts.insert(0, history.to(x.device, x.dtype))
         if zeros > 0:
             # zeros_like keeps x's memory format (channels-last inputs stay channels-last through the cat)
             parts[:0] = [torch.zeros_like(x[:, :, :1])] * zeros
