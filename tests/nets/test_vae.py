@@ -436,3 +436,20 @@ def test_cuda_fused_norm_decode_equals_plain_decode():
         fused = StreamingDecoder(vae).decode(z)
         plain = StreamingDecoder(vae.use_fused_norms(False)).decode(z)
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_row_norm_layout_checks_on_cpu():
+    """The fused kernel's host-side checks (no Triton needed): channels-last samples, tail views of a joined buffer."""
+    from sfplus.nets.row_norm import _rows_view_ok, available, rms_norm_silu_into
+
+    cl = torch.channels_last_3d
+    x = torch.randn(2, 8, 3, 4, 5).contiguous(memory_format=cl)
+    joined = torch.empty(2, 8, 5, 4, 5).contiguous(memory_format=cl)
+    assert _rows_view_ok(x) and _rows_view_ok(joined[:, :, 2:])
+    assert not _rows_view_ok(torch.randn(2, 8, 3, 4, 5))  # channels-first
+    assert not _rows_view_ok(x[:, :, :, :, 1:])  # rows with gaps
+    assert not available(x)  # CPU: the PyTorch path
+    with pytest.raises(ValueError, match="channels-last with dense samples"):
+        rms_norm_silu_into(torch.randn(2, 8, 3, 4, 5), torch.ones(8), torch.empty(2, 8, 3, 4, 5))
+    with pytest.raises(ValueError, match="differ"):
+        rms_norm_silu_into(x, torch.ones(8), joined)
