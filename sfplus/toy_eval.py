@@ -71,9 +71,12 @@ def evaluate(
     height: int = 16,
     width: int = 16,
 ) -> dict[str, dict[str, float]]:
-    """Score the teacher (full and few steps) and, if given, the student (raw and EMA); returns the table."""
+    """Score the teacher (full and few steps) and, if given, the student (raw and EMA); returns the table.
+
+    The clips (frames, size) and the toy codec come from the teacher checkpoint's latent shape; ``frames``,
+    ``height`` and ``width`` are used only for a checkpoint without one.
+    """
     torch.set_grad_enabled(False)
-    spec = ToyVideoSpec(frames=frames, height=height, width=width)
     t_info = _checkpoint_info(teacher)
     t_sampler = t_info.get("sampler", {})
     teacher_steps = teacher_steps or int(t_sampler.get("steps", 40))
@@ -81,7 +84,10 @@ def evaluate(
     shift = shift if shift is not None else float(t_sampler.get("shift", 3.0))
     shape = list(t_info.get("video_shape", [3, frames, height, width]))
     # the toy codec from the latent layout: 3·s channels = s frames per latent frame (TimePackCodec)
-    conditioner = ToyConditioner(frames_per_latent=max(1, shape[0] // 3))
+    per_latent = max(1, shape[0] // 3)
+    conditioner = ToyConditioner(frames_per_latent=per_latent)
+    # the clips the teacher was trained on, from its latent shape (frames/height/width only without one)
+    spec = ToyVideoSpec(frames=shape[1] * per_latent, height=shape[2], width=shape[3])
 
     def cond_fn(chunk):
         return conditioner.text(chunk), conditioner.negative(len(chunk))
