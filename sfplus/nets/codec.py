@@ -57,19 +57,19 @@ def latent_shape(codec: VideoCodec, num_frames: int, height: int, width: int) ->
     """(C, F, h, w) of the latents of a num_frames × height × width video; VideoShapeError if not encodable."""
     s, ss = codec.temporal_stride, codec.spatial_stride
     name = type(codec).__name__
-    if not getattr(codec, "first_frame_alone", True):
+    if not getattr(codec, "first_frame_alone", True):  # runs of s frames
         if num_frames < s or num_frames % s:
             raise VideoShapeError(f"{name}: a video needs a multiple of {s} frames, got {num_frames}")
-        if height % ss or width % ss or height < ss or width < ss:
-            raise VideoShapeError(f"{name}: height and width must be positive multiples of {ss}, got {height}x{width}")
-        return codec.latent_channels, num_frames // s, height // ss, width // ss
-    if num_frames < 1 or (num_frames - 1) % s:
-        raise VideoShapeError(
-            f"{name}: a video needs 1 + {s}·k frames (1, {1 + s}, {1 + 2 * s}, ...), got {num_frames}"
-        )
+        frames = num_frames // s
+    else:  # frame 0 alone, then runs of s (Wan)
+        if num_frames < 1 or (num_frames - 1) % s:
+            raise VideoShapeError(
+                f"{name}: a video needs 1 + {s}·k frames (1, {1 + s}, {1 + 2 * s}, ...), got {num_frames}"
+            )
+        frames = 1 + (num_frames - 1) // s
     if height % ss or width % ss or height < ss or width < ss:
         raise VideoShapeError(f"{name}: height and width must be positive multiples of {ss}, got {height}x{width}")
-    return codec.latent_channels, 1 + (num_frames - 1) // s, height // ss, width // ss
+    return codec.latent_channels, frames, height // ss, width // ss
 
 
 def _check_video(codec: VideoCodec, video: Tensor) -> None:
