@@ -218,7 +218,7 @@ def save_trainer_checkpoint(trainer: L.Trainer, final: str | os.PathLike) -> Pat
     strategy = trainer.strategy
     final = Path(strategy.broadcast(str(final)))  # one path for all ranks
     return atomic_save(
-        lambda tmp: trainer.save_checkpoint(tmp, weights_only=False),  # full state (optimizers, loops): resumable
+        lambda tmp: trainer.save_checkpoint(tmp),
         final,
         is_rank_zero=trainer.is_global_zero,
         barrier=lambda: strategy.barrier("sfplus.atomic_save"),
