@@ -556,7 +556,8 @@ class Bench:
         self.keep()
         _reset_peak(dev)
         torch.manual_seed(0)
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        from sfplus.parallel import DTYPES as dtypes
+
         old = torch.get_default_dtype()
         try:
             with dev:  # master weights in master_dtype (fp32 = the reference), built straight in their dtype
