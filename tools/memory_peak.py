@@ -26,9 +26,8 @@ def _site(frames: list[dict], sites: Iterable[str]) -> str:
     for frame in frames:
         name = frame.get("filename", "")
         if any(s in name for s in sites):
-            short = name.split("/sfplus/", 1)[-1] if "/sfplus/" in name else name.rsplit("/", 2)[-1]
-            if "/sfplus/" in name:
-                short = "sfplus/" + short
+            # sfplus/... from the package root; elsewhere the folder and file (tools/bench.py, model/dmd.py)
+            short = "sfplus/" + name.split("/sfplus/", 1)[1] if "/sfplus/" in name else "/".join(name.split("/")[-2:])
             return f"{short}:{frame.get('line')} {frame.get('name')}"
     if frames:
         f = frames[0]
