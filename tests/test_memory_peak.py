@@ -42,3 +42,21 @@ def test_peak_and_live_blocks():
 def test_peak_before_any_allocation_is_the_starting_memory():
     peak, live, old = memory_peak.live_at_peak([dict(action="free_requested", addr=5, size=10)], before=40)
     assert (peak, live, old) == (40, [], 40)
+
+
+def test_cpu_trace_finds_the_peak_and_the_function_that_holds_it():
+    import torch
+
+    kept = []
+
+    def hold_then_spike():
+        kept.append(torch.ones(1 << 20))  # 4 MiB, alive after the call
+        spike = torch.ones(1 << 21)  # 8 MiB, freed on return: the peak is 12 MiB
+        return float(spike[0])
+
+    report = memory_peak.trace_peak(hold_then_spike, torch.device("cpu"), top=5, sites=("test_memory_peak",))
+    assert abs(report["peak_gib"] * 1024 - 12) < 0.05
+    top = report["sites"][0]
+    assert top["site"].endswith("hold_then_spike") and abs(top["gib"] * 1024 - 12) < 0.05
+    # one site for both tensors (the CPU trace names functions); nothing allocated before it is counted
+    assert report["before_trace_gib"] == 0

@@ -632,7 +632,7 @@ class Bench:
         g_med, g_runs, _ = measure(generator_step, dev, s.warmup, s.train_reps)
         g_peak = _peak_gib(dev)
         traces = {}
-        if self.memory_trace and dev.type == "cuda":  # what is alive at each step's peak (tools/memory_peak.py)
+        if self.memory_trace:  # what is alive at each step's peak (tools/memory_peak.py)
             from tools.memory_peak import trace_peak
 
             traces = dict(critic_trace=trace_peak(critic_step, dev, self.memory_trace),
