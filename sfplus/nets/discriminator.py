@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sfplus.nets.attention import attention
+from sfplus.nets.wan import _linear  # weight dtype (the critic's hidden states are fp32, the head may be bf16)
 
 __all__ = ["DiscriminatorHead", "GanAttentionBlock"]
 
@@ -25,11 +26,6 @@ __all__ = ["DiscriminatorHead", "GanAttentionBlock"]
 def _rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Run a Linear in its weight dtype (the critic's hidden states are float32, the head may be bf16)."""
-    return layer(x.to(layer.weight.dtype))
 
 
 def _rms(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
