@@ -17,11 +17,15 @@ from sfplus.nets.vae import (
     WanVAE,
     load_wan_vae,
 )
-from sfplus.nets.vae_blocks import CausalConv3d
+from sfplus.nets.vae_blocks import CausalConv3d, RMSNorm
 from sfplus.nets.vae_keys import VAEKeyError, diffusers_vae_to_wan, wan_vae_to_diffusers
 
-diffusers = pytest.importorskip("diffusers")
-AutoencoderKLWan = diffusers.AutoencoderKLWan
+
+def _diffusers_vae_class():
+    """diffusers' AutoencoderKLWan, the parity twin; tests that need it skip without diffusers (the GPU image has
+    none, and its GPU tests in this file must still run there)."""
+    return pytest.importorskip("diffusers").AutoencoderKLWan
+
 
 # Wan2.1 layout at base dim 8 (strides 4 in time, 8 in space), and a 2-stage variant (time ×2, space ×4).
 TINY = dict(dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temporal_downsample=(False, True, True))
@@ -55,9 +59,9 @@ def _video(frames: int, height: int = 16, width: int = 24, batch: int = 2, seed:
     return torch.rand(batch, 3, frames, height, width, generator=g) * 2 - 1
 
 
-def _diffusers_twin(cfg: dict) -> AutoencoderKLWan:
+def _diffusers_twin(cfg: dict):
     torch.manual_seed(0)
-    ref = AutoencoderKLWan(
+    ref = _diffusers_vae_class()(
         base_dim=cfg["dim"], z_dim=cfg["z_dim"], dim_mult=list(cfg["dim_mult"]),
         num_res_blocks=cfg["num_res_blocks"], temperal_downsample=list(cfg["temporal_downsample"]),
     ).eval()  # fmt: skip
@@ -109,7 +113,7 @@ def test_default_config_has_the_published_wan21_layout():
 def test_key_maps_match_diffusers_layout_both_ways():
     with torch.device("meta"):
         wan = {k: tuple(v.shape) for k, v in WanVAE().state_dict().items()}
-        ref = {k: tuple(v.shape) for k, v in AutoencoderKLWan().state_dict().items()}
+        ref = {k: tuple(v.shape) for k, v in _diffusers_vae_class()().state_dict().items()}
     assert wan_vae_to_diffusers(wan) == ref
     assert diffusers_vae_to_wan(ref) == wan
     with pytest.raises(VAEKeyError, match="decoder.bogus.weight"):
@@ -246,6 +250,8 @@ def test_load_wan_vae_from_original_and_diffusers_files(tmp_path):
     ]
     for model in loaded:
         assert not any(p.requires_grad for p in model.parameters())
+        # on the CPU: the plain layout and the PyTorch norms (load_wan_vae speeds up CUDA models only)
+        assert not model.channels_last and not any(m.fused_kernel for m in model.modules() if isinstance(m, RMSNorm))
         with torch.no_grad():
             torch.testing.assert_close(model.encode(video), expected, atol=1e-6, rtol=0)
 
@@ -425,6 +431,14 @@ def test_cuda_row_norm_kernel_matches_torch(channels, dtype):
     expected = _torch_norm_silu_into(x, gamma, torch.empty_like(x))
     torch.testing.assert_close(buf[:, :, 2:], expected, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-2)
     assert torch.all(buf[:, :, :2] == 7.0), "the kernel wrote outside its view"
+
+
+@pytest.mark.gpu
+def test_load_wan_vae_on_cuda_turns_on_channels_last_and_fused_norms(tmp_path):
+    torch.save(_tiny_vae().state_dict(), tmp_path / "vae.pth")
+    vae = load_wan_vae(tmp_path / "vae.pth", device="cuda", **TINY)
+    assert vae.channels_last
+    assert all(m.fused_kernel for m in vae.modules() if isinstance(m, RMSNorm))
 
 
 @pytest.mark.gpu
