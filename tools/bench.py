@@ -606,10 +606,10 @@ class Bench:
                                               rng, grad=False).x0
                 t, eps = score_inputs(x)
                 loss = critic_flow_loss(critic, x, t, eps, cond)
-            c_opt.zero_grad(set_to_none=True)
             loss.backward()
             losses["critic_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic.parameters(), 10.0)
             c_opt.step()
+            c_opt.zero_grad(set_to_none=True)  # as training does: no gradients held through the other net's step
             losses["critic"] = loss.detach()
 
         def generator_step():
@@ -620,10 +620,10 @@ class Bench:
                 kl = dmd_kl_grad(x, t, eps, fake=critic, real=teacher, cond=cond, uncond=uncond,
                                  real_guidance_scale=s.guidance_scale)
                 loss = dmd_generator_loss(x, kl.grad)
-            g_opt.zero_grad(set_to_none=True)
             loss.backward()
             losses["generator_grad_norm"] = torch.nn.utils.clip_grad_norm_(generator.parameters(), 10.0)
             g_opt.step()
+            g_opt.zero_grad(set_to_none=True)
             losses["generator"] = loss.detach()
 
         c_med, c_runs, _ = measure(critic_step, dev, s.warmup, s.train_reps)

@@ -175,7 +175,12 @@ class RecipeModule(L.LightningModule):
 
     def optimizer_update(self, opt, loss: torch.Tensor, params, max_norm: float) -> torch.Tensor | None:
         """Backward ``loss`` into accumulated gradients; on the last micro-batch of the update clip the global
-        gradient norm of ``params`` and step. Returns the gradient norm after a step, None before it."""
+        gradient norm of ``params``, step, and free the gradients. Returns the gradient norm after a step, None
+        before it.
+
+        Freeing right after the step matters with alternating updates: otherwise each net's fp32 gradients (5.3 GiB
+        for a 1.3B net, unsharded) stay allocated through the other net's updates until its own next one.
+        """
         if self._micro == 0:
             opt.zero_grad(set_to_none=True)
         self.manual_backward(loss / self.accumulate)
@@ -186,6 +191,7 @@ class RecipeModule(L.LightningModule):
         self._micro = 0
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         opt.step()
+        opt.zero_grad(set_to_none=True)
         return grad_norm
 
     def shared_randint(self, kind: str, high: int) -> int:
