@@ -18,10 +18,9 @@ scaled-down nets, the same step on both sides, and the activations each side kee
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-
-import re
 
 import torch
 
