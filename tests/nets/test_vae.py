@@ -19,6 +19,7 @@ from sfplus.nets.vae import (
 )
 from sfplus.nets.vae_blocks import CausalConv3d, RMSNorm
 from sfplus.nets.vae_keys import VAEKeyError, diffusers_vae_to_wan, wan_vae_to_diffusers
+from tests.row_norm_checks import check_kernel_into_view, fused_and_plain_decode, torch_norm_silu_into
 
 
 def _diffusers_vae_class():
@@ -367,13 +368,6 @@ def test_channels_last_keeps_results():
     assert vae.decoder.conv1.weight.is_contiguous()
 
 
-def _torch_norm_silu_into(x, gamma, out, silu=True):
-    """The fused kernel's contract in PyTorch: out <- SiLU(normalize(x) * sqrt(C) * gamma)."""
-    y = torch.nn.functional.normalize(x.float(), dim=1) * (gamma.float().reshape(1, -1, 1, 1, 1) * x.shape[1] ** 0.5)
-    out.copy_(torch.nn.functional.silu(y) if silu else y)
-    return out
-
-
 @pytest.mark.parametrize("encode", [False, True])
 def test_fused_norm_path_writes_into_the_joined_input(monkeypatch, encode):
     """With the fused kernel's path taken (here its PyTorch twin on the CPU), norm → SiLU → conv writes into the
@@ -388,7 +382,7 @@ def test_fused_norm_path_writes_into_the_joined_input(monkeypatch, encode):
         calls = []
         monkeypatch.setattr(row_norm, "available", lambda x: True)
         monkeypatch.setattr(row_norm, "rms_norm_silu_into",
-                            lambda *a, **k: calls.append(a[2].shape) or _torch_norm_silu_into(*a, **k))
+                            lambda *a, **k: calls.append(a[2].shape) or torch_norm_silu_into(*a, **k))
         fused = vae.encode(video) if encode else StreamingDecoder(vae, chunk_frames=2).decode(z)
         assert calls, "the fused path was not taken"
         vae.use_fused_norms(False)
@@ -419,18 +413,10 @@ def test_cuda_fast_decode_equals_cpu_decode():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_row_norm_kernel_matches_torch(channels, dtype):
     """The Triton kernel against the PyTorch formula, into a view of a bigger buffer, batch 2."""
-    from sfplus.nets.row_norm import available, rms_norm_silu_into
+    from sfplus.nets.row_norm import available
 
-    x = torch.randn(2, channels, 5, 6, 7, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last_3d)
-    x[0, :, 0, 0, 0] = 0  # an all-zero row: normalize's max(norm, 1e-12)
-    gamma = torch.rand(channels, 1, 1, 1, device="cuda") + 0.5
-    assert available(x)
-    buf = torch.full((2, channels, 7, 6, 7), 7.0, device="cuda", dtype=dtype,
-                     memory_format=torch.channels_last_3d)
-    rms_norm_silu_into(x, gamma, buf[:, :, 2:])
-    expected = _torch_norm_silu_into(x, gamma, torch.empty_like(x))
-    torch.testing.assert_close(buf[:, :, 2:], expected, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-2)
-    assert torch.all(buf[:, :, :2] == 7.0), "the kernel wrote outside its view"
+    assert available(torch.empty(1, device="cuda"))
+    check_kernel_into_view("cuda", channels, dtype)
 
 
 @pytest.mark.gpu
@@ -443,12 +429,7 @@ def test_load_wan_vae_on_cuda_turns_on_channels_last_and_fused_norms(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_fused_norm_decode_equals_plain_decode():
-    vae = _tiny_vae().cuda().use_channels_last().use_fused_norms()
-    _randomize_norms(vae)
-    z = torch.randn(1, 16, 6, 4, 6, device="cuda")
-    with torch.no_grad():
-        fused = StreamingDecoder(vae).decode(z)
-        plain = StreamingDecoder(vae.use_fused_norms(False)).decode(z)
+    fused, plain = fused_and_plain_decode("cuda")
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
 
 
