@@ -29,11 +29,10 @@ class _ToyTrainSet(Dataset):
         return {"prompts": item["prompt"], "latents": item["video"], "index": item["index"]}
 
 
-def _collate_train(items: list[dict], codec=None) -> dict:
-    latents = torch.stack([it["latents"] for it in items])
+def _collate_train(items: list[dict], codec) -> dict:
     return {
         "prompts": [it["prompts"] for it in items],
-        "latents": latents if codec is None else codec.encode(latents),
+        "latents": codec.encode(torch.stack([it["latents"] for it in items])),
         "index": torch.tensor([it["index"] for it in items]),
     }
 
@@ -69,13 +68,12 @@ class ToyDataModule(L.LightningDataModule):
         frames_per_latent: int = 1,
     ) -> None:
         super().__init__()
-        from sfplus.nets.codec import TimePackCodec, latent_shape
+        from sfplus.nets.codec import latent_shape, toy_codec
 
-        self.codec = TimePackCodec(frames_per_latent) if frames_per_latent != 1 else None
+        self.codec = toy_codec(frames_per_latent)
         kwargs = {k: tuple(v) for k, v in (("colours", colours), ("shapes", shapes), ("directions", directions)) if v}
         self.spec = ToyVideoSpec(frames=frames, height=height, width=width, speed=speed, size=size, **kwargs)
-        if self.codec is not None:
-            latent_shape(self.codec, frames, height, width)  # clear error for a frame count s does not divide
+        latent_shape(self.codec, frames, height, width)  # clear error for a frame count s does not divide
         self.batch_size, self.length, self.seed = batch_size, length, seed
         self.batches_per_epoch, self.num_samples = batches_per_epoch, num_samples
 

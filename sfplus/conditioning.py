@@ -95,8 +95,7 @@ class ToyConditioner(Conditioner):
 
     def __init__(self, text_dim: int = 32, text_len: int = 16, negative_prompt: str = "",
                  frames_per_latent: int = 1) -> None:
-        from sfplus.nets.codec import IdentityCodec, TimePackCodec
+        from sfplus.nets.codec import toy_codec
         from sfplus.nets.text import ToyTextEncoder
 
-        codec = IdentityCodec() if frames_per_latent == 1 else TimePackCodec(frames_per_latent)
-        super().__init__(ToyTextEncoder(dim=text_dim, max_len=text_len), codec, negative_prompt)
+        super().__init__(ToyTextEncoder(dim=text_dim, max_len=text_len), toy_codec(frames_per_latent), negative_prompt)

@@ -24,6 +24,7 @@ __all__ = [
     "IdentityCodec",
     "StreamDecoder",
     "TimePackCodec",
+    "toy_codec",
     "VideoCodec",
     "VideoShapeError",
     "WanVAECodec",
@@ -149,6 +150,11 @@ class TimePackCodec(nn.Module):
 
     def stream_decoder(self) -> _IdentityStream:
         return _IdentityStream(self)  # type: ignore[arg-type]  # each latent frame decodes on its own
+
+
+def toy_codec(frames_per_latent: int = 1) -> IdentityCodec | TimePackCodec:
+    """The built-in toy task's codec: the identity for 1 frame per latent frame, else `TimePackCodec`."""
+    return IdentityCodec() if frames_per_latent == 1 else TimePackCodec(frames_per_latent)
 
 
 class WanVAECodec(nn.Module):
