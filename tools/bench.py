@@ -777,7 +777,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="after timing, profile one more call and print its N costliest CUDA kernels")
     parser.add_argument("--memory-trace", type=int, default=0, metavar="N",
                         help="train13b(_causal): after timing, trace one critic and one generator step and list the "
-                             "N largest allocation sites alive at each peak (tools/memory_peak.py; GPU only)")
+                             "N largest allocation sites alive at each peak (tools/memory_peak.py; on the CPU: of the step's own allocations)")
     parser.add_argument("--sdpa-probe", action="store_true",
                         help="time each SDPA backend on the 1.3B self-attention shape (GPU only)")
     args = parser.parse_args(argv)

@@ -213,7 +213,7 @@ class _CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def test_linears_under_autocast_leave_bf16_activations_to_autocast():
+def test_linears_under_autocast_leave_bf16_activations_to_autocast(monkeypatch):
     """fp32 master weights under bf16 autocast: a bf16 activation goes straight to autocast's cast (an fp32 copy
     first only costs memory: 1.1 GiB per FFN at 1.3B/480x832x81), with the same outputs and gradients."""
     from sfplus.nets import wan
@@ -236,14 +236,10 @@ def test_linears_under_autocast_leave_bf16_activations_to_autocast():
     def upcasting_linear(layer, h):  # what _linear did before: cast to the weight dtype, then autocast casts back
         return layer(h.to(layer.weight.dtype))
 
-    original = wan._linear
-    wan._linear = upcasting_linear
-    try:
-        counter = _CountCasts()
-        with counter:
-            old_out, old_grads = run()
-    finally:
-        wan._linear = original
+    monkeypatch.setattr(wan, "_linear", upcasting_linear)
+    counter = _CountCasts()
+    with counter:
+        old_out, old_grads = run()
     # each Linear fed a bf16 activation (attention outputs, the FFN's hidden state, ...) made one fp32 copy in the
     # forward and one more for its gradient in the backward: 109 copies against 87 for the tiny net
     assert counter.upcasts > upcasts
