@@ -5,6 +5,8 @@
 * :func:`shard_dit` — FSDP2 ``fully_shard`` per block, then the whole net, over the data-parallel mesh. Block
   inputs are NOT cast (``cast_forward_inputs=False``): the residual stream and the modulation stay fp32 as in
   official Wan, while the weights are gathered in ``param_dtype`` (bf16) and gradients reduced in fp32.
+* :func:`settle_mixed_precision` — fix FSDP2's mixed-precision dtypes while the trainable nets require grad
+  (before alternating updates freeze one net during the other's step).
 * :func:`load_weights` — fill a (possibly sharded, possibly meta-initialised) net from a weights source, file by
   file for Wan folders, so no rank ever holds two full copies.
 """
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -64,6 +67,24 @@ def shard_dit(
     return net
 
 
+def settle_mixed_precision(net: nn.Module) -> None:
+    """Run FSDP2's one-time initialisation of ``net`` now, while its trainable parameters require grad.
+
+    FSDP2 decides a shard group's gradient dtypes (``orig_dtype``, ``reduce_dtype``) once, at the group's first
+    forward, from the parameters that require grad at that moment. With alternating generator/critic updates the
+    critic's first forward happens inside the generator update, where ``toggled_optimizer`` has frozen it: FSDP2
+    then records "nothing trainable", reduces the critic's later gradients in bf16 and fails to assign them to the
+    fp32 master weights ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float").
+    Initialising every sharded net up front, in its training state, fixes the dtypes for good. Call it after the
+    weights are loaded (FSDP2 refuses meta tensors here). Idempotent; a no-op for unsharded nets.
+    """
+    get_state = getattr(net, "_get_fsdp_state", None)
+    if get_state is None:
+        return
+    # FSDPState._lazy_init is what the root's first forward calls (torch >= 2.4); there is no public alias.
+    get_state()._lazy_init()
+
+
 def is_sharded(net: nn.Module) -> bool:
     return any(hasattr(p, "to_local") for p in net.parameters())
 
@@ -90,8 +111,10 @@ def load_weights(net: nn.Module, source: str | os.PathLike | dict[str, torch.Ten
 
     # check_state_dict compares with net.state_dict() shapes, which are the global shapes for DTensors.
 
+    from sfplus.nets.sharded_checkpoint import is_sharded_checkpoint
+
     own_keys = set(net.state_dict().keys())
-    if isinstance(source, dict) or not os.path.isdir(source):
+    if isinstance(source, dict) or not os.path.isdir(source) or is_sharded_checkpoint(Path(source)):
         sd = source if isinstance(source, dict) else read_dit_state_dict(source, which)
         check_state_dict(net, sd, str(source) if not isinstance(source, dict) else "state dict")
         _set_state(net, sd, strict=True)

@@ -104,13 +104,14 @@ class RecipeModule(L.LightningModule):
                     compile_blocks(net)
         if self.activation_checkpointing:
             for net in trainable:
-                apply_activation_checkpointing(net)
+                if hasattr(net, "blocks"):  # the DiTs; a small head (the GAN discriminator) has nothing to recompute
+                    apply_activation_checkpointing(net)
         mesh = self.data_parallel_mesh()
         if mesh is not None and mesh.size() == 1:
-            # Nothing to shard on one device; FSDP2 (torch 2.11) also fails there with bf16 params and fp32
-            # gradient reduction (a bf16 grad assigned to an fp32 param, found on an H200). Use the trainer's
-            # precision (bf16-mixed autocast) instead.
+            # Nothing to shard on one device: the trainer's precision (bf16-mixed autocast, set in every shipped
+            # config) gives the same bf16 compute with fp32 masters, without FSDP's copies.
             mesh = None
+        self._sharded_trainable = [net for net in trainable if mesh is not None]
         if mesh is not None:
             for net in [*trainable, *frozen, *ema]:
                 if hasattr(net, "blocks"):
@@ -140,6 +141,11 @@ class RecipeModule(L.LightningModule):
         if self.fp8:
             raise ValueError("scale.fp8 is for predict only: FP8 linears have no backward; train without it")
         self._load_pending()
+        from sfplus.parallel import settle_mixed_precision
+
+        # Before any update freezes a net (see settle_mixed_precision): FSDP2 fixes gradient dtypes at first use.
+        for net in getattr(self, "_sharded_trainable", []):
+            settle_mixed_precision(net)
 
     def on_predict_start(self) -> None:
         self._load_pending()
@@ -339,8 +345,22 @@ class RecipeModule(L.LightningModule):
                 i for i in keep
                 if not writer.exists(batch["text"][i], int(batch["index"][i]), int(batch["sample"][i]))
             ]
-        if not keep:
-            return {"videos": None, "index": torch.empty(0, dtype=torch.long)}
+        nothing = {"videos": None, "index": torch.empty(0, dtype=torch.long)}
+        if not keep and not self._generation_is_collective():
+            return nothing
+        # A sharded net's forward is a collective (FSDP all-gathers): a rank whose items are all padding or already
+        # written still generates one (its first row) and drops it, so every rank runs the same forwards.
+        rows = keep or [0]
+        out = self._generate_rows(batch, rows)
+        return out if keep else nothing
+
+    def _generation_is_collective(self) -> bool:
+        from sfplus.parallel import is_sharded
+
+        return any(is_sharded(net) for net in self.children() if hasattr(net, "blocks"))
+
+    def _generate_rows(self, batch: dict, keep: list[int]) -> dict:
+        """Generate the batch items ``keep`` (see :meth:`predict_step`)."""
         prompts = [batch["prompts"][i] for i in keep]
         index, sample = batch["index"][keep], batch["sample"][keep]
         cond = self.conditioner.text(prompts, self.device)

@@ -53,7 +53,7 @@ def main() -> None:
     module = DistillModule(
         net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
         teacher_checkpoint=teacher, dfake_gen_update_ratio=2, generator_lr=1e-3, critic_lr=1e-3,
-        video_shape=[3, 2, 4, 4], seed=5, scale={"param_dtype": "fp32", "activation_checkpointing": world > 1},
+        video_shape=[3, 2, 4, 4], seed=5, scale={"param_dtype": os.environ.get("SFPLUS_TEST_PARAM_DTYPE", "fp32"), "activation_checkpointing": world > 1},
     )
     strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if world > 1 else "auto"
     trainer = L.Trainer(
