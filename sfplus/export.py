@@ -32,7 +32,8 @@ from typing import Literal
 
 import torch
 
-from sfplus.nets.checkpoints import _MODULE_PREFIXES, CheckpointError, _clean_key, check_state_dict, read_dit_state_dict
+from sfplus.nets.checkpoints import _MODULE_PREFIXES, CheckpointError, check_state_dict, read_dit_state_dict
+from sfplus.nets.sharded_checkpoint import LIGHTNING_META, is_sharded_checkpoint
 from sfplus.nets.diffusers_keys import wan_to_diffusers
 from sfplus.nets.presets import get_config
 from sfplus.nets.wan import WanConfig, WanDiT
@@ -41,8 +42,6 @@ __all__ = ["export_generator", "read_generator", "wan_config_json", "diffusers_c
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHTS_NAME = "diffusion_pytorch_model"
-_LIGHTNING_META = "meta.pt"  # Lightning's non-tensor part of a sharded checkpoint
-_DCP_CONTAINERS = ("state_dict.", "model.")  # ModelParallelStrategy / FSDPStrategy top-level names
 
 
 class ExportError(ValueError):
@@ -50,13 +49,9 @@ class ExportError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def _is_dcp_dir(path: Path) -> bool:
-    return path.is_dir() and (path / ".metadata").is_file()
-
-
 def _load_info(path: Path) -> dict | None:
     """The ``sfplus`` entry (net preset and overrides) of a Lightning checkpoint, if readable."""
-    target = path / _LIGHTNING_META if path.is_dir() else path
+    target = path / LIGHTNING_META if is_sharded_checkpoint(path) else path
     if not target.is_file() or target.suffix == ".safetensors":
         return None
     try:
@@ -67,40 +62,6 @@ def _load_info(path: Path) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
-def _read_dcp(path: Path, which: str) -> dict[str, torch.Tensor]:
-    """Only the DiT tensors of a ``torch.distributed.checkpoint`` directory (no process group needed).
-
-    Reads the chosen sub-module alone: a training checkpoint also holds the other copy of the generator, the critic
-    and the optimizer states (several times the generator), which a full consolidation would pull into memory.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = dcp.FileSystemReader(str(path))
-    try:
-        metadata = reader.read_metadata()
-    except Exception as err:
-        raise CheckpointError(f"cannot read the distributed checkpoint {path}: {err}") from None
-    tensors = {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
-    container = next((c for c in _DCP_CONTAINERS if any(k.startswith(c) for k in tensors)), "")
-    if container == "model." and not (path / _LIGHTNING_META).is_file():
-        container = ""  # not Lightning's FSDP layout: "model." may be the DiT prefix itself
-    names = {k: _clean_key(k[len(container):]) for k in tensors if k.startswith(container)}
-    for prefix in _MODULE_PREFIXES[which]:
-        chosen = {raw: name[len(prefix):] for raw, name in names.items() if name.startswith(prefix)}
-        if chosen:
-            break
-    else:
-        chosen = names
-    if not chosen:
-        raise CheckpointError(f"distributed checkpoint {path} holds no tensors")
-    buffers = {raw: torch.empty(tuple(tensors[raw].size), dtype=tensors[raw].properties.dtype) for raw in chosen}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(buffers, storage_reader=reader, no_dist=True)
-    return {chosen[raw]: t for raw, t in buffers.items()}
-
-
 def read_generator(ckpt_path: str | os.PathLike, which: Literal["ema", "model"] = "ema") -> tuple[dict, dict | None]:
     """(Wan-original state dict, the checkpoint's ``sfplus`` info or None) of any supported source."""
     p = Path(ckpt_path)
@@ -108,8 +69,6 @@ def read_generator(ckpt_path: str | os.PathLike, which: Literal["ema", "model"] 
         raise CheckpointError(f"checkpoint {p} does not exist")
     if which not in _MODULE_PREFIXES:
         raise ExportError(f"which must be 'ema' or 'model', got {which!r}")
-    if _is_dcp_dir(p):
-        return _read_dcp(p, which), _load_info(p)
     return read_dit_state_dict(p, which=which), _load_info(p)
 
 

@@ -2,8 +2,8 @@
 
 Sources understood:
 
-* a Lightning checkpoint of an sfplus module (``.ckpt``; a file, or a sharded directory consolidated by the
-  caller): the sub-module picked by ``which`` (``ema`` → ``generator_ema.`` / ``model_ema.``, ``model`` →
+* a Lightning checkpoint of an sfplus module (``.ckpt``; a file, or a sharded directory read by
+  :mod:`sfplus.nets.sharded_checkpoint`): the sub-module picked by ``which`` (``ema`` → ``generator_ema.`` / ``model_ema.``, ``model`` →
   ``generator.`` / ``model.``);
 * a single ``.safetensors`` file in Wan-original layout;
 * a Self-Forcing / Self-Forcing-Plus ``.pt`` training file (``generator`` / ``generator_ema`` entries, ``model.``
@@ -64,7 +64,11 @@ def read_dit_state_dict(path: str | os.PathLike, which: Which = "ema") -> dict[s
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")
     if p.is_dir():
-        from sfplus.nets import wan_folders  # Wan-AI / diffusers folders
+        from sfplus.nets import sharded_checkpoint, wan_folders
+
+        if sharded_checkpoint.is_sharded_checkpoint(p):  # a sharded Lightning checkpoint (ModelParallelStrategy)
+            return sharded_checkpoint.read_sharded_checkpoint(p, which)
+        # Wan-AI / diffusers folders
 
         return wan_folders.read_folder_state_dict(p)
     if p.suffix == ".safetensors":
