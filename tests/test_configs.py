@@ -139,3 +139,13 @@ def test_toy_twin_runs_two_steps(name, tmp_path, tiny_teacher):
     assert counters["batches_seen"] == 2
     if "generator_steps" in counters:  # distillation: generator at iteration 0, then a critic update
         assert (counters["generator_steps"], counters["critic_steps"]) == (1, 1)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT / "configs")) for c in CONFIGS])
+def test_config_states_its_precision(config):
+    """No silent fp32: every recipe says what it computes in; the real-model ones bf16 as the reference does."""
+    precision = load(config)["trainer"].get("precision")
+    assert precision is not None, f"{config.name}: set trainer.precision"
+    if config.parent == WAN:
+        assert precision == "bf16-mixed", f"{config.name}: the Wan recipes train and generate in bf16"
+        assert load(config)["model"]["init_args"]["scale"]["param_dtype"] == "bf16"
