@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import torch
@@ -25,3 +27,54 @@ def write_tiny_teacher(path: Path, overrides: dict | None = None) -> str:
     torch.nn.init.normal_(net.head.head.weight, std=0.02)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
     return str(path)
+
+
+#: A tiny WanVAE (the real class) for the tiny Wan folder.
+TINY_VAE = dict(dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temporal_downsample=(False, True, True))
+#: DiT preset fields that match the tiny Wan folder's encoders (T5 width 32 x 512 tokens; CLIP width 32).
+TINY_WAN_TEXT = {"text_dim": 32, "text_len": 512}
+TINY_WAN_IMAGE = {"image_dim": 32}
+_VOCAB = 64
+_SENTENCES = ["a red square moves left", "a cat sits on a mat", "two dogs run in the park", "the sun sets slowly"]
+
+
+def _write_tokenizer(folder: Path) -> None:
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_SENTENCES * 8), model_writer=buf, vocab_size=_VOCAB - 4, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    folder.mkdir(parents=True)
+    (folder / "spiece.model").write_bytes(buf.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
+
+
+def write_tiny_wan_folder(root: Path) -> Path:
+    """A tiny Wan2.1-I2V-like folder with the published file names and Wan key layouts: UMT5 encoder, tokenizer,
+    VAE and CLIP of the real classes (transformers' UMT5 / CLIP converted with sfplus's key maps). Returns ``root``.
+    """
+    import transformers
+
+    from sfplus.nets.image import hf_clip_to_wan
+    from sfplus.nets.text import hf_t5_to_wan
+    from sfplus.nets.vae import WanVAE
+    from sfplus.wan_conditioning import CLIP_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE
+
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    t5 = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=_VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, relative_attention_num_buckets=32,
+        relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
+        dropout_rate=0.0,
+    ))  # fmt: skip
+    torch.save({k: v.clone() for k, v in hf_t5_to_wan(t5.state_dict()).items()}, root / T5_FILE)
+    _write_tokenizer(root / TOKENIZER_DIR)
+    torch.save(WanVAE(**TINY_VAE).state_dict(), root / VAE_FILE)
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28,
+        patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=16,
+    ))  # fmt: skip
+    torch.save({k: v.clone() for k, v in hf_clip_to_wan(clip.state_dict()).items()}, root / CLIP_FILE)
+    return root

@@ -4,8 +4,6 @@ tokenizer, VAE and CLIP of the real classes, written with the Wan key names), an
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import pytest
@@ -13,9 +11,9 @@ import torch
 
 from sfplus.i2v import i2v_condition
 from sfplus.nets.codec import WanVAECodec
-from sfplus.nets.image import ClipImageEncoder, hf_clip_to_wan
-from sfplus.nets.text import UMT5TextEncoder, hf_t5_to_wan
-from sfplus.nets.vae import WanVAE, load_wan_vae
+from sfplus.nets.image import ClipImageEncoder
+from sfplus.nets.text import UMT5TextEncoder
+from sfplus.nets.vae import load_wan_vae
 from sfplus.wan_conditioning import (
     CLIP_FILE,
     T5_FILE,
@@ -26,48 +24,19 @@ from sfplus.wan_conditioning import (
     WanConditioner,
     resolve_wan_files,
 )
+from tests.helpers import TINY_VAE as VAE_CFG
+from tests.helpers import write_tiny_wan_folder
 
 transformers = pytest.importorskip("transformers")
-spm = pytest.importorskip("sentencepiece")
-
-VAE_CFG = dict(dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temporal_downsample=(False, True, True))
-VOCAB = 64
-SENTENCES = ["a red square moves left", "a cat sits on a mat", "two dogs run in the park", "the sun sets slowly"]
-
+pytest.importorskip("sentencepiece")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _tokenizer(folder: Path) -> None:
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES * 8), model_writer=buf, vocab_size=VOCAB - 4, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2,
-    )  # fmt: skip
-    folder.mkdir(parents=True)
-    (folder / "spiece.model").write_bytes(buf.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
 
 
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory) -> Path:
     """A tiny Wan2.1-I2V-like folder with the published file names and Wan key layouts."""
-    root = tmp_path_factory.mktemp("Wan2.1-tiny")
-    torch.manual_seed(0)
-    t5 = transformers.UMT5EncoderModel(transformers.UMT5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, relative_attention_num_buckets=32,
-        relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
-        dropout_rate=0.0,
-    ))  # fmt: skip
-    torch.save({k: v.clone() for k, v in hf_t5_to_wan(t5.state_dict()).items()}, root / T5_FILE)
-    _tokenizer(root / TOKENIZER_DIR)
-    torch.save(WanVAE(**VAE_CFG).state_dict(), root / VAE_FILE)
-    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28,
-        patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=16,
-    ))  # fmt: skip
-    torch.save({k: v.clone() for k, v in hf_clip_to_wan(clip.state_dict()).items()}, root / CLIP_FILE)
-    return root
+    return write_tiny_wan_folder(tmp_path_factory.mktemp("Wan2.1-tiny"))
 
 
 def conditioner(wan_dir: Path, **kw) -> WanConditioner:
