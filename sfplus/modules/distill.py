@@ -10,7 +10,7 @@ from torch import nn
 from sfplus.conditioning import Conditioner, Cond
 from sfplus.flow import score_timesteps_from_raw, warp_timesteps
 from sfplus.modules.base import RecipeModule, _copy_weights, _default_toy_conditioner
-from sfplus.noise import SampleNoise
+from sfplus.noise import SampleNoise, stable_seed
 from sfplus.objectives.dmd import critic_flow_loss, dmd_generator_loss, dmd_kl_grad
 from sfplus.rollout import bidirectional_rollout
 from sfplus.sampling import few_step_sample
@@ -183,8 +183,13 @@ class DistillModule(RecipeModule):
             else:
                 _copy_weights(net, self.teacher)
         _copy_weights(self.generator_ema, self.generator)
-        if self.disc_head is not None and self._weights_pending:
-            self.disc_head.reset_parameters()
+        if self.disc_head is not None:
+            # Fresh weights from the seed alone, built whole on the CPU and then loaded (sharded or not): the same
+            # head whatever the world size or construction device.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(stable_seed(self.seed, "disc_head") % (2**31))
+                fresh = self._build_head()
+            load_weights(self.disc_head, fresh.state_dict())
 
     def build_teacher(self) -> nn.Module:
         if self.teacher_net is None:
