@@ -1,8 +1,12 @@
-"""Worker for tests/test_sharding.py: a tiny DMD run, optionally sharded with FSDP2 over 2 gloo processes.
+"""Worker for tests/test_sharding.py: a tiny distillation run, optionally sharded with FSDP2 over 2 gloo processes.
 
     python -m torch.distributed.run --nproc-per-node 2 tests/dist/sharded_worker.py OUT.pt STEPS BATCH [CKPT_IN] [CKPT_OUT]
 
-Writes the full (gathered) generator, EMA and critic state dicts and the counters to OUT.pt on rank 0.
+Environment: ``SFPLUS_TEST_VARIANT`` picks the recipe (:data:`VARIANTS`: DMD or SiD, bidirectional or causal, with
+or without the GAN head; default ``dmd``), ``SFPLUS_TEST_PARAM_DTYPE`` the FSDP2 compute dtype (``fp32`` default,
+or ``bf16``, which also runs the trainer in ``bf16-mixed`` as the shipped Wan configs do).
+
+Writes the full (gathered) generator, EMA and critic (and GAN head) state dicts and the counters to OUT.pt on rank 0.
 """
 
 from __future__ import annotations
@@ -19,11 +23,21 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from sfplus.callbacks import EMA
 from sfplus.conditioning import ToyConditioner
-from sfplus.datamodules import PromptDataModule
+from sfplus.datamodules import LatentShardDataModule, PromptDataModule
 from sfplus.modules import DistillModule
 from sfplus.nets.presets import build_dit
 
 TINY = {"in_dim": 3, "out_dim": 3}
+#: recipe options of each variant; the causal ones roll out 2 blocks of 1 latent frame with the KV cache.
+VARIANTS = {
+    "dmd": {},
+    "sid": {"distribution_loss": "sid"},
+    "causal-dmd": {"generator_type": "causal", "frames_per_block": 1},
+    "causal-sid": {"generator_type": "causal", "frames_per_block": 1, "distribution_loss": "sid"},
+    "causal-dmd-gan": {"generator_type": "causal", "frames_per_block": 1,
+                       "gan": {"blocks": [0, 1], "g_weight": 0.1, "d_weight": 0.1}},
+}
+SHAPE = [3, 2, 4, 4]
 
 
 def make_inputs(root: Path) -> tuple[str, str]:
@@ -38,6 +52,19 @@ def make_inputs(root: Path) -> tuple[str, str]:
     return str(teacher), str(prompts)
 
 
+def latent_shards(root: Path) -> str:
+    """Clean latents for the recipes that read real data (the GAN term)."""
+    from sfplus.datamodules.shard_format import Sample, write_shards
+
+    out = root / "shards"
+    if not (out / "index.json").exists():
+        g = torch.Generator().manual_seed(0)
+        samples = [Sample(key=f"s{i}", prompt=f"a red square moving {i}", latent=torch.randn(SHAPE, generator=g))
+                   for i in range(6)]
+        write_shards(samples, out, [3, 3], dtype=torch.float32)
+    return str(out)
+
+
 def full_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     if any(hasattr(p, "to_local") for p in net.parameters()):
         return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -49,23 +76,32 @@ def main() -> None:
     ckpt_in = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] != "-" else None
     ckpt_out = sys.argv[5] if len(sys.argv) > 5 else None
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    variant = VARIANTS[os.environ.get("SFPLUS_TEST_VARIANT", "dmd")]
+    param_dtype = os.environ.get("SFPLUS_TEST_PARAM_DTYPE", "fp32")
     teacher, prompts = make_inputs(out.parent)
     module = DistillModule(
         net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
         teacher_checkpoint=teacher, dfake_gen_update_ratio=2, generator_lr=1e-3, critic_lr=1e-3,
-        video_shape=[3, 2, 4, 4], seed=5, scale={"param_dtype": os.environ.get("SFPLUS_TEST_PARAM_DTYPE", "fp32"), "activation_checkpointing": world > 1},
+        video_shape=SHAPE, seed=5, scale={"param_dtype": param_dtype, "activation_checkpointing": world > 1},
+        **variant,
     )
+    if "gan" in variant:
+        data = LatentShardDataModule(latent_shards(out.parent), batch_size=batch, fields=["latents"], num_workers=0,
+                                     batches_per_epoch=3)
+    else:
+        data = PromptDataModule(prompts, batch_size=batch, batches_per_epoch=3)
     strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if world > 1 else "auto"
     trainer = L.Trainer(
         accelerator="cpu", devices=world, strategy=strategy, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, inference_mode=False, callbacks=[EMA(decay=0.5, start_iteration=1)],
-        default_root_dir=str(out.parent),
+        default_root_dir=str(out.parent), precision="bf16-mixed" if param_dtype == "bf16" else "32-true",
     )
-    trainer.fit(module, datamodule=PromptDataModule(prompts, batch_size=batch, batches_per_epoch=3), ckpt_path=ckpt_in)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_in)
     if ckpt_out:
         trainer.save_checkpoint(ckpt_out)
-    states = {name: full_state(getattr(module, name)) for name in ("generator", "generator_ema", "critic")}
+    nets = ("generator", "generator_ema", "critic") + (("disc_head",) if module.disc_head is not None else ())
+    states = {name: full_state(getattr(module, name)) for name in nets}
     if trainer.global_rank == 0:
         torch.save({**states, "counters": module.counters()}, out)
     exit_in_step()
