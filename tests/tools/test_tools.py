@@ -309,3 +309,13 @@ def test_make_shards_takes_first_frames_from_images(tmp_path):
     (tmp_path / "img" / "v.png").unlink()
     assert tool("make_shards").main(["--latents", str(lat), "--out", str(tmp_path / "o2"), "--first-frames",
                                      str(tmp_path / "img")]) == 2  # fmt: skip
+
+
+@pytest.mark.slow
+def test_fit_shipped_runs_a_shipped_recipe_on_random_files(tmp_path):
+    """The GPU check tool, on the CPU with tiny nets: the shipped Self-Forcing config as written, random files."""
+    row = tool("fit_shipped").main([str(TOOLS.parent / "configs" / "wan2.1" / "t2v_13b_self_forcing_dmd.yaml"),
+                                    "--tiny", "--updates", "3", "--work", str(tmp_path)])
+    assert row["precision"] == "bf16-mixed"  # as shipped
+    assert row["first"]["update"] == "generator" and row["critic"]["seconds"] and row["updates"] == 3
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
