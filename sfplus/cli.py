@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 
@@ -26,11 +27,22 @@ from sfplus.modules import DiffusionModule, DistillModule  # noqa: F401
 from sfplus.parallel import close_process_group
 
 
+# Configs may interpolate, e.g. `critic_betas: ${model.init_args.betas}`. In "omegaconf+" mode OmegaConf resolves
+# `${...}` once every config file and command-line value is merged, so overriding the source on the command line
+# also changes what refers to it. LightningCLI gives each subcommand its own parser, which reads --config. A whole
+# value may be interpolated, not an element of a list (elements are type-checked before resolving).
+PARSER_MODE = {"parser_mode": "omegaconf+"}
+PARSER_KWARGS = {**PARSER_MODE, **{name: dict(PARSER_MODE) for name in LightningCLI.subcommands()}}
+
+
 class SfplusCLI(LightningCLI):
     """LightningCLI with sfplus's defaults: manual optimization, own samplers, resumable logs."""
 
     def __init__(self, args=None) -> None:
         import lightning as L
+
+        # `${model.init_args.x}` from the config's root, whatever the subcommand (else it must read `${fit.model...}`).
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
         super().__init__(
             L.LightningModule,
@@ -41,6 +53,7 @@ class SfplusCLI(LightningCLI):
             trainer_defaults={"use_distributed_sampler": False, "inference_mode": False},
             args=args,
             auto_configure_optimizers=False,
+            parser_kwargs=PARSER_KWARGS,
         )
 
     def parse_arguments(self, parser, args) -> None:
