@@ -11,14 +11,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from einops import rearrange
 
 from sfplus.modules import stable_seed, to_uint8_video
 
 
 def frame_grid(videos: torch.Tensor, upscale: int = 1) -> torch.Tensor:
     """uint8 [B, T, H, W, 3] → uint8 image [3, B*H, T*W] (rows = videos, columns = frames)."""
-    b, t, h, w, c = videos.shape
-    grid = videos.permute(4, 0, 2, 1, 3).reshape(c, b * h, t * w)
+    grid = rearrange(videos, "b t h w c -> c (b h) (t w)")
     if upscale > 1:
         grid = grid.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
     return grid

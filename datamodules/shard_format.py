@@ -20,6 +20,14 @@ Next to the shards, ``index.json`` lists every shard with its samples and, for e
 crc32]`` of its data inside the tar. Readers use it for random access (``seek`` + ``read``), which gives a map-style
 dataset, an exact per-rank split and exact mid-epoch resume; the CRC and the tar header in front of each member
 detect corrupt or stale data. :func:`scan_shards` rebuilds the index of shards written by other tools.
+
+Shards are written by ``webdataset.TarWriter`` (the offsets come from the members it adds). They are read by hand
+(:class:`ShardReader`), not with ``webdataset.WebDataset``, because webdataset streams a tar from its start: it is
+an ``IterableDataset`` with no access by sample index. sfplus's samplers need a map-style dataset: sample ``i`` of a
+per-epoch permutation, read in one seek, so that every rank takes an exact, equal share and a resumed run continues
+at the module's count of consumed batches without replaying or skipping data; skipping through a stream to that
+position would read the whole epoch up to it. :func:`scan_shards` reads tar headers with ``tarfile`` for the same
+reason (webdataset's tar iterators give names and bytes, not offsets).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import webdataset as wds
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -298,38 +307,34 @@ def shard_sizes(num_samples: int, *, num_shards: int | None = None, samples_per_
     return balanced_sizes(num_samples, num_shards)  # type: ignore[arg-type]
 
 
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    # Fixed owner/time fields: the same samples always give byte-identical shards.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
-    return info
-
-
 class _ShardTarWriter:
-    """Writes one tar (to a temporary name) and records ``[offset, size, crc32]`` of every member's data."""
+    """Writes one tar (to a temporary name) with ``webdataset.TarWriter`` and records ``[offset, size, crc32]`` of
+    every member's data, from the tar headers it wrote."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.tmp = atomic_path(path)
         self.file = open(self.tmp, "wb")
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8")
+        # Fixed owner, mode and time: the same samples always give byte-identical shards.
+        self.writer = wds.TarWriter(self.file, user="", group="", mode=0o644, mtime=0, encoder=False)
+        self.tar = self.writer.tarstream
         self.samples: list[dict] = []
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         entry: dict = {"key": key}
-        for ext in ENTRY_EXTS:
-            if ext not in members:
-                continue
-            data = members[ext]
-            info = _tar_info(f"{key}.{ext}", len(data))
-            header = len(info.tobuf(self.tar.format, self.tar.encoding, self.tar.errors))
-            offset = self.tar.offset + header
-            self.tar.addfile(info, io.BytesIO(data))
-            entry[ext] = [offset, len(data), zlib.crc32(data)]
+        offset, first = self.tar.offset, len(self.tar.members)
+        self.writer.write({"__key__": key, **{ext: members[ext] for ext in ENTRY_EXTS if ext in members}})
+        for info in self.tar.members[first:]:
+            offset += len(info.tobuf(self.tar.format, self.tar.encoding, self.tar.errors))
+            data = members[info.name[len(key) + 1:]]
+            entry[info.name[len(key) + 1:]] = [offset, info.size, zlib.crc32(data)]
+            offset += -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        if offset != self.tar.offset:
+            raise ShardFormatError(f"{self.path}: member offsets of {key!r} do not add up (tar headers changed?)")
         self.samples.append(entry)
 
     def close(self) -> dict:
-        self.tar.close()
+        self.writer.close()
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()

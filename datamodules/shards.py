@@ -2,7 +2,9 @@
 
 The shards are webdataset tar files with an ``index.json`` (format: :mod:`sfplus.datamodules.shard_format`). This
 module reads them as a *map-style* dataset: the index gives every member's byte range, so sample ``i`` is one
-``seek`` + ``read``. That buys the properties a many-node run needs with the samplers every other datamodule uses:
+``seek`` + ``read`` (not ``webdataset.WebDataset``, which streams each tar from its start and cannot fetch sample
+``i``; :mod:`~sfplus.datamodules.shard_format` says why that matters). That buys the properties a many-node run
+needs with the samplers every other datamodule uses:
 
 * **explicit split** — the lead's :class:`EpochBatchSampler` gives rank ``r`` of ``W`` every ``W``-th sample of a
   per-epoch permutation (node split); the DataLoader hands whole batches to its workers (worker split); each

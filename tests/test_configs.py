@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from sfplus.cli import main
 from sfplus.datamodules.shard_format import Sample, write_shards
@@ -25,7 +26,8 @@ SHAPE = [3, 4, 8, 8]
 
 
 def load(path: Path) -> dict:
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    """The config as a plain dict, `${...}` interpolations resolved (as the CLI resolves them)."""
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT / "configs")) for c in CONFIGS])

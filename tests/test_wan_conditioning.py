@@ -208,13 +208,7 @@ def test_cli_fit_and_predict_with_a_wan_folder(wan_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sfplus: error:" in err and f"WanConditioner: vae {tmp_path / 'no.pth'} does not exist" in err
 
-def _i2v_patch_applied() -> bool:
-    from sfplus.modules import RecipeModule
 
-    return hasattr(RecipeModule, "with_image")
-
-
-@pytest.mark.skipif(not _i2v_patch_applied(), reason="the recipes' I2V hook (docs/i2v_patch.diff) is not applied")
 def test_i2v_distillation_and_prediction_through_the_recipes(wan_dir, tmp_path):
     import lightning as L
     from PIL import Image

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from einops import rearrange
 from torch import Tensor, nn
 
 from sfplus.nets.vae import StreamingDecoder, VideoShapeError, WanVAE
@@ -138,15 +139,11 @@ class TimePackCodec(nn.Module):
 
     def encode(self, video: Tensor) -> Tensor:
         _check_video(self, video)  # also: a multiple of s frames
-        b, c, t, h, w = video.shape
-        s = self.temporal_stride
-        return video.reshape(b, c, t // s, s, h, w).transpose(2, 3).reshape(b, c * s, t // s, h, w)
+        return rearrange(video, "b c (k s) h w -> b (c s) k h w", s=self.temporal_stride)
 
     def decode(self, latents: Tensor) -> Tensor:
         _check_latents(self, latents)
-        b, cs, k, h, w = latents.shape
-        s = self.temporal_stride
-        return latents.reshape(b, cs // s, s, k, h, w).transpose(2, 3).reshape(b, cs // s, k * s, h, w).clamp(-1.0, 1.0)
+        return rearrange(latents, "b (c s) k h w -> b c (k s) h w", s=self.temporal_stride).clamp(-1.0, 1.0)
 
     def stream_decoder(self) -> _IdentityStream:
         return _IdentityStream(self)  # type: ignore[arg-type]  # each latent frame decodes on its own

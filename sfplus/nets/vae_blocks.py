@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 # Frames of history a 3-tap causal temporal convolution needs from the previous chunk.
@@ -204,13 +205,13 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
-        b, c, t, h, w = x.shape
-        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        t = x.shape[2]
+        frames = rearrange(x, "b c t h w -> (b t) c h w")
         qkv = self.to_qkv(self.norm(frames))  # [(B·T), 3C, H, W]
         q, k, v = qkv.flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)  # each [(B·T), 1, H·W, C]
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
-        out = self.proj(out).reshape(b, t, c, h, w).transpose(1, 2)
+        out = out.squeeze(1).transpose(1, 2).reshape(frames.shape)  # contiguous [(B·T), C, H, W] for proj
+        out = rearrange(self.proj(out), "(b t) c h w -> b c t h w", t=t)
         return x + out
 
 
@@ -270,9 +271,8 @@ class Resample(nn.Module):
                 y = self.time_conv(x, cache)  # [B, 2C, T, H, W]
                 x = _interleave_frames(y[:, :c], y[:, c:])
 
-        b, c, t, h, w = x.shape
-        y = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
-        x = y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
+        y = self.resample(rearrange(x, "b c t h w -> (b t) c h w"))
+        x = rearrange(y, "(b t) c h w -> b c t h w", t=x.shape[2])
 
         if self.mode == "downsample3d":
             cache = self._require_cache(cache)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from sfplus.nets.attention import attention
 from sfplus.nets.causal import BlockCausal, KVCache, KVCacheStep, block_causal_mask, teacher_forcing_mask
@@ -437,8 +438,8 @@ class WanDiT(nn.Module):
         """[B, F'·H'·W', pt·ph·pw·out_dim] (c fastest) -> [B, out_dim, F'·pt, H'·ph, W'·pw]."""
         (pt, ph, pw), c = self.config.patch_size, self.config.out_dim
         f, h, w = grid
-        out = out.view(out.shape[0], f, h, w, pt, ph, pw, c)
-        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(out.shape[0], c, f * pt, h * ph, w * pw)
+        return rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
+                         f=f, h=h, w=w, pt=pt, ph=ph, pw=pw, c=c)
 
     def _check_video(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         cfg = self.config
