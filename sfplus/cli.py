@@ -35,6 +35,14 @@ PARSER_MODE = {"parser_mode": "omegaconf+"}
 PARSER_KWARGS = {**PARSER_MODE, **{name: dict(PARSER_MODE) for name in LightningCLI.subcommands()}}
 
 
+def read_config(path: str | os.PathLike) -> dict:
+    """A recipe YAML as a plain dict with its ``${...}`` interpolations resolved, the values the CLI sees (tools that
+    rewrite a shipped config start from this)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
 class SfplusCLI(LightningCLI):
     """LightningCLI with sfplus's defaults: manual optimization, own samplers, resumable logs."""
 

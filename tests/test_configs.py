@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
 
-from sfplus.cli import main
+from sfplus.cli import main, read_config
 from sfplus.datamodules.shard_format import Sample, write_shards
 from sfplus.flow import warp_timesteps
 from tests.helpers import write_tiny_teacher
@@ -27,7 +26,7 @@ SHAPE = [3, 4, 8, 8]
 
 def load(path: Path) -> dict:
     """The config as a plain dict, `${...}` interpolations resolved (as the CLI resolves them)."""
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return read_config(path)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT / "configs")) for c in CONFIGS])

@@ -35,6 +35,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from sfplus.cli import read_config
 from sfplus.datamodules.shard_format import Sample, write_shards
 from sfplus.flow import warp_timesteps
 from sfplus.nets.presets import build_dit
@@ -55,7 +56,7 @@ pytestmark = pytest.mark.slow
 
 
 def load(path: Path) -> dict:
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    return read_config(path)
 
 
 def is_predict(cfg: dict) -> bool:

@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="tiny nets, encoders and video on the CPU")
     args = parser.parse_args(argv)
 
-    shipped = yaml.safe_load(args.config.read_text(encoding="utf-8"))
+    from sfplus.cli import SfplusCLI, read_config
+
+    shipped = read_config(args.config)
     if "max_steps" not in shipped.get("trainer", {}):
         raise SystemExit(f"fit_shipped: {args.config} is not a training config (no trainer.max_steps)")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -232,8 +234,6 @@ def main(argv: list[str] | None = None) -> dict:
     prepared = round(time.perf_counter() - start, 1)
     path = args.work / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-
-    from sfplus.cli import SfplusCLI
 
     cli = SfplusCLI(args=["fit", "--config", str(path), *extra])
     timer = next(cb for cb in cli.trainer.callbacks if isinstance(cb, UpdateTimer))
