@@ -2,8 +2,12 @@
 time / memory check of a config before a cluster is spent on it.
 
     python tools/fit_shipped.py configs/wan2.1/t2v_14b_dmd.yaml --updates 6 --work /tmp/shipped
-    python tools/fit_shipped.py configs/wan2.1/t2v_13b_self_forcing_dmd.yaml --updates 6 \\
-        -- --model.init_args.teacher_net null          # anything after -- goes to `sfplus fit` unchanged
+    python tools/fit_shipped.py configs/wan2.1/t2v_13b_self_forcing_dmd.yaml --set model.init_args.teacher_net=null
+    python tools/fit_shipped.py configs/wan2.1/t2v_14b_dmd.yaml --set model.init_args.net=wan2.1-t2v-1.3b \\
+        -- --trainer.log_every_n_steps 1              # anything after -- goes to `sfplus fit` unchanged
+
+``--set KEY=VALUE`` (dotted path, YAML value) changes the config before the random files are made for it, e.g. the
+1.3B teacher the Self-Forcing config's header offers instead of the 14B one.
 
 What it writes under ``--work`` and points the config at (nothing else changes: ``scale``, precision, optimizers,
 schedule, callbacks and data module stay as shipped):
@@ -161,8 +165,10 @@ def _shards(out: Path, shape: list[int], m: dict) -> str:
 # ------------------------------------------------------------------------------------------------ the config
 
 
-def random_weights_config(shipped: dict, work: Path, *, tiny: bool, device: torch.device) -> dict:
-    """The shipped config with its paths pointed at random files under ``work`` (see the module docstring)."""
+def random_weights_config(shipped: dict, work: Path, *, tiny: bool, device: torch.device, files: Path | None = None) -> dict:
+    """The shipped config with its paths pointed at random files under ``files`` (default ``work/files``; made once,
+    reused by later runs) and its outputs under ``work`` (see the module docstring)."""
+    files = files or work / "files"
     cfg = copy.deepcopy(shipped)
     trainer, m = cfg["trainer"], cfg["model"]["init_args"]
     trainer.update(num_nodes=1, devices=1, default_root_dir=str(work / "run"))
@@ -185,7 +191,7 @@ def random_weights_config(shipped: dict, work: Path, *, tiny: bool, device: torc
             m.update(teacher_net=preset, teacher_net_overrides=overrides)
         if "gan" in m:
             m["gan"]["blocks"] = [0, 1]
-    weights = work / "weights"
+    weights = files / "weights"
     weights.mkdir(parents=True, exist_ok=True)
     for key in KEYS:
         if key in m:
@@ -193,7 +199,7 @@ def random_weights_config(shipped: dict, work: Path, *, tiny: bool, device: torc
             extra = m.get("teacher_net_overrides") if preset == m.get("teacher_net") else m.get("net_overrides")
             m[key] = _random_dit(weights / f"{preset}.safetensors", preset, dict(extra or {}), device)
     cond = m["conditioner"]["init_args"]
-    cond["model_dir"] = str(_random_wan_folder(work / "wan", i2v, tiny, device))
+    cond["model_dir"] = str(_random_wan_folder(files / ("wan-tiny" if tiny else "wan"), i2v, tiny, device))
     if tiny:
         cond.update(vae_config=TINY_VAE, clip_num_heads=2)
         if "num_pixel_frames" in cond:
@@ -211,6 +217,24 @@ def random_weights_config(shipped: dict, work: Path, *, tiny: bool, device: torc
     return cfg
 
 
+def set_value(cfg: dict, item: str) -> None:
+    """Apply ``a.b.c=VALUE`` (VALUE parsed as YAML) to the nested dict ``cfg``."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"fit_shipped: --set wants KEY=VALUE, got {item!r}")
+    *parents, leaf = key.split(".")
+    node = cfg
+    for name in parents:
+        if not isinstance(node.get(name), dict):
+            raise SystemExit(f"fit_shipped: --set {key}: {name!r} is not a section of the config")
+        node = node[name]
+    parsed = yaml.safe_load(value)
+    if parsed is None:
+        node.pop(leaf, None)  # null: back to the default
+    else:
+        node[leaf] = parsed
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -219,17 +243,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("config", type=Path)
     parser.add_argument("--updates", type=int, default=6, help="optimizer updates to run (trainer.max_steps)")
     parser.add_argument("--work", type=Path, default=Path("runs/fit-shipped"))
+    parser.add_argument("--files", type=Path, default=None, help="where the random weight files go (default "
+                        "WORK/files); reused when present, so several runs can share them")
     parser.add_argument("--tiny", action="store_true", help="tiny nets, encoders and video on the CPU")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a config value before the files are made (dotted key, YAML value)")
     args = parser.parse_args(argv)
 
     from sfplus.cli import SfplusCLI, read_config
 
     shipped = read_config(args.config)
+    for item in args.set:
+        set_value(shipped, item)
     if "max_steps" not in shipped.get("trainer", {}):
         raise SystemExit(f"fit_shipped: {args.config} is not a training config (no trainer.max_steps)")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     start = time.perf_counter()
-    cfg = random_weights_config(shipped, args.work, tiny=args.tiny, device=device)
+    cfg = random_weights_config(shipped, args.work, tiny=args.tiny, device=device, files=args.files)
     cfg["trainer"]["max_steps"] = args.updates
     prepared = round(time.perf_counter() - start, 1)
     path = args.work / "config.yaml"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -315,7 +316,9 @@ def test_make_shards_takes_first_frames_from_images(tmp_path):
 def test_fit_shipped_runs_a_shipped_recipe_on_random_files(tmp_path):
     """The GPU check tool, on the CPU with tiny nets: the shipped Self-Forcing config as written, random files."""
     row = tool("fit_shipped").main([str(TOOLS.parent / "configs" / "wan2.1" / "t2v_13b_self_forcing_dmd.yaml"),
-                                    "--tiny", "--updates", "3", "--work", str(tmp_path)])
+                                    "--tiny", "--updates", "3", "--work", str(tmp_path),
+                                    "--set", "model.init_args.teacher_net=null"])
     assert row["precision"] == "bf16-mixed"  # as shipped
     assert row["first"]["update"] == "generator" and row["critic"]["seconds"] and row["updates"] == 3
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    assert "teacher_net" not in yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["init_args"]
