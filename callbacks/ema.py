@@ -8,23 +8,15 @@ from typing import Any
 import lightning as L
 import torch
 
+from sfplus.parallel import copy_weights, local_tensor
+
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> None:
     """``ema = decay * ema + (1 - decay) * live`` on every parameter (local shards when sharded)."""
-    e_params = [_local(p) for p in ema.parameters()]
-    l_params = [_local(p).to(dtype=e.dtype) for p, e in zip(live.parameters(), e_params)]
+    e_params = [local_tensor(p) for p in ema.parameters()]
+    l_params = [local_tensor(p).to(dtype=e.dtype) for p, e in zip(live.parameters(), e_params)]
     torch._foreach_lerp_(e_params, l_params, 1.0 - decay)
-
-
-@torch.no_grad()
-def ema_copy(ema: torch.nn.Module, live: torch.nn.Module) -> None:
-    for e, p in zip(ema.parameters(), live.parameters()):
-        _local(e).copy_(_local(p))
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if hasattr(p, "to_local") else p.data
 
 
 class EMA(L.Callback):
@@ -53,12 +45,12 @@ class EMA(L.Callback):
             # Until the average starts, the EMA copy mirrors the live net, so a checkpoint's "ema" weights (what
             # export and the next recipe read) are never the stale initial ones.
             for ema, live in pl_module.ema_pairs():
-                ema_copy(ema, live)
+                copy_weights(ema, live)  # the EMA starts as a copy of the live net
             return
         for ema, live in pl_module.ema_pairs():
             if pl_module.ema_started:
                 ema_update(ema, live, self.decay)
             else:
-                ema_copy(ema, live)
+                copy_weights(ema, live)  # the EMA starts as a copy of the live net
         pl_module.ema_started = True
         pl_module.log("train/ema_decay", self.decay)

@@ -1,5 +1,7 @@
 """Sharding and memory savers, applied in one place (torchtitan's ``parallelize`` idea); the nets stay clean.
 
+* :func:`parallelize` — the one caller of the three below, in the order that works: frozen dtype, compile,
+  activation checkpointing, FSDP2.
 * :func:`apply_activation_checkpointing` — recompute each transformer block in backward (non-reentrant, which
   the KV-cache rollout needs: the recompute never writes to the cache).
 * :func:`shard_dit` — FSDP2 ``fully_shard`` per block, then the whole net, over the data-parallel mesh. Block
@@ -83,6 +85,63 @@ def settle_mixed_precision(net: nn.Module) -> None:
         return
     # FSDPState._lazy_init is what the root's first forward calls (torch >= 2.4); there is no public alias.
     get_state()._lazy_init()
+
+
+def parallelize(
+    trainable: list[nn.Module], frozen: list[nn.Module], ema: list[nn.Module], mesh, *,
+    activation_checkpointing: bool = False, compile: bool = False, param_dtype: str = "bf16",
+    frozen_dtype: str | None = None,
+) -> None:
+    """Lay a recipe's nets out for training: frozen nets (the teacher) and EMA copies are frozen and put in eval
+    mode, the teacher stored in ``frozen_dtype``; then compile, activation checkpointing (trained DiTs only) and
+    FSDP2 over ``mesh`` (None or one device: no sharding).
+
+    Compiling comes before the checkpoint wrappers: a compiled block inside a checkpoint recomputes correctly,
+    while compiling the wrapper (the checkpoint traced by dynamo) fails in backward under autocast.
+    """
+    for net in [*frozen, *ema]:
+        net.requires_grad_(False).eval()
+    if frozen_dtype:
+        for net in frozen:
+            net.to(DTYPES[frozen_dtype])
+    dits = [net for net in [*trainable, *frozen, *ema] if hasattr(net, "blocks")]
+    if compile:
+        for net in dits:
+            compile_blocks(net)
+    if activation_checkpointing:
+        for net in trainable:
+            if hasattr(net, "blocks"):  # the DiTs; a small head (the GAN discriminator) has nothing to recompute
+                apply_activation_checkpointing(net)
+    if mesh is None or mesh.size() == 1:
+        # Nothing to shard on one device: the trainer's precision (bf16-mixed autocast, set in every shipped
+        # config) gives the same bf16 compute with fp32 masters, without FSDP's copies.
+        return
+    for net in [*trainable, *frozen, *ema]:
+        if hasattr(net, "blocks"):
+            shard_dit(net, mesh, param_dtype=DTYPES[param_dtype])
+        else:  # small heads (the GAN discriminator): one shard unit
+            shard_module(net, mesh, param_dtype=DTYPES[param_dtype])
+
+
+def shard_module(net: nn.Module, mesh, *, param_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """FSDP2-shard a small net as one unit (weights gathered in ``param_dtype``, gradients reduced in fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    fully_shard(net, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32))
+    return net
+
+
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """The part of ``p`` this rank holds (its shard of a DTensor; the tensor's data when unsharded), for in-place
+    arithmetic on local shards (EMA, weight copies)."""
+    return p.to_local() if hasattr(p, "to_local") else p.data
+
+
+@torch.no_grad()
+def copy_weights(dst: nn.Module, src: nn.Module) -> None:
+    """Copy parameters between two identically built (and identically sharded) nets, local shards only."""
+    for d, p in zip(dst.parameters(), src.parameters()):
+        local_tensor(d).copy_(local_tensor(p))
 
 
 def is_sharded(net: nn.Module) -> bool:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import yaml
 import torch
 from safetensors.torch import save_file
 
@@ -203,8 +204,24 @@ def test_fp8_predict_quantizes_after_loading_and_refuses_training(tmp_path, teac
 
 
 def test_unknown_scale_option_is_named():
-    with pytest.raises(ValueError, match="unknown scale options \\['compiled'\\]"):
+    with pytest.raises(ValueError, match="unknown scale option\\(s\\) \\['compiled'\\]"):
         DiffusionModule(net="tiny", scale={"compiled": True})
+
+
+def test_typed_groups_are_checked_and_printed_by_the_cli(capsys):
+    """scale and gan are dataclasses: --print_config shows every default, a wrong key or type is named."""
+    from sfplus.cli import main
+
+    dmd = str(Path(__file__).resolve().parent.parent / "configs" / "toy" / "gan.yaml")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", dmd, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert printed["scale"]["accumulate_grad_batches"] == 1 and printed["scale"]["param_dtype"] == "bf16"
+    assert printed["gan"]["warmup_steps"] == 0 and printed["gan"]["tokens_per_block"] == 1
+    for bad in ("--model.init_args.scale.compiled=true", "--model.init_args.gan.blocks=three"):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", dmd, bad])
+        assert bad.split("=")[0].rsplit(".", 1)[1] in capsys.readouterr().err
 
 
 def test_gradient_accumulation_reproduces_the_larger_batch(tmp_path, teacher_file, prompt_file):

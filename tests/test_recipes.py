@@ -84,7 +84,7 @@ def test_gan_term_trains_the_head(tmp_path, teacher_file):
     _finite(rec, "train/generator_loss", "train/critic_loss")
     assert any(k.startswith("train/disc_") for m in rec.metrics for k in m)
     fresh = type(module.disc_head)(module.disc_head.dim, 2, 2)
-    assert module.gan["blocks"] == [0, 1]
+    assert module.gan.blocks == [0, 1]
     assert module.disc_head.register_tokens.shape == fresh.register_tokens.shape
 
 

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from sfplus.conditioning import Conditioner, Cond
+from sfplus.modules.groups import Scale, as_group
 from sfplus.nets.checkpoints import CheckpointError
 from sfplus.noise import SampleNoise, stable_seed
+from sfplus.parallel import copy_weights, parallelize
 
 
 def sample_seed(base_seed: int, index: int, sample: int) -> int:
@@ -41,23 +43,18 @@ class RecipeModule(L.LightningModule):
 
     def __init__(
         self, net: str, net_overrides: dict | None, conditioner: Conditioner, seed: int,
-        scale: dict | None = None,
+        scale: Scale | dict | None = None,
     ) -> None:
         super().__init__()
         self.net_name, self.net_overrides = net, dict(net_overrides or {})
-        scale = dict(scale or {})
-        self.activation_checkpointing = bool(scale.pop("activation_checkpointing", False))
-        self.param_dtype = scale.pop("param_dtype", "bf16")
-        self.frozen_dtype = scale.pop("frozen_dtype", None)
-        self.compile_blocks = bool(scale.pop("compile", False))
-        self.fp8 = bool(scale.pop("fp8", False))  # predict only: FP8 linears in the DiT blocks (sfplus.nets.fp8)
-        self.accumulate = int(scale.pop("accumulate_grad_batches", 1))
-        if self.accumulate < 1:
-            raise ValueError(f"accumulate_grad_batches must be >= 1, got {self.accumulate}")
+        scale = as_group(Scale, scale, "scale") or Scale()
+        self.scale = scale
+        self.activation_checkpointing = scale.activation_checkpointing
+        self.param_dtype, self.frozen_dtype = scale.param_dtype, scale.frozen_dtype
+        self.compile_blocks = scale.compile
+        self.fp8 = scale.fp8  # predict only: FP8 linears in the DiT blocks (sfplus.nets.fp8)
+        self.accumulate = scale.accumulate_grad_batches
         self._micro = 0  # micro-batch index inside the current (accumulated) update
-        if scale:
-            raise ValueError(f"unknown scale options {sorted(scale)}: use activation_checkpointing, param_dtype, "
-                             "frozen_dtype, compile, fp8, accumulate_grad_batches")
         self._weights_pending = False
         self.conditioner = conditioner
         self.seed = seed
@@ -82,45 +79,16 @@ class RecipeModule(L.LightningModule):
         return mesh["data_parallel"] if "data_parallel" in names else mesh
 
     def prepare_nets(self, trainable: list[nn.Module], frozen: list[nn.Module], ema: list[nn.Module]) -> None:
-        """Activation checkpointing, frozen dtype and FSDP2 sharding, in that order (see sfplus.parallel).
+        """Freeze, compile, checkpoint and shard the nets as ``scale`` says (:func:`sfplus.parallel.parallelize`).
 
         Frozen nets (the teacher) may be stored in ``frozen_dtype``; EMA copies stay fp32 (they average
         small updates).
         """
-        from sfplus.parallel import DTYPES, apply_activation_checkpointing, shard_dit
-
-        for net in [*frozen, *ema]:
-            net.requires_grad_(False).eval()
-        for net in frozen:
-            if self.frozen_dtype:
-                net.to(DTYPES[self.frozen_dtype])
-        if self.compile_blocks:
-            # Before the checkpoint wrappers: a compiled block inside a checkpoint recomputes correctly, while
-            # compiling the wrapper (the checkpoint traced by dynamo) fails in backward under autocast.
-            from sfplus.parallel import compile_blocks
-
-            for net in [*trainable, *frozen, *ema]:
-                if hasattr(net, "blocks"):
-                    compile_blocks(net)
-        if self.activation_checkpointing:
-            for net in trainable:
-                if hasattr(net, "blocks"):  # the DiTs; a small head (the GAN discriminator) has nothing to recompute
-                    apply_activation_checkpointing(net)
         mesh = self.data_parallel_mesh()
-        if mesh is not None and mesh.size() == 1:
-            # Nothing to shard on one device: the trainer's precision (bf16-mixed autocast, set in every shipped
-            # config) gives the same bf16 compute with fp32 masters, without FSDP's copies.
-            mesh = None
-        self._sharded_trainable = [net for net in trainable if mesh is not None]
-        if mesh is not None:
-            for net in [*trainable, *frozen, *ema]:
-                if hasattr(net, "blocks"):
-                    shard_dit(net, mesh, param_dtype=DTYPES[self.param_dtype])
-                else:  # small heads (the GAN discriminator): one shard unit
-                    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-                    fully_shard(net, mesh=mesh, mp_policy=MixedPrecisionPolicy(
-                        param_dtype=DTYPES[self.param_dtype], reduce_dtype=torch.float32))
+        parallelize(trainable, frozen, ema, mesh, activation_checkpointing=self.activation_checkpointing,
+                    compile=self.compile_blocks, param_dtype=self.param_dtype, frozen_dtype=self.frozen_dtype)
+        sharded = mesh is not None and mesh.size() > 1
+        self._sharded_trainable = list(trainable) if sharded else []
 
     def net_context(self):
         """Nets are built on the meta device when they will be sharded, and filled after materialisation."""
@@ -418,7 +386,7 @@ class SingleNetModule(RecipeModule):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(stable_seed(self.seed, "init") % (2**31))
                 self.model.init_weights()
-        _copy_weights(self.model_ema, self.model)
+        copy_weights(self.model_ema, self.model)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
@@ -428,13 +396,3 @@ class SingleNetModule(RecipeModule):
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.model_ema, self.model)]
-
-
-@torch.no_grad()
-def _copy_weights(dst: nn.Module, src: nn.Module) -> None:
-    """Copy parameters between two identically built (and identically sharded) nets, local shards only."""
-    for d, p in zip(dst.parameters(), src.parameters()):
-        d_local = d.to_local() if hasattr(d, "to_local") else d
-        p_local = p.to_local() if hasattr(p, "to_local") else p
-        d_local.copy_(p_local)
-

@@ -9,6 +9,7 @@ from torch import nn
 
 from sfplus.conditioning import Conditioner, Cond
 from sfplus.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
+from sfplus.modules.groups import Scale
 from sfplus.modules.base import SingleNetModule, _default_toy_conditioner
 from sfplus.noise import SampleNoise
 from sfplus.objectives.diffusion import flow_matching_loss
@@ -40,10 +41,7 @@ class DiffusionModule(SingleNetModule):
             uses one timestep per clip. 0 keeps plain flow matching.
         teacher_forcing: the noisy blocks see the CLEAN earlier blocks as context (through the KV cache), noised
             to a random level below ``noise_augmentation_max_timestep`` (0: exactly clean).
-        scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
-            frozen_dtype: bf16|fp32|None, compile: bool (torch.compile each block), fp8: bool (predict only: FP8
-            block linears), accumulate_grad_batches: int}``
-            (see sfplus.parallel).
+        scale: memory and speed settings (:class:`sfplus.modules.groups.Scale`).
     """
 
     frozen_prefixes = ("conditioner.",)
@@ -67,7 +65,7 @@ class DiffusionModule(SingleNetModule):
         guidance_scale: float = 3.0,
         seed: int = 0,
         predict_seed: int = 0,
-        scale: dict | None = None,
+        scale: Scale = Scale(),
         causal: dict | None = None,
         teacher_forcing: bool = False,
         noise_augmentation_max_timestep: int = 0,

@@ -9,7 +9,9 @@ from torch import nn
 
 from sfplus.conditioning import Conditioner, Cond
 from sfplus.flow import score_timesteps_from_raw, warp_timesteps
-from sfplus.modules.base import RecipeModule, _copy_weights, _default_toy_conditioner
+from sfplus.parallel import copy_weights
+from sfplus.modules.base import RecipeModule, _default_toy_conditioner
+from sfplus.modules.groups import GAN, Scale, as_group
 from sfplus.noise import SampleNoise, stable_seed
 from sfplus.objectives.dmd import critic_flow_loss, dmd_generator_loss, dmd_kl_grad
 from sfplus.rollout import bidirectional_rollout
@@ -59,15 +61,10 @@ class DistillModule(RecipeModule):
             generator loss (reference §3.3 steps 6–7). None: rollouts of exactly ``video_shape``'s frames.
         distribution_loss: ``dmd``, ``sid`` or ``causvid``; sid_alpha: SiD's alpha.
         teacher_forcing: CausVid with clean context (causal generators).
-        gan: DMD2's GAN term, e.g. ``{g_weight: 0.01, d_weight: 0.01, relativistic: false, r1_weight: 0,
-            r2_weight: 0, r1_sigma: 0.01, r2_sigma: 0.01, blocks: [-1], head_lr_multiplier: 1.0,
-            tokens_per_block: 1, dmd_weight: 1.0, warmup_steps: 0}`` (None: off). During the warm-up's critic
-            updates only the discriminator head learns (the trunk's lr is 0) and the generator waits.
+        gan: DMD2's GAN term (:class:`sfplus.modules.groups.GAN`; None: off). During its warm-up's critic updates
+            only the discriminator head learns (the trunk's lr is 0) and the generator waits.
         seed: base seed of training randomness; predict_seed: base seed of generated videos.
-        scale: ``{activation_checkpointing: bool, param_dtype: bf16|fp32 (FSDP compute dtype),
-            frozen_dtype: bf16|fp32|None (teacher storage), compile: bool (torch.compile each block),
-            fp8: bool (predict only: FP8 block linears, sfplus.nets.fp8), accumulate_grad_batches: int (micro-batches per update; N GPUs reproduce N*k GPUs)}``
-            (see sfplus.parallel).
+        scale: memory and speed settings (:class:`sfplus.modules.groups.Scale`).
     """
 
     frozen_prefixes = ("teacher.", "conditioner.")
@@ -112,10 +109,10 @@ class DistillModule(RecipeModule):
         distribution_loss: Literal["dmd", "sid", "causvid"] = "dmd",
         sid_alpha: float = 1.0,
         teacher_forcing: bool = False,
-        gan: dict | None = None,
+        gan: GAN | None = None,
         seed: int = 0,
         predict_seed: int = 0,
-        scale: dict | None = None,
+        scale: Scale = Scale(),
     ) -> None:
         super().__init__(net, net_overrides, conditioner or _default_toy_conditioner(), seed, scale)
         if dfake_gen_update_ratio < 1:
@@ -150,7 +147,7 @@ class DistillModule(RecipeModule):
         self.local_window_frames, self.sink_frames = local_window_frames, sink_frames
         self.max_rollout_frames = max_rollout_frames
         self.distribution_loss, self.sid_alpha, self.teacher_forcing = distribution_loss, sid_alpha, teacher_forcing
-        self.gan = _gan_config(gan)
+        self.gan = as_group(GAN, gan, "gan")
         self.disc_head: nn.Module | None = None
         if teacher_forcing and (distribution_loss != "causvid" or generator_type != "causal"):
             raise ValueError("teacher_forcing applies to distribution_loss=causvid with a causal generator")
@@ -181,8 +178,8 @@ class DistillModule(RecipeModule):
             if path:
                 load_weights(net, path)  # from the file: a bf16 teacher must not round the trainable nets
             else:
-                _copy_weights(net, self.teacher)
-        _copy_weights(self.generator_ema, self.generator)
+                copy_weights(net, self.teacher)
+        copy_weights(self.generator_ema, self.generator)
         if self.disc_head is not None:
             # Fresh weights from the seed alone, built whole on the CPU and then loaded (sharded or not): the same
             # head whatever the world size or construction device.
@@ -202,16 +199,16 @@ class DistillModule(RecipeModule):
         from sfplus.nets.discriminator import DiscriminatorHead
 
         cfg = self.generator.config
-        blocks = [b % cfg.num_layers for b in self.gan["blocks"]]
-        self.gan["blocks"] = blocks
-        return DiscriminatorHead(cfg.dim, cfg.num_heads, len(blocks), tokens_per_block=self.gan["tokens_per_block"])
+        blocks = [b % cfg.num_layers for b in self.gan.blocks]
+        self.gan.blocks = blocks
+        return DiscriminatorHead(cfg.dim, cfg.num_heads, len(blocks), tokens_per_block=self.gan.tokens_per_block)
 
     def configure_optimizers(self):
         g = torch.optim.AdamW(self.generator.parameters(), lr=self.generator_lr, betas=self.betas, weight_decay=self.weight_decay)
         groups = [{"params": list(self.critic.parameters()), "lr": self.critic_lr}]
         if self.disc_head is not None:
             groups.append({"params": list(self.disc_head.parameters()),
-                           "lr": self.critic_lr * self.gan["head_lr_multiplier"]})
+                           "lr": self.critic_lr * self.gan.head_lr_multiplier})
         c = torch.optim.AdamW(groups, lr=self.critic_lr, betas=self.critic_betas, weight_decay=self.weight_decay)
         return [g, c]
 
@@ -223,14 +220,14 @@ class DistillModule(RecipeModule):
         return [(self.generator_ema, self.generator)]
 
     def in_gan_warmup(self) -> bool:
-        return self.gan is not None and self.critic_steps < self.gan["warmup_steps"]
+        return self.gan is not None and self.critic_steps < self.gan.warmup_steps
 
     def generator_due(self) -> bool:
         """A generator update is due at iterations 0, r, 2r, ... before that iteration's critic update
         (counted from the end of a GAN warm-up)."""
         if self.in_gan_warmup():
             return False
-        it = self.iteration - (self.gan["warmup_steps"] if self.gan is not None else 0)
+        it = self.iteration - (self.gan.warmup_steps if self.gan is not None else 0)
         done = self.generator_steps
         return it % self.ratio == 0 and done <= it // self.ratio
 
@@ -343,7 +340,7 @@ class DistillModule(RecipeModule):
             mask = getattr(rollout, "mask", None)
             t = self._score_timesteps(x.shape[2], rollout, g)
             eps = g.randn_like(x)
-            dm_weight = 1.0 if self.gan is None else self.gan["dmd_weight"]
+            dm_weight = 1.0 if self.gan is None else self.gan.dmd_weight
             if self.distribution_loss == "sid":
                 from sfplus.objectives.sid import sid_generator_loss
 
@@ -364,8 +361,8 @@ class DistillModule(RecipeModule):
                 from sfplus.objectives.gan import gan_generator_term
 
                 gan_loss, gan_logs = gan_generator_term(
-                    self.critic, self.disc_head, x, t, eps, cond, self.gan["blocks"], x_real=real,
-                    relativistic=self.gan["relativistic"], gan_g_weight=self.gan["g_weight"],
+                    self.critic, self.disc_head, x, t, eps, cond, self.gan.blocks, x_real=real,
+                    relativistic=self.gan.relativistic, gan_g_weight=self.gan.g_weight,
                 )
                 loss = loss + gan_loss
                 logs.update({f"train/gan_{k}": v for k, v in gan_logs.items()})
@@ -393,10 +390,10 @@ class DistillModule(RecipeModule):
             from sfplus.objectives.gan import gan_critic_loss
 
             gan_loss, gan_logs = gan_critic_loss(
-                self.critic, self.disc_head, real, x, t, eps, cond, self.gan["blocks"],
-                relativistic=self.gan["relativistic"], gan_d_weight=self.gan["d_weight"],
-                r1_weight=self.gan["r1_weight"], r2_weight=self.gan["r2_weight"], r1_sigma=self.gan["r1_sigma"],
-                r2_sigma=self.gan["r2_sigma"], generator=g,
+                self.critic, self.disc_head, real, x, t, eps, cond, self.gan.blocks,
+                relativistic=self.gan.relativistic, gan_d_weight=self.gan.d_weight,
+                r1_weight=self.gan.r1_weight, r2_weight=self.gan.r2_weight, r1_sigma=self.gan.r1_sigma,
+                r2_sigma=self.gan.r2_sigma, generator=g,
             )
             loss = loss + gan_loss
             logs.update({f"train/disc_{k}": v for k, v in gan_logs.items()})
@@ -441,22 +438,5 @@ class DistillModule(RecipeModule):
         if self.generator_type == "causal":
             out.update(frames_per_block=self.frames_per_block, independent_first_frame=self.independent_first_frame)
         return out
-
-
-_GAN_DEFAULTS = {
-    "g_weight": 1e-2, "d_weight": 1e-2, "relativistic": False, "r1_weight": 0.0, "r2_weight": 0.0,
-    "r1_sigma": 0.01, "r2_sigma": 0.01, "blocks": [-1], "head_lr_multiplier": 1.0, "tokens_per_block": 1,
-    "dmd_weight": 1.0, "warmup_steps": 0,
-}
-
-
-def _gan_config(gan: dict | None) -> dict | None:
-    """Fill the GAN term's defaults; unknown keys are an error naming them."""
-    if gan is None:
-        return None
-    unknown = sorted(set(gan) - set(_GAN_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown gan option(s) {unknown}; known: {sorted(_GAN_DEFAULTS)}")
-    return {**_GAN_DEFAULTS, **gan}
 
 
