@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from sfplus.modules.contract import EMAHost
 from sfplus.parallel import copy_weights, local_tensor
 
 
@@ -29,7 +30,8 @@ class EMA(L.Callback):
     Args:
         decay: averaging weight (reference: 0.99).
         start_iteration: first iteration at which the EMA exists (reference: 200).
-        update_on: which updates advance the EMA (``generator`` for DistillModule, ``model`` for DiffusionModule).
+        update_on: which updates advance the EMA (default: the module's ``ema_update_kind``: ``generator`` for
+            DistillModule, ``model`` for DiffusionModule and ODEInitModule).
     """
 
     def __init__(self, decay: float = 0.99, start_iteration: int = 0, update_on: str | None = None) -> None:
@@ -38,7 +40,10 @@ class EMA(L.Callback):
         self.decay, self.start_iteration, self.update_on = decay, start_iteration, update_on
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        want = self.update_on or ("generator" if hasattr(pl_module, "generator_steps") else "model")
+        if not isinstance(pl_module, EMAHost):
+            raise TypeError(f"the EMA callback averages an EMAHost's nets (sfplus.modules.contract); "
+                            f"{type(pl_module).__name__} is not one")
+        want = self.update_on or pl_module.ema_update_kind
         if pl_module.last_update != want:
             return
         if pl_module.iteration < self.start_iteration:

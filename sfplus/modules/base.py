@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sfplus.conditioning import Conditioner, Cond
+from sfplus.modules.contract import OutputIndex
 from sfplus.modules.groups import Scale, as_group
 from sfplus.nets.checkpoints import CheckpointError
 from sfplus.noise import SampleNoise, stable_seed
@@ -307,7 +308,7 @@ class RecipeModule(L.LightningModule):
         "sampler"}`` for the items generated (``index = -1`` padding items are dropped).
         """
         keep = [i for i, idx in enumerate(batch["index"].tolist()) if idx >= 0]
-        writer = next((cb for cb in self.trainer.callbacks if hasattr(cb, "exists")), None) if self._trainer else None
+        writer = next((cb for cb in self.trainer.callbacks if isinstance(cb, OutputIndex)), None) if self._trainer else None
         if writer is not None:
             keep = [
                 i for i in keep
@@ -393,6 +394,8 @@ class SingleNetModule(RecipeModule):
 
     def counters(self) -> dict[str, int]:
         return {**super().counters(), "ema_started": int(self.ema_started)}
+
+    ema_update_kind = "model"  # the EMA moves after every update of the one net (sfplus.modules.contract.EMAHost)
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.model_ema, self.model)]

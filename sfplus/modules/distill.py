@@ -216,6 +216,8 @@ class DistillModule(RecipeModule):
         return {**super().counters(), "generator_steps": self.generator_steps, "critic_steps": self.critic_steps,
                 "ema_started": int(self.ema_started)}
 
+    ema_update_kind = "generator"  # the EMA moves after generator updates (sfplus.modules.contract.EMAHost)
+
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.generator_ema, self.generator)]
 

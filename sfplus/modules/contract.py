@@ -1,0 +1,38 @@
+"""What callbacks and recipe modules may expect of each other, written down as Protocols (checked at run time with
+``isinstance``, so a module or callback that breaks the contract gets an error naming it, not an AttributeError deep
+in a hook)."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import nn
+
+
+@runtime_checkable
+class EMAHost(Protocol):
+    """A module whose nets the :class:`sfplus.callbacks.EMA` callback averages.
+
+    ``iteration`` is the module's own counter the EMA's ``start_iteration`` refers to; ``last_update`` names the
+    optimizer update the batch just made (``None`` inside an accumulated update); the EMA moves after updates of
+    kind ``ema_update_kind``; ``ema_started`` is saved in checkpoints (generation reads the EMA only once it is set).
+    """
+
+    iteration: int
+    last_update: str | None
+    ema_started: bool
+    ema_update_kind: str
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(EMA copy, live net) pairs, identically built and sharded."""
+        ...
+
+
+@runtime_checkable
+class OutputIndex(Protocol):
+    """A predict-time writer that knows which outputs already exist (so ``predict_step`` skips them and an
+    interrupted batch-generation job resumes); :class:`sfplus.callbacks.VideoWriter` is one."""
+
+    def exists(self, text: str, index: int, sample: int) -> bool:
+        """Whether the output of prompt ``index``'s ``sample``-th video (prompt ``text``) is complete."""
+        ...
