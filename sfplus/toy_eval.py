@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from sfplus.conditioning import ToyConditioner
+from sfplus.file_checks import torch_load_mapping
 from sfplus.modules import sample_seed, stable_seed
 from sfplus.nets.checkpoints import CheckpointError, read_dit_state_dict
 from sfplus.nets.presets import build_dit
@@ -31,12 +32,10 @@ METRIC_KEYS = ("prompt_accuracy", "colour_accuracy", "direction_accuracy", "shar
 
 def _checkpoint_info(path: str) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {p} does not exist")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    ckpt = torch_load_mapping(p, "checkpoint", CheckpointError)  # one-line errors for damaged files
     info = ckpt.get("sfplus")
-    if info is None:
-        raise CheckpointError(f"{p} is not an sfplus Lightning checkpoint (no 'sfplus' entry)")
+    if not isinstance(info, dict) or "net" not in info:
+        raise CheckpointError(f"checkpoint {p} is not an sfplus Lightning checkpoint (no 'sfplus' entry)")
     return info
 
 
