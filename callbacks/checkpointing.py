@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from sfplus.disk_full import disk_full_error, is_disk_full
 from sfplus.file_checks import torch_load
 
 __all__ = [
@@ -161,6 +163,7 @@ def atomic_save(
     *,
     is_rank_zero: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    needed: Callable[[], int | None] | None = None,
 ) -> Path:
     """Write a checkpoint with ``save(tmp_path)`` and rename it to ``final`` only once it is complete.
 
@@ -169,6 +172,8 @@ def atomic_save(
     leftovers → barrier → every rank calls ``save`` → barrier → rank 0 commits → barrier.
 
     If ``save`` raises, the partial output is removed (rank 0) and the exception propagates; ``final`` is untouched.
+    A save that ran out of space is raised as :class:`~sfplus.disk_full.DiskFullError` naming ``final``, the size
+    ``needed()`` estimates and the free space.
     """
     final = Path(final)
     tmp = partial_path(final)
@@ -178,15 +183,40 @@ def atomic_save(
     barrier()
     try:
         save(tmp)
-    except BaseException:
+    except BaseException as err:
+        written = _size_on_disk(tmp)
         if is_rank_zero:
             remove(tmp)
+        if is_disk_full(err):
+            raise disk_full_error(final, needed() if needed else None, written) from err
         raise
     barrier()  # every rank has written its shard
     if is_rank_zero:
         commit(tmp, final)
     barrier()  # nobody reads or re-saves before the rename is done
     return final
+
+
+def _size_on_disk(path: Path) -> int | None:
+    try:
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None
+
+
+def estimate_checkpoint_bytes(trainer: L.Trainer) -> int:
+    """Bytes of the tensors a checkpoint of ``trainer`` holds: the module's state (frozen nets excluded, as in the
+    checkpoint) and the optimizers' states. Global sizes for sharded tensors."""
+    def nbytes(values) -> int:
+        return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+
+    total = nbytes(trainer.lightning_module.state_dict().values())
+    for optimizer in trainer.optimizers:
+        for state in optimizer.state.values():
+            total += nbytes(state.values())
+    return total
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -229,6 +259,7 @@ def save_trainer_checkpoint(trainer: L.Trainer, final: str | os.PathLike) -> Pat
         final,
         is_rank_zero=trainer.is_global_zero,
         barrier=lambda: strategy.barrier("sfplus.atomic_save"),
+        needed=lambda: estimate_checkpoint_bytes(trainer),
     )
 
 

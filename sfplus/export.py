@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry (``sfplus export ...``)."""
     from jsonargparse import CLI
 
-    path = CLI(export_generator, args=argv, as_positional=False)
+    path = CLI(export_generator, args=argv, as_positional=False, exit_on_error=False)  # sfplus.cli prints the error
     print(f"exported {path}")
 
 

@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> MemoryPlan:
     """``sfplus plan ...``: print the table (arguments as in :func:`plan`, e.g. ``--gpus 8 --critic null``)."""
     from jsonargparse import CLI
 
-    result = CLI(plan, args=argv, as_positional=False)
+    result = CLI(plan, args=argv, as_positional=False, exit_on_error=False)  # sfplus.cli prints the error
     print(result.table())
     return result
 

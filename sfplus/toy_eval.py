@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from sfplus.cli_errors import OutputFolderError, folder_problem
 from sfplus.conditioning import ToyConditioner
 from sfplus.file_checks import torch_load_mapping
 from sfplus.modules import sample_seed, stable_seed
@@ -77,6 +78,11 @@ def evaluate(
     """
     torch.set_grad_enabled(False)
     t_info = _checkpoint_info(teacher)
+    # Both checkpoints and the output folder are checked before minutes of sampling, not after.
+    s_info = _checkpoint_info(student) if student is not None else None
+    problem = folder_problem(out)
+    if problem is not None:
+        raise OutputFolderError(problem)
     t_sampler = t_info.get("sampler", {})
     teacher_steps = teacher_steps or int(t_sampler.get("steps", 40))
     guidance_scale = guidance_scale if guidance_scale is not None else float(t_sampler.get("guidance_scale", 3.0))
@@ -109,7 +115,6 @@ def evaluate(
         teacher_net, n, c, u, num_steps=teacher_steps, shift=shift, guidance_scale=guidance_scale))
     few = 4
     if student is not None:
-        s_info = _checkpoint_info(student)
         steps = s_info.get("sampler", {}).get("timesteps", [1000.0, 937.5, 833.33, 625.0])
         few = len(steps)
         add_row(f"teacher {few} steps + CFG", lambda n, c, u, g: teacher_sample(
@@ -153,4 +158,4 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 def main(argv: list[str]) -> None:
     from jsonargparse import CLI
 
-    CLI(evaluate, args=argv, as_positional=False)
+    CLI(evaluate, args=argv, as_positional=False, exit_on_error=False)  # sfplus.cli prints the error
