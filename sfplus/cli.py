@@ -34,7 +34,13 @@ import sfplus.conditioning  # noqa: F401
 import sfplus.datamodules  # noqa: F401
 from sfplus.modules import DiffusionModule, DistillModule  # noqa: F401
 from sfplus.callbacks import Preemption
-from sfplus.cli_errors import check_config_files, check_output_folders, os_error_message, summarize_parse_error
+from sfplus.cli_errors import (
+    check_config_files,
+    check_output_folders,
+    one_line,
+    os_error_message,
+    summarize_parse_error,
+)
 from sfplus.disk_full import DiskFullError
 from sfplus.parallel import close_process_group
 from sfplus.resume import DiscardOldCheckpoints, checkpoint_folders, resolve_ckpt_path
@@ -162,7 +168,7 @@ def main(args: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, PermissionError, KeyError) as err:
         if debug:
             raise
-        _fail(err.args[0] if isinstance(err, KeyError) and err.args else err)
+        _fail(one_line(err))
     except OSError as err:
         message = os_error_message(err)
         if debug or message is None:

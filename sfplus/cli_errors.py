@@ -23,6 +23,7 @@ from sfplus.file_checks import DamagedFileError, load_yaml
 
 __all__ = [
     "OutputFolderError",
+    "one_line",
     "check_config_files",
     "check_output_folders",
     "folder_problem",
@@ -183,3 +184,13 @@ def os_error_message(err: OSError) -> str | None:
     if err.errno == errno.EISDIR:
         return f"{name} is a folder, not a file"
     return None
+
+
+def one_line(err: BaseException) -> str:
+    """The message of a user-input error as one line: an error re-raised from a DataLoader worker carries the
+    worker's whole traceback in its message; its last line is the original message."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
+        return re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", last)
+    return text
