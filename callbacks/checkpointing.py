@@ -298,6 +298,8 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     path = Path(path)
     if path.is_dir():
         meta, index = path / SHARDED_MARKER, path / ".metadata"
+        if not meta.exists() and not index.exists():
+            return f"checkpoint {path} is a folder but not a sharded checkpoint (no .metadata, no {SHARDED_MARKER})"
         if not index.is_file() or index.stat().st_size == 0:
             return f"sharded checkpoint {path} has no .metadata index: an unfinished save"
         target = meta
