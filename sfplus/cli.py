@@ -151,7 +151,7 @@ def main(args: list[str] | None = None) -> None:
         check_config_files(argv)
         tools = _tool_commands()
         if argv and argv[0] in tools:
-            tools[argv[0]](argv[1:])
+            tools[argv[0]](argv[1:], exit_on_error=False)  # parse errors come back here, to be summarised
             return
         cli = SfplusCLI(args=args)
         close_process_group()

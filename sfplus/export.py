@@ -296,11 +296,11 @@ def export_generator(
     return out_path
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, exit_on_error: bool = True) -> None:
     """Command-line entry (``sfplus export ...``)."""
     from jsonargparse import CLI
 
-    path = CLI(export_generator, args=argv, as_positional=False, exit_on_error=False)  # sfplus.cli prints the error
+    path = CLI(export_generator, args=argv, as_positional=False, exit_on_error=exit_on_error)
     print(f"exported {path}")
 
 

@@ -57,6 +57,7 @@ def _generate(fn, prompts: list[str], seeds: list[int], shape: list[int], cond_f
     return torch.cat(out)
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): that would outlive the call (tests, notebooks)
 def evaluate(
     teacher: str,
     student: str | None = None,
@@ -76,7 +77,6 @@ def evaluate(
     The clips (frames, size) and the toy codec come from the teacher checkpoint's latent shape; ``frames``,
     ``height`` and ``width`` are used only for a checkpoint without one.
     """
-    torch.set_grad_enabled(False)
     t_info = _checkpoint_info(teacher)
     # Both checkpoints and the output folder are checked before minutes of sampling, not after.
     s_info = _checkpoint_info(student) if student is not None else None
@@ -155,7 +155,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], exit_on_error: bool = True) -> None:
     from jsonargparse import CLI
 
-    CLI(evaluate, args=argv, as_positional=False, exit_on_error=False)  # sfplus.cli prints the error
+    CLI(evaluate, args=argv, as_positional=False, exit_on_error=exit_on_error)

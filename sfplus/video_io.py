@@ -37,8 +37,8 @@ def _atomic_target(path: Path) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     path = Path(path)
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"  # before the temp file: a bad value leaves none
     tmp = _atomic_target(path)
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
