@@ -44,6 +44,12 @@ def test_negative_max_steps(tmp_path, capsys):
                          "You passed in -5.")
 
 
+def test_weights_only_false_is_refused(tmp_path, capsys):
+    lines = error_output(["fit", "--config", str(write_run_config(tmp_path)), "--weights_only", "false"], capsys)
+    assert lines[-1] == ("sfplus: error: --weights_only false would unpickle arbitrary Python objects: sfplus loads "
+                         "checkpoints with weights_only=true only")
+
+
 def test_invalid_yaml_names_the_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_steps: [1\n")
