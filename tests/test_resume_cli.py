@@ -136,26 +136,28 @@ def test_resume_helper_falls_back_to_the_newest_intact_checkpoint(tmp_path):
 
 
 def run_until_signal(tmp_path: Path, sig: signal.Signals, *extra: str) -> tuple[int, str]:
-    """Start `sfplus fit` with a run far too long to finish, send ``sig`` once its first checkpoint exists."""
+    """Start `sfplus fit` with a run far too long to finish, send ``sig`` once it has saved a checkpoint."""
     cfg = write_run_config(tmp_path)
-    ckpts = tmp_path / "run" / "checkpoints"
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     cmd = [sys.executable, "-m", "sfplus", "fit", "--config", str(cfg), "--trainer.max_steps", "100000", *extra]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("SLURM_JOB_ID", None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not (ckpts / "iteration-00000001.ckpt").exists():
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.1)
-        proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, out
+    log = tmp_path / "fit.log"  # a file, not a pipe: a full pipe would block the run mid-step
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while not last.exists():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "no checkpoint within 120 s"
+                time.sleep(0.05)
+            proc.send_signal(sig)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode, log.read_text()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
