@@ -33,16 +33,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from sfplus.disk_full import disk_full_error, is_disk_full
+from sfplus.file_checks import torch_load
 
 __all__ = [
     "AtomicCheckpoint",
     "CheckpointPathError",
     "atomic_save",
+    "checkpoint_problem",
     "commit",
     "publish",
     "recover",
+    "resume_candidates",
     "resume_path",
     "save_trainer_checkpoint",
 ]
@@ -141,7 +147,10 @@ def recover(final: str | os.PathLike) -> Path | None:
     final = Path(final)
     old = backup_path(final)
     if not final.exists() and is_complete(old):
-        os.replace(old, final)
+        try:
+            os.replace(old, final)
+        except FileNotFoundError:  # another process (a rank resolving --ckpt_path last) renamed it first
+            pass
     elif old.exists() and is_complete(final):
         remove(old)
     remove(partial_path(final))
@@ -154,6 +163,7 @@ def atomic_save(
     *,
     is_rank_zero: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    needed: Callable[[], int | None] | None = None,
 ) -> Path:
     """Write a checkpoint with ``save(tmp_path)`` and rename it to ``final`` only once it is complete.
 
@@ -162,6 +172,8 @@ def atomic_save(
     leftovers → barrier → every rank calls ``save`` → barrier → rank 0 commits → barrier.
 
     If ``save`` raises, the partial output is removed (rank 0) and the exception propagates; ``final`` is untouched.
+    A save that ran out of space is raised as :class:`~sfplus.disk_full.DiskFullError` naming ``final``, the size
+    ``needed()`` estimates and the free space.
     """
     final = Path(final)
     tmp = partial_path(final)
@@ -171,15 +183,40 @@ def atomic_save(
     barrier()
     try:
         save(tmp)
-    except BaseException:
+    except BaseException as err:
+        written = _size_on_disk(tmp)
         if is_rank_zero:
             remove(tmp)
+        if is_disk_full(err):
+            raise disk_full_error(final, needed() if needed else None, written) from err
         raise
     barrier()  # every rank has written its shard
     if is_rank_zero:
         commit(tmp, final)
     barrier()  # nobody reads or re-saves before the rename is done
     return final
+
+
+def _size_on_disk(path: Path) -> int | None:
+    try:
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None
+
+
+def estimate_checkpoint_bytes(trainer: L.Trainer) -> int:
+    """Bytes of the tensors a checkpoint of ``trainer`` holds: the module's state (frozen nets excluded, as in the
+    checkpoint) and the optimizers' states. Global sizes for sharded tensors."""
+    def nbytes(values) -> int:
+        return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+
+    total = nbytes(trainer.lightning_module.state_dict().values())
+    for optimizer in trainer.optimizers:
+        for state in optimizer.state.values():
+            total += nbytes(state.values())
+    return total
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -222,6 +259,7 @@ def save_trainer_checkpoint(trainer: L.Trainer, final: str | os.PathLike) -> Pat
         final,
         is_rank_zero=trainer.is_global_zero,
         barrier=lambda: strategy.barrier("sfplus.atomic_save"),
+        needed=lambda: estimate_checkpoint_bytes(trainer),
     )
 
 
@@ -250,21 +288,57 @@ def periodic_checkpoints(dirpath: str | os.PathLike, counter: str = "iteration")
     return sorted(found)
 
 
-def resume_path(dirpath: str | os.PathLike, counter: str = "iteration") -> str | None:
-    """The checkpoint a (re)started job should resume from, or ``None`` when there is none (first start).
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (one line naming it), or ``None`` if it loads.
 
-    ``<dirpath>/last.ckpt`` when complete; else its backup left by a crash mid-replacement; else the newest
-    complete periodic checkpoint (``<counter>-NNNNNNNN.ckpt``). Read-only: safe to call from every rank and from
-    a shell before the job starts.
+    A file must load with ``torch.load(weights_only=True)`` (memory-mapped: the tensors' bytes are not read) and
+    hold a dict with a ``state_dict``; a sharded directory must hold a loadable ``meta.pt`` and a non-empty
+    ``.metadata``. Catches what a crash, a full disk or a bad copy leaves: empty, truncated or foreign files.
     """
+    path = Path(path)
+    if path.is_dir():
+        meta, index = path / SHARDED_MARKER, path / ".metadata"
+        if not meta.exists() and not index.exists():
+            return f"checkpoint {path} is a folder but not a sharded checkpoint (no .metadata, no {SHARDED_MARKER})"
+        if not index.is_file() or index.stat().st_size == 0:
+            return f"sharded checkpoint {path} has no .metadata index: an unfinished save"
+        target = meta
+    else:
+        target = path
+    try:
+        obj = torch_load(target, "checkpoint", CheckpointPathError)
+    except CheckpointPathError as err:
+        return str(err)
+    if not isinstance(obj, dict) or ("state_dict" not in obj and not path.is_dir()):
+        return f"checkpoint {target} is not a Lightning checkpoint (no state_dict)"
+    return None
+
+
+def resume_candidates(dirpath: str | os.PathLike, counter: str = "iteration") -> list[Path]:
+    """Every checkpoint in ``dirpath`` a job could resume from, best first: ``last.ckpt``, its backup left by a
+    crash mid-replacement, then the periodic checkpoints (``<counter>-NNNNNNNN.ckpt``) newest first. Not checked."""
     dirpath = Path(dirpath)
     if dirpath.exists() and not dirpath.is_dir():
         raise CheckpointPathError(f"checkpoint folder {dirpath} is a file, not a folder")
-    for candidate in (dirpath / LAST, backup_path(dirpath / LAST)):
-        if is_complete(candidate):
+    found = [c for c in (dirpath / LAST, backup_path(dirpath / LAST)) if c.exists()]
+    return found + [path for _, path in reversed(periodic_checkpoints(dirpath, counter))]
+
+
+def resume_path(dirpath: str | os.PathLike, counter: str = "iteration",
+                skipped: list[str] | None = None) -> str | None:
+    """The checkpoint a (re)started job should resume from, or ``None`` when there is none (first start).
+
+    The first of :func:`resume_candidates` that loads (:func:`checkpoint_problem`): a truncated ``last.ckpt``
+    falls back to the newest intact periodic checkpoint. Each one passed over is appended to ``skipped`` (the
+    reason, naming the file). Read-only: safe to call from every rank and from a shell before the job starts.
+    """
+    for candidate in resume_candidates(dirpath, counter):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
             return str(candidate)
-    periodic = periodic_checkpoints(dirpath, counter)
-    return str(periodic[-1][1]) if periodic else None
+        if skipped is not None:
+            skipped.append(problem)
+    return None
 
 
 # ---- the callback --------------------------------------------------------------------------------------------
@@ -387,7 +461,15 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) not in (1, 2):
         print("usage: python -m sfplus.callbacks.checkpointing CHECKPOINT_DIR [COUNTER]", file=sys.stderr)
         sys.exit(2)
-    print(resume_path(*argv) or "")
+    skipped: list[str] = []
+    try:
+        path = resume_path(*argv, skipped=skipped)
+    except CheckpointPathError as err:
+        print(f"sfplus: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    for problem in skipped:  # on stderr: stdout is the path a job script reads
+        print(f"sfplus: warning: skipped {problem}", file=sys.stderr)
+    print(path or "")
 
 
 if __name__ == "__main__":

@@ -250,7 +250,11 @@ class ImagePromptDataModule(L.LightningDataModule):
         return self._pairs
 
     def setup(self, stage: str | None = None) -> None:
-        self.pairs()
+        from sfplus.i2v import check_image
+
+        # At the door: a damaged image stops the run now with its name, not mid-epoch inside a worker.
+        for pair in self.pairs():
+            check_image(pair.image)
 
     def dataset(self, num_samples: int) -> ImagePromptDataset:
         return ImagePromptDataset(self.pairs(), num_samples, max_area=self.max_area, size=self.size,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from sfplus.datamodules.samplers import EpochBatchSampler, EvenSplitSampler
@@ -62,6 +63,12 @@ def read_prompts(path: str | os.PathLike, *, deduplicate: bool = False) -> list[
     if deduplicate:
         prompts = list(dict.fromkeys(prompts))
     return prompts
+
+
+def repeated_prompts(prompts: list[str]) -> list[tuple[int, int]]:
+    """``(index, index of its first occurrence)`` of every prompt that repeats an earlier one."""
+    first: dict[str, int] = {}
+    return [(i, first[q]) for i, q in enumerate(prompts) if first.setdefault(q, i) != i]
 
 
 def _natural_key(name: str) -> list:
@@ -145,6 +152,14 @@ class PromptDataModule(L.LightningDataModule):
                 raise PromptSourceError(
                     f"extended prompts {self.extended_path} hold {len(extended)} prompts but {self.path} holds "
                     f"{len(prompts)}: they must pair line by line"
+                )
+            repeats = repeated_prompts(prompts)
+            if repeats and not self.deduplicate:
+                later, first = repeats[0]
+                rank_zero_warn(
+                    f"sfplus: prompt source {self.path} holds {len(repeats)} repeated prompt(s) (prompt {later + 1} "
+                    f"repeats prompt {first + 1}: {prompts[first][:60]!r}); they are kept and used again: set "
+                    f"deduplicate: true to drop them"
                 )
             if self.deduplicate:
                 # Keep each prompt's first occurrence, and its extended line with it.

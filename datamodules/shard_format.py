@@ -543,7 +543,8 @@ def load_index(path: str | os.PathLike) -> tuple[Path, dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardFormatError(f"{file}: not a valid JSON index ({err})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise ShardFormatError(f"{file}: not an sfplus shard index (format {index.get('format')!r})")
+        found = index.get('format') if isinstance(index, dict) else type(index).__name__
+        raise ShardFormatError(f"{file}: not an sfplus shard index (format {found!r})")
     if index.get("version", 0) > VERSION:
         raise ShardFormatError(f"{file}: index version {index['version']} is newer than this sfplus ({VERSION})")
     for s in index.get("shards", []):

@@ -32,6 +32,7 @@ from typing import Literal
 
 import torch
 
+from sfplus.file_checks import torch_load
 from sfplus.nets.checkpoints import _MODULE_PREFIXES, CheckpointError, check_state_dict, read_dit_state_dict
 from sfplus.nets.sharded_checkpoint import LIGHTNING_META, is_sharded_checkpoint
 from sfplus.nets.diffusers_keys import wan_to_diffusers
@@ -55,8 +56,8 @@ def _load_info(path: Path) -> dict | None:
     if not target.is_file() or target.suffix == ".safetensors":
         return None
     try:
-        obj = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # legacy / non-zip / other pickles: the info is optional (detect_preset is the fallback)
+        obj = torch_load(target, "checkpoint", CheckpointError)
+    except CheckpointError:  # the info is optional (detect_preset is the fallback); the weights were read already
         return None
     info = obj.get("sfplus") if isinstance(obj, dict) else None
     return info if isinstance(info, dict) else None
@@ -254,11 +255,11 @@ def export_generator(
     return out_path
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, exit_on_error: bool = True) -> None:
     """Command-line entry (``sfplus export ...``)."""
     from jsonargparse import CLI
 
-    path = CLI(export_generator, args=argv, as_positional=False)
+    path = CLI(export_generator, args=argv, as_positional=False, exit_on_error=exit_on_error)
     print(f"exported {path}")
 
 

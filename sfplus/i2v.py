@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from sfplus.conditioning import Cond
 from sfplus.nets.codec import VideoCodec, latent_shape
 
-__all__ = ["ImageReadError", "i2v_condition", "i2v_mask", "load_image", "resize_image", "wan_i2v_size"]
+__all__ = ["ImageReadError", "check_image", "i2v_condition", "i2v_mask", "load_image", "resize_image", "wan_i2v_size"]
 
 
 class ImageReadError(ValueError):
@@ -74,6 +74,26 @@ def _read_rgb_ffmpeg(path: Path) -> np.ndarray:
     finally:
         frames.close()
     return np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
+
+
+def check_image(path: str | Path) -> None:
+    """Raise ``ImageReadError`` (or ``FileNotFoundError``) naming ``path`` unless it is an image Pillow can open
+    and verify. Reads the header and, for PNG, checks the chunks' CRCs; without Pillow only existence is checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"image {path} is empty (0 bytes)")
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as err:  # UnidentifiedImageError, OSError, SyntaxError (PIL's parse errors): not one type
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ImageReadError(f"image {path} is damaged or not an image ({reason})") from None
 
 
 def load_image(path: str | Path, backend: str | None = None) -> torch.Tensor:

@@ -348,11 +348,11 @@ def plan(
     return result
 
 
-def main(argv: list[str] | None = None) -> MemoryPlan:
+def main(argv: list[str] | None = None, exit_on_error: bool = True) -> MemoryPlan:
     """``sfplus plan ...``: print the table (arguments as in :func:`plan`, e.g. ``--gpus 8 --critic null``)."""
     from jsonargparse import CLI
 
-    result = CLI(plan, args=argv, as_positional=False)
+    result = CLI(plan, args=argv, as_positional=False, exit_on_error=exit_on_error)
     print(result.table())
     return result
 

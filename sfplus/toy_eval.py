@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
+from sfplus.cli_errors import OutputFolderError, folder_problem
 from sfplus.conditioning import ToyConditioner
+from sfplus.file_checks import torch_load_mapping
 from sfplus.modules import sample_seed, stable_seed
 from sfplus.nets.checkpoints import CheckpointError, read_dit_state_dict
 from sfplus.nets.presets import build_dit
@@ -31,12 +33,10 @@ METRIC_KEYS = ("prompt_accuracy", "colour_accuracy", "direction_accuracy", "shar
 
 def _checkpoint_info(path: str) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {p} does not exist")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    ckpt = torch_load_mapping(p, "checkpoint", CheckpointError)  # one-line errors for damaged files
     info = ckpt.get("sfplus")
-    if info is None:
-        raise CheckpointError(f"{p} is not an sfplus Lightning checkpoint (no 'sfplus' entry)")
+    if not isinstance(info, dict) or "net" not in info:
+        raise CheckpointError(f"checkpoint {p} is not an sfplus Lightning checkpoint (no 'sfplus' entry)")
     return info
 
 
@@ -57,6 +57,7 @@ def _generate(fn, prompts: list[str], seeds: list[int], shape: list[int], cond_f
     return torch.cat(out)
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): that would outlive the call (tests, notebooks)
 def evaluate(
     teacher: str,
     student: str | None = None,
@@ -76,8 +77,12 @@ def evaluate(
     The clips (frames, size) and the toy codec come from the teacher checkpoint's latent shape; ``frames``,
     ``height`` and ``width`` are used only for a checkpoint without one.
     """
-    torch.set_grad_enabled(False)
     t_info = _checkpoint_info(teacher)
+    # Both checkpoints and the output folder are checked before minutes of sampling, not after.
+    s_info = _checkpoint_info(student) if student is not None else None
+    problem = folder_problem(out)
+    if problem is not None:
+        raise OutputFolderError(problem)
     t_sampler = t_info.get("sampler", {})
     teacher_steps = teacher_steps or int(t_sampler.get("steps", 40))
     guidance_scale = guidance_scale if guidance_scale is not None else float(t_sampler.get("guidance_scale", 3.0))
@@ -110,7 +115,6 @@ def evaluate(
         teacher_net, n, c, u, num_steps=teacher_steps, shift=shift, guidance_scale=guidance_scale))
     few = 4
     if student is not None:
-        s_info = _checkpoint_info(student)
         steps = s_info.get("sampler", {}).get("timesteps", [1000.0, 937.5, 833.33, 625.0])
         few = len(steps)
         add_row(f"teacher {few} steps + CFG", lambda n, c, u, g: teacher_sample(
@@ -151,7 +155,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], exit_on_error: bool = True) -> None:
     from jsonargparse import CLI
 
-    CLI(evaluate, args=argv, as_positional=False)
+    CLI(evaluate, args=argv, as_positional=False, exit_on_error=exit_on_error)

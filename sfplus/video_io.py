@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from sfplus.disk_full import disk_full_error, is_disk_full
+
 
 def safe_stem(text: str, index: int, sample: int, max_chars: int = 48) -> str:
     """A file-system-safe, unique, bounded name for a prompt's output, whatever the prompt holds.
@@ -35,10 +37,15 @@ def _atomic_target(path: Path) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     path = Path(path)
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"  # before the temp file: a bad value leaves none
     tmp = _atomic_target(path)
     try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(path, len(text.encode("utf-8"))) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -71,6 +78,11 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 16, upscal
             writer.send(np.ascontiguousarray(frame))
         writer.close()
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if is_disk_full(err):
+            # The encoded size is unknown in advance: report what was written before the disk filled.
+            raise disk_full_error(path, None, tmp.stat().st_size if tmp.exists() else None) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -78,3 +78,32 @@ def write_tiny_wan_folder(root: Path) -> Path:
     ))  # fmt: skip
     torch.save({k: v.clone() for k, v in hf_clip_to_wan(clip.state_dict()).items()}, root / CLIP_FILE)
     return root
+
+
+def write_run_config(root: Path, module: str = "sfplus.modules.DiffusionModule", every_n_iterations: int | None = 1,
+                     name: str = "config.yaml", **model_args) -> Path:
+    """A tiny toy run as a user writes it for ``sfplus fit``: an ``AtomicCheckpoint`` into ``<root>/run/checkpoints``
+    and no ``Preemption`` callback (the CLI adds one). Returns the YAML path; a few seconds per 2 steps on a CPU."""
+    import yaml
+
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "default_root_dir": str(root / "run"),
+            "callbacks": [{"class_path": "sfplus.callbacks.AtomicCheckpoint",
+                           "init_args": {"every_n_iterations": every_n_iterations, "keep_last": 3}}],
+        },
+        "model": {"class_path": module, "init_args": {
+            "net": "tiny", "net_overrides": dict(TINY),
+            "conditioner": {"class_path": "sfplus.conditioning.ToyConditioner",
+                            "init_args": {"text_dim": 16, "text_len": 8}},
+            "video_shape": [3, 2, 8, 8], **model_args}},
+        "data": {"class_path": "sfplus.datamodules.ToyDataModule",
+                 "init_args": {"frames": 2, "height": 8, "width": 8, "size": 3, "batch_size": 2, "length": 10_000,
+                               "colours": ["red", "blue"], "directions": ["left", "up"]}},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -33,21 +33,32 @@ class Crash(RuntimeError):
 
 
 def write_file(content: bytes):
+    """A small single-file checkpoint that loads (resume_path checks that it does), tagged with ``content``."""
     def save(path: Path) -> None:
-        path.write_bytes(content)
+        torch.save({"state_dict": {}, "content": content}, path)
     return save
 
 
+def content_of(path: Path) -> bytes:
+    return torch.load(path, weights_only=True)["content"]
+
+
 def write_dir(tag: str, complete: bool = True):
-    """A fake sharded save: shards first, then meta.pt (as Lightning's ModelParallelStrategy); may die midway."""
+    """A fake sharded save: shards first, then .metadata and meta.pt (as Lightning's ModelParallelStrategy); may
+    die midway."""
     def save(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         (path / "__0_0.distcp").write_text(f"shard0 {tag}")
         if not complete:
             raise Crash("killed while rank 1 was still writing")
         (path / "__1_0.distcp").write_text(f"shard1 {tag}")
-        (path / "meta.pt").write_text(tag)
+        (path / ".metadata").write_text(f"index {tag}")
+        torch.save({"tag": tag}, path / "meta.pt")
     return save
+
+
+def tag_of(path: Path) -> str:
+    return torch.load(path / "meta.pt", weights_only=True)["tag"]
 
 
 def crash_midway(path: Path) -> None:
@@ -59,10 +70,10 @@ def test_file_save_is_atomic_and_a_crash_keeps_the_previous_last(tmp_path):
     last = tmp_path / "last.ckpt"
     atomic_save(write_file(b"v1"), last)
     atomic_save(write_file(b"v2"), last)
-    assert last.read_bytes() == b"v2"
+    assert content_of(last) == b"v2"
     with pytest.raises(Crash):
         atomic_save(crash_midway, last)
-    assert last.read_bytes() == b"v2", "the previous last.ckpt is intact"
+    assert content_of(last) == b"v2", "the previous last.ckpt is intact"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"], "the partial save was removed"
     assert resume_path(tmp_path) == str(last)
 
@@ -73,10 +84,10 @@ def test_directory_save_goes_through_the_same_rename(tmp_path):
     atomic_save(write_dir("v1"), last, barrier=lambda: calls.append("barrier"))
     assert calls == ["barrier"] * 3  # before saving, after every rank saved, after the rename
     atomic_save(write_dir("v2"), last)
-    assert (last / "meta.pt").read_text() == "v2" and (last / "__1_0.distcp").read_text() == "shard1 v2"
+    assert tag_of(last) == "v2" and (last / "__1_0.distcp").read_text() == "shard1 v2"
     with pytest.raises(Crash):
         atomic_save(write_dir("v3", complete=False), last)
-    assert (last / "meta.pt").read_text() == "v2" and (last / "__0_0.distcp").read_text() == "shard0 v2"
+    assert tag_of(last) == "v2" and (last / "__0_0.distcp").read_text() == "shard0 v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"], "no .partial or .old left"
 
 
@@ -85,7 +96,7 @@ def test_non_zero_rank_only_saves(tmp_path):
     atomic_save(write_file(b"v1"), last)
     # Another rank writes its shard into the shared temp name but never renames or deletes.
     atomic_save(write_file(b"shard"), last, is_rank_zero=False)
-    assert last.read_bytes() == b"v1" and partial_path(last).read_bytes() == b"shard"
+    assert content_of(last) == b"v1" and content_of(partial_path(last)) == b"shard"
 
 
 def test_crash_between_the_two_renames_is_recovered(tmp_path):
@@ -96,7 +107,7 @@ def test_crash_between_the_two_renames_is_recovered(tmp_path):
     write_dir("v2")(partial_path(last))
     assert resume_path(tmp_path) == str(backup_path(last)), "resume still finds a complete checkpoint"
     assert recover(last) == last
-    assert (last / "meta.pt").read_text() == "v1"
+    assert tag_of(last) == "v1"
     assert not backup_path(last).exists() and not partial_path(last).exists()
 
 
@@ -105,7 +116,7 @@ def test_commit_in_the_crash_window_keeps_the_backup_until_the_new_one_is_in_pla
     write_dir("v1")(backup_path(last))  # only the backup of an interrupted replacement exists
     write_dir("v2")(tmp_path / "new")
     commit(tmp_path / "new", last)
-    assert (last / "meta.pt").read_text() == "v2"
+    assert tag_of(last) == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
@@ -115,10 +126,10 @@ def test_commit_between_file_and_directory(tmp_path):
     commit(partial_path(last), last)
     write_dir("dir")(partial_path(last))
     commit(partial_path(last), last)
-    assert (last / "meta.pt").read_text() == "dir"
+    assert tag_of(last) == "dir"
     write_file(b"file again")(partial_path(last))
     commit(partial_path(last), last)
-    assert last.read_bytes() == b"file again"
+    assert content_of(last) == b"file again"
     with pytest.raises(CheckpointPathError, match="produced nothing"):
         commit(partial_path(last), last)
 
@@ -129,12 +140,12 @@ def test_publish_links_without_a_second_write(tmp_path):
     last = publish(periodic, tmp_path / "last.ckpt")
     assert os.stat(periodic).st_ino == os.stat(last).st_ino
     periodic.unlink()  # pruning the periodic name keeps last.ckpt
-    assert last.read_bytes() == b"state"
+    assert content_of(last) == b"state"
 
     shards = tmp_path / "iteration-00000020.ckpt"
     atomic_save(write_dir("d"), shards)
     publish(shards, last)
-    assert (last / "meta.pt").read_text() == "d"
+    assert tag_of(last) == "d"
     assert os.stat(shards / "__0_0.distcp").st_ino == os.stat(last / "__0_0.distcp").st_ino
     with pytest.raises(CheckpointPathError, match="not a complete checkpoint"):
         publish(tmp_path / "missing.ckpt", last)

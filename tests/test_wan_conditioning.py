@@ -203,7 +203,8 @@ def test_cli_fit_and_predict_with_a_wan_folder(wan_dir, tmp_path, capsys):
     main(["predict", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
     assert len(list((tmp_path / "videos").glob("*.mp4"))) == 2
     with pytest.raises(SystemExit) as exit_:  # a missing file stops the run before anything loads, and is named
-        main(["fit", "--config", str(config), "--model.init_args.conditioner.init_args.vae", str(tmp_path / "no.pth")])
+        main(["fit", "--config", str(config), "--model.init_args.conditioner.init_args.vae", str(tmp_path / "no.pth"),
+              "--overwrite_checkpoints", "true"])  # a second fit into the run's folder must say it starts over
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "sfplus: error:" in err and f"WanConditioner: vae {tmp_path / 'no.pth'} does not exist" in err

@@ -107,8 +107,13 @@ def check_settings(folder: Path, settings: dict) -> None:
     from sfplus.video_io import write_json_atomic
 
     path = folder / "settings.json"
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+    # Settings recorded by a run that wrote nothing (e.g. its teacher file was damaged) bind nothing: replace them.
+    has_trajectories = path.is_file() and any(f.name != path.name for f in folder.iterdir())
+    if has_trajectories:
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): restore it or delete {folder}") from None
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             raise ValueError(f"{folder} holds trajectories made with other settings {diff} (stored, now): "

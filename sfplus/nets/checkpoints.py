@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from sfplus.file_checks import DamagedFileError, load_safetensors, torch_load_mapping
+
 Which = Literal["ema", "model"]
 
 # Prefixes of the DiT inside sfplus modules' state dicts, in order of preference.
@@ -30,7 +32,7 @@ _MODULE_PREFIXES: dict[str, tuple[str, ...]] = {
 _NOISE_INFIXES = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DamagedFileError):
     """A weights file is missing, unreadable, or does not match the model."""
 
 
@@ -48,16 +50,6 @@ def _take_prefix(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> tupl
     return sd, ""
 
 
-def _torch_load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # mmap needs the zip format; legacy files load without it.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated files
-        raise CheckpointError(f"cannot read {path}: {err}") from None
-
-
 def read_dit_state_dict(path: str | os.PathLike, which: Which = "ema") -> dict[str, torch.Tensor]:
     """Return the DiT state dict stored in ``path`` with Wan-original key names."""
     p = Path(path)
@@ -72,12 +64,8 @@ def read_dit_state_dict(path: str | os.PathLike, which: Which = "ema") -> dict[s
 
         return wan_folders.read_folder_state_dict(p)
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return {_clean_key(k): v for k, v in load_file(str(p)).items()}
-    obj = _torch_load(p)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a state dict")
+        return {_clean_key(k): v for k, v in load_safetensors(p, "checkpoint", CheckpointError).items()}
+    obj = torch_load_mapping(p, "checkpoint", CheckpointError)  # weights_only; damaged files: one line
     if "state_dict" in obj:  # Lightning checkpoint
         sd, _ = _take_prefix(obj["state_dict"], _MODULE_PREFIXES[which])
         return {_clean_key(k): v for k, v in sd.items()}

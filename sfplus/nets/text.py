@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sfplus.file_checks import DamagedFileError, open_safetensors, torch_load
+
 __all__ = [
     "EncoderCheckpointError",
     "ToyTextEncoder",
@@ -43,8 +45,8 @@ WAN_TEXT_LEN = 512  # Wan2.1 text_len: tokens per prompt, and rows of the DiT's 
 UMT5_XXL_DIM = 4096
 
 
-class EncoderCheckpointError(ValueError):
-    """A checkpoint does not fit the encoder: missing, unexpected or mis-shaped keys (all listed)."""
+class EncoderCheckpointError(DamagedFileError):
+    """A checkpoint is damaged or does not fit the encoder: missing, unexpected or mis-shaped keys (all listed)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -59,18 +61,16 @@ def read_state_dict(path: str | os.PathLike, keep: Callable[[str], bool] | None 
     never read from disk. Never unpickles arbitrary objects (``weights_only=True``).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Files written with the legacy (non-zip) serialisation cannot be memory-mapped.
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with open_safetensors(path, "encoder weights", EncoderCheckpointError) as f:
+            try:
+                return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
+            except Exception as err:  # data shorter than the header says: the Rust side's own error type
+                raise EncoderCheckpointError(f"encoder weights {path} are truncated or damaged ({err})") from None
+    # Legacy (non-zip) files cannot be memory-mapped: torch_load reads those whole.
+    sd = torch_load(path, "encoder weights", EncoderCheckpointError)
     if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise EncoderCheckpointError(f"{path}: expected a flat state dict of tensors, got {type(sd).__name__}")
     return {k: v for k, v in sd.items() if keep is None or keep(k)}

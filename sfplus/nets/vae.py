@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sfplus.file_checks import DamagedFileError, load_safetensors, torch_load
 from sfplus.nets.vae_blocks import CausalCache, CausalConv3d, Decoder3d, Encoder3d, RMSNorm
 from sfplus.nets.vae_keys import diffusers_vae_to_wan, is_diffusers_vae_state_dict
 
@@ -39,6 +40,10 @@ WAN21_LATENT_STD = (
     2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
+
+
+class VAEWeightsError(DamagedFileError):
+    """A VAE weights file that is missing, damaged or not a state dict."""
 
 
 class VideoShapeError(ValueError):
@@ -340,15 +345,13 @@ def read_vae_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 def _read_file(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return load_safetensors(path, "VAE weights", VAEWeightsError)
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch_load(path, "VAE weights", VAEWeightsError)
         if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
             state = state["state_dict"]
         if not isinstance(state, Mapping):
-            raise ValueError(f"read_vae_state_dict: {path} holds a {type(state).__name__}, not a state dict")
+            raise VAEWeightsError(f"VAE weights {path} hold a {type(state).__name__}, not a state dict")
         return dict(state)
     raise ValueError(f"read_vae_state_dict: unsupported file type {path.suffix!r} ({path})")
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sfplus.file_checks import load_safetensors, open_safetensors, torch_load_mapping
 from sfplus.nets.checkpoints import CheckpointError, _clean_key, check_state_dict, read_dit_state_dict
 from sfplus.nets.diffusers_keys import KeyMapError, diffusers_key_to_wan
 
@@ -140,25 +141,13 @@ def _weight_files(folder: Path) -> tuple[Path, ...]:
 
 def _file_keys(path: Path) -> list[str]:
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                return list(fh.keys())
-        except Exception as err:  # header errors from the Rust side are not one Python type
-            raise CheckpointError(f"cannot read {path}: {err}") from None
+        with open_safetensors(path, "weights file", CheckpointError) as fh:
+            return list(fh.keys())
     return list(_load_pickle(path))
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # mmap needs the zip format; legacy files load without it
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    obj = torch_load_mapping(path, "weights file", CheckpointError)  # mmapped when the format allows
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
@@ -199,12 +188,7 @@ def locate_weights(path: str | os.PathLike) -> WeightFiles:
 
 def _read_file(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device=str(device))
-        except Exception as err:
-            raise CheckpointError(f"cannot read {path}: {err}") from None
+        return load_safetensors(path, "weights file", CheckpointError, device=str(device))
     return {k: v.to(device) for k, v in _load_pickle(path).items()}
 
 
@@ -229,9 +213,7 @@ def folder_shapes(path: str | os.PathLike | WeightFiles) -> dict[str, tuple[int,
     shapes: dict[str, tuple[int, ...]] = {}
     for f in wf.files:
         if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(f), framework="pt") as fh:
+            with open_safetensors(f, "weights file", CheckpointError) as fh:
                 items = [(k, tuple(fh.get_slice(k).get_shape())) for k in fh.keys()]
         else:
             items = [(k, tuple(v.shape)) for k, v in _load_pickle(f).items()]

@@ -276,6 +276,13 @@ def test_generate_ode_pairs_tool_writes_resumable_shards(tmp_path, capsys):
             "--preset-overrides", '{"in_dim": 3, "out_dim": 3}', "--toy-text", "--latent-shape", "3,2,4,4",
             "--steps", "4", "--keep", "1000,500,0", "--dtype", "fp32", "--device", "cpu",
             "--batch-size", "2"]  # fmt: skip
+    # A damaged teacher file: one line naming it, and the folder is not bound to that teacher afterwards.
+    half = tmp_path / "half.safetensors"
+    half.write_bytes((tmp_path / "teacher.safetensors").read_bytes()[:3000])
+    assert gen.main([*args, "--teacher", str(half)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"generate_ode_pairs: error: weights file {half} is not a valid "
+                                               f"safetensors file or is truncated")
     assert gen.main(args) == 0
     ds = LatentShardDataset(tmp_path / "ode")
     assert len(ds) == 3  # blank line and duplicate dropped
