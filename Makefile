@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   set up, then train the toy teacher, distil it with DMD, generate MP4s, print the toy metrics
-#   make test   set up, then run the test suite (what CI runs)
+#   make test   set up, then lint (ruff) and run the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 # A CPU build is enough for the toy task and the tests; override for a CUDA machine, e.g. TORCH_SPEC=torch.
@@ -24,6 +24,7 @@ demo: setup
 	$(BIN)/python tools/toy_demo.py
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean-demo:

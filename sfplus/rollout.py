@@ -6,7 +6,7 @@ re-noised output feeds the next step; the exit step's x0 carries the graph to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -22,17 +22,20 @@ class Rollout:
 
     Attributes:
         x0: the exit step's clean estimate [B, C, F, H, W] (fp32, carries grad when the rollout did).
-        exit_index: the step the rollout stopped at.
-        t_from: timestep of the exit step's input (warped scale).
-        t_to: timestep of the step that would follow (0 after the last step).
+        exit_index: the step the rollout stopped at (-1: no few-step chain, e.g. CausVid's one generator step).
+        t_from: timestep of the exit step's input (warped scale); None where there is no single exit step.
+        t_to: timestep of the step that would follow (0 after the last step); None likewise.
         calls: number of generator evaluations made.
+        loss_mask: bool [B, C, F, H, W], False where ``x0`` must not enter the generator's loss (a long causal
+            rollout's re-encoded first frames); None: everything counts.
     """
 
     x0: torch.Tensor
     exit_index: int
-    t_from: float
-    t_to: float
+    t_from: float | None
+    t_to: float | None
     calls: int
+    loss_mask: torch.Tensor | None = field(default=None, kw_only=True)
 
 
 def bidirectional_rollout(

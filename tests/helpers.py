@@ -107,3 +107,19 @@ def write_run_config(root: Path, module: str = "sfplus.modules.DiffusionModule",
     path = root / name
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def cli_error_line(args: list[str], capsys) -> str:
+    """The last stderr line of an ``sfplus`` command that must fail with exit code 2 and no traceback (the line a
+    user reads)."""
+    import pytest
+
+    from sfplus.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]

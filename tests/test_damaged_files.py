@@ -15,7 +15,7 @@ from sfplus.cli import main
 from sfplus.nets.checkpoints import CheckpointError, read_dit_state_dict
 from sfplus.nets.text import EncoderCheckpointError, read_state_dict
 from sfplus.nets.vae import VAEWeightsError, read_vae_state_dict
-from tests.helpers import write_run_config, write_tiny_teacher
+from tests.helpers import cli_error_line, write_run_config, write_tiny_teacher
 
 
 class Payload:
@@ -55,16 +55,6 @@ def trained(tmp_path_factory) -> Path:
     return root / "run" / "checkpoints" / "last.ckpt"
 
 
-def error_line(args: list[str], capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
-
-
 COMMANDS = {
     "fit --ckpt_path": lambda cfg, f, out: ["fit", "--config", str(cfg), "--ckpt_path", str(f)],
     "predict --ckpt_path": lambda cfg, f, out: ["predict", "--config", str(cfg), "--ckpt_path", str(f)],
@@ -79,7 +69,7 @@ def test_damaged_checkpoint_is_one_line_from_every_command(tmp_path, trained, co
     prefix = "sfplus: error: --ckpt_path: " if command.endswith("--ckpt_path") and "export" not in command else \
         "sfplus: error: "
     for name, (path, fault) in damaged_files(tmp_path / "bad", trained.read_bytes()).items():
-        line = error_line(COMMANDS[command](cfg, path, tmp_path / "out"), capsys)
+        line = cli_error_line(COMMANDS[command](cfg, path, tmp_path / "out"), capsys)
         assert line.startswith(f"{prefix}checkpoint {path} {fault}"), (name, line)
     assert not (tmp_path / "bad" / "PAYLOAD-RAN").exists()
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists(), "nothing was started"
@@ -88,7 +78,7 @@ def test_damaged_checkpoint_is_one_line_from_every_command(tmp_path, trained, co
 def test_toy_eval_checks_the_student_before_sampling(tmp_path, trained, capsys):
     empty = tmp_path / "student.ckpt"
     empty.write_bytes(b"")
-    line = error_line(["toy-eval", "--teacher", str(trained), "--student", str(empty), "--out", str(tmp_path)],
+    line = cli_error_line(["toy-eval", "--teacher", str(trained), "--student", str(empty), "--out", str(tmp_path)],
                       capsys)
     assert line == f"sfplus: error: checkpoint {empty} is empty (0 bytes): an interrupted copy or save?"
 
@@ -100,7 +90,7 @@ def test_damaged_teacher_checkpoint_in_fit(tmp_path, trained, suffix, capsys):
     bad = tmp_path / f"half{suffix}"
     bad.write_bytes(data[: len(data) // 2])
     cfg = write_run_config(tmp_path, "sfplus.modules.DistillModule", teacher_checkpoint=str(bad))
-    line = error_line(["fit", "--config", str(cfg)], capsys)
+    line = cli_error_line(["fit", "--config", str(cfg)], capsys)
     fault = "is truncated or damaged: its zip archive has no end" if suffix == ".ckpt" else \
         "is not a valid safetensors file or is truncated"
     assert line.startswith(f"sfplus: error: checkpoint {bad} {fault}"), line

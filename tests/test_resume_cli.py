@@ -15,22 +15,11 @@ import torch
 import yaml
 
 from sfplus.cli import main
-from tests.helpers import write_run_config
+from tests.helpers import cli_error_line, write_run_config
 
 
 def fit(cfg: Path, *extra: str) -> None:
     main(["fit", "--config", str(cfg), *extra])
-
-
-def error_of(args: list[str], capsys) -> str:
-    """The last stderr line of a command that must fail with exit code 2 (the line a user reads)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
 
 
 def state(path: Path) -> tuple[int, dict]:
@@ -63,7 +52,7 @@ def test_ckpt_path_last_resumes_like_the_explicit_path(tmp_path):
 def test_ckpt_path_last_or_hpc_without_a_checkpoint_is_refused(tmp_path, capsys):
     cfg = write_run_config(tmp_path)
     for keyword in ("last", "hpc"):
-        line = error_of(["fit", "--config", str(cfg), "--ckpt_path", keyword], capsys)
+        line = cli_error_line(["fit", "--config", str(cfg), "--ckpt_path", keyword], capsys)
         assert line == (f"sfplus: error: --ckpt_path {keyword}: no checkpoint to resume in "
                         f"{tmp_path / 'run' / 'checkpoints'} (a first run: leave --ckpt_path out)")
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
@@ -88,7 +77,7 @@ def test_ckpt_path_last_refuses_when_no_checkpoint_loads(tmp_path, capsys):
     ckpts = tmp_path / "run" / "checkpoints"
     ckpts.mkdir(parents=True)
     (ckpts / "last.ckpt").write_bytes(b"\x00" * 100)
-    line = error_of(["fit", "--config", str(cfg), "--ckpt_path", "last"], capsys)
+    line = cli_error_line(["fit", "--config", str(cfg), "--ckpt_path", "last"], capsys)
     assert line.startswith(f"sfplus: error: --ckpt_path last: no checkpoint in {ckpts} loads; the newest: "
                            f"checkpoint {ckpts / 'last.ckpt'} is not a PyTorch file")
     assert (ckpts / "last.ckpt").read_bytes() == b"\x00" * 100
@@ -99,7 +88,7 @@ def test_fresh_fit_into_a_used_folder_is_refused_and_overwrite_starts_over(tmp_p
     ckpts = tmp_path / "run" / "checkpoints"
     fit(cfg, "--trainer.max_steps", "3")
     before = (ckpts / "last.ckpt").read_bytes()
-    line = error_of(["fit", "--config", str(cfg)], capsys)
+    line = cli_error_line(["fit", "--config", str(cfg)], capsys)
     assert line.startswith(f"sfplus: error: {ckpts} already holds checkpoints of an earlier run (last.ckpt, ")
     assert line.endswith("resume it with --ckpt_path last, or start over with --overwrite_checkpoints true "
                          "(deletes them)")
@@ -108,7 +97,7 @@ def test_fresh_fit_into_a_used_folder_is_refused_and_overwrite_starts_over(tmp_p
     # A start over that fails before training (a missing teacher) deletes nothing.
     distill = write_run_config(tmp_path, "sfplus.modules.DistillModule", name="distill.yaml",
                                teacher_checkpoint=str(tmp_path / "no-teacher.safetensors"))
-    error_of(["fit", "--config", str(distill), "--overwrite_checkpoints", "true"], capsys)
+    cli_error_line(["fit", "--config", str(distill), "--overwrite_checkpoints", "true"], capsys)
     assert (ckpts / "last.ckpt").read_bytes() == before
 
     fit(cfg, "--overwrite_checkpoints", "true")  # 2 steps: iteration-3 of the old run must not survive

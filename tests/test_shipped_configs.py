@@ -24,6 +24,7 @@ A config added to ``configs/wan2.1`` is picked up here automatically; one this f
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import re
 import subprocess
@@ -36,8 +37,6 @@ import yaml
 from safetensors.torch import save_file
 
 from sfplus.cli import read_config
-from sfplus.datamodules.shard_format import Sample, write_shards
-from sfplus.flow import warp_timesteps
 from sfplus.nets.presets import build_dit
 from tests.helpers import TINY_VAE, TINY_WAN_IMAGE, TINY_WAN_TEXT, write_tiny_wan_folder
 
@@ -89,21 +88,16 @@ def _tiny_dit_file(path: Path, preset: str, overrides: dict) -> str:
 
 
 def _shards(out: Path, shape: list[int], cfg: dict) -> str:
-    """Latent shards with what every recipe may read: latents, 16x16 first frames and an ODE trajectory on the
-    recipe's warped schedule (plus the clean end)."""
-    m = cfg["model"]["init_args"]
-    steps = torch.tensor([*warp_timesteps(m.get("denoising_steps", [1000, 750, 500, 250]),
-                                          m.get("timestep_shift", 5.0)), 0.0])
-    sigma = (steps / 1000).view(-1, 1, 1, 1, 1)
-    samples = []
-    for i in range(4):
-        g = torch.Generator().manual_seed(i)
-        x0, eps = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-        frame = (torch.rand(3, 8 * shape[2], 8 * shape[3], generator=g) * 255).to(torch.uint8)
-        samples.append(Sample(key=f"s{i}", prompt=f"a cat number {i} sits on a mat", latent=x0, first_frame=frame,
-                              ode=(1 - sigma) * x0 + sigma * eps, ode_timesteps=steps))
-    write_shards(samples, out, [2, 2], dtype=torch.float32)
-    return str(out)
+    """Latent shards with what every recipe may read (latents, first frames, the recipe's ODE trajectory): the
+    ones tools/fit_shipped.py writes for a GPU check."""
+    return fit_shipped_tool().random_shards(out, shape, cfg["model"]["init_args"])
+
+
+def fit_shipped_tool():
+    spec = importlib.util.spec_from_file_location("fit_shipped", ROOT / "tools" / "fit_shipped.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _image_folder(out: Path, n: int, size: int) -> str:

@@ -142,7 +142,9 @@ def _random_wan_folder(folder: Path, i2v: bool, tiny: bool, device: torch.device
     return folder
 
 
-def _shards(out: Path, shape: list[int], m: dict) -> str:
+def random_shards(out: Path, shape: list[int], m: dict) -> str:
+    """4 random samples in 2 latent shards with every field a recipe may read: ``latent`` ``shape``, a first frame
+    of the matching pixel size, and an ODE trajectory on the recipe ``m``'s warped schedule (plus the clean end)."""
     from sfplus.datamodules.shard_format import Sample, write_shards
     from sfplus.flow import warp_timesteps
 
@@ -158,7 +160,7 @@ def _shards(out: Path, shape: list[int], m: dict) -> str:
         frame = (torch.rand(3, 8 * shape[2], 8 * shape[3], generator=g) * 255).to(torch.uint8)
         samples.append(Sample(key=f"s{i}", prompt=f"A cat walks on the grass, realistic style, take {i}.",
                               latent=x0, first_frame=frame, ode=(1 - sigma) * x0 + sigma * eps, ode_timesteps=steps))
-    write_shards(samples, out, [2, 2], dtype=torch.bfloat16)
+    write_shards(samples, out, [2, 2], dtype=torch.float32)
     return str(out)
 
 
@@ -210,7 +212,7 @@ def random_weights_config(shipped: dict, work: Path, *, tiny: bool, device: torc
         prompts.write_text("\n".join(f"A cat walks on the grass, realistic style, take {i}." for i in range(8)))
         data["path"] = str(prompts)
     elif kind == "LatentShardDataModule":
-        data["path"] = _shards(work / "shards", m["video_shape"], m)
+        data["path"] = random_shards(work / "shards", m["video_shape"], m)
     else:
         raise SystemExit(f"fit_shipped: data module {kind} is not supported (training configs only)")
     trainer.setdefault("callbacks", []).append({"class_path": f"{__name__}.UpdateTimer"})  # this script's module

@@ -308,7 +308,7 @@ class DistillModule(RecipeModule):
                 grad_frames=frames if total > frames else None,
             )
             if total > frames:
-                ro.x0, ro.mask = self._last_window(ro.x0, frames)
+                ro.x0, ro.loss_mask = self._last_window(ro.x0, frames)
             return ro, noise
         exit_index = self._exit_indices(kind, 1)[0]
         return bidirectional_rollout(self.generator, x_T, self.timesteps, cond, exit_index, noise, grad=grad), noise
@@ -339,7 +339,7 @@ class DistillModule(RecipeModule):
         with self.toggled_optimizer(g_opt):
             rollout, g = self._rollout(cond, grad=True, kind="gen", real=real)
             x = rollout.x0
-            mask = getattr(rollout, "mask", None)
+            mask = rollout.loss_mask
             t = self._score_timesteps(x.shape[2], rollout, g)
             eps = g.randn_like(x)
             dm_weight = 1.0 if self.gan is None else self.gan.dmd_weight
