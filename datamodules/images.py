@@ -69,8 +69,10 @@ def _pairs_from_folder(folder: Path) -> list[ImagePair]:
 
 
 def _pair_from_entry(entry, where: str, base: Path) -> ImagePair:
-    if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not isinstance(entry.get("prompt"), str):
-        raise PromptSourceError(f"{where}: expected an object with string fields 'image' and 'prompt', got {entry!r:.200}")
+    fields_ok = isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("image", "prompt"))
+    if not fields_ok:
+        raise PromptSourceError(
+            f"{where}: expected an object with string fields 'image' and 'prompt', got {entry!r:.200}")
     prompt = entry["prompt"].strip()
     if not prompt:
         raise PromptSourceError(f"{where}: empty prompt")

@@ -9,7 +9,7 @@ the global order is padded by wrapping around).
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler

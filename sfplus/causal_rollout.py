@@ -24,8 +24,8 @@ The cache is sized from the net's config and the input shape (layers, heads, hea
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 

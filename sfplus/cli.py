@@ -23,7 +23,8 @@ import importlib
 import os
 import signal
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -34,7 +35,6 @@ from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 import sfplus.callbacks  # noqa: F401
 import sfplus.conditioning  # noqa: F401
 import sfplus.datamodules  # noqa: F401
-from sfplus.modules import DiffusionModule, DistillModule  # noqa: F401
 from sfplus.callbacks import Preemption
 from sfplus.cli_errors import (
     check_config_files,
@@ -44,9 +44,9 @@ from sfplus.cli_errors import (
     summarize_parse_error,
 )
 from sfplus.disk_full import DiskFullError
+from sfplus.modules import DiffusionModule, DistillModule  # noqa: F401
 from sfplus.parallel import close_process_group
 from sfplus.resume import DiscardOldCheckpoints, checkpoint_folders, resolve_ckpt_path
-
 
 # Configs may interpolate, e.g. `critic_betas: ${model.init_args.betas}`. In "omegaconf+" mode OmegaConf resolves
 # `${...}` once every config file and command-line value is merged, so overriding the source on the command line

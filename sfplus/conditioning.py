@@ -40,7 +40,7 @@ class Conditioner(nn.Module):
         self.negative_prompt = negative_prompt
         self._negative_cache: dict[tuple, torch.Tensor] = {}
 
-    def train(self, mode: bool = True) -> "Conditioner":
+    def train(self, mode: bool = True) -> Conditioner:
         # Frozen encoders stay in eval mode whatever the LightningModule does.
         return super().train(False)
 

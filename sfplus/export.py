@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -34,9 +33,9 @@ import torch
 
 from sfplus.file_checks import torch_load
 from sfplus.nets.checkpoints import _MODULE_PREFIXES, CheckpointError, check_state_dict, read_dit_state_dict
-from sfplus.nets.sharded_checkpoint import LIGHTNING_META, is_sharded_checkpoint
 from sfplus.nets.diffusers_keys import wan_to_diffusers
 from sfplus.nets.presets import get_config
+from sfplus.nets.sharded_checkpoint import LIGHTNING_META, is_sharded_checkpoint
 from sfplus.nets.wan import WanConfig, WanDiT
 
 __all__ = ["export_generator", "read_generator", "wan_config_json", "diffusers_config_json", "main"]

@@ -12,7 +12,7 @@ the continuous relation reproduces the grid values exactly and is the same for e
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -10,7 +10,8 @@ index alone — no RNG state in checkpoints.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ class SampleNoise:
         self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
 
     @classmethod
-    def for_rows(cls, *parts: Any, rows: range, device: torch.device | str = "cpu") -> "SampleNoise":
+    def for_rows(cls, *parts: Any, rows: range, device: torch.device | str = "cpu") -> SampleNoise:
         """Streams for global rows ``rows`` of a batch, seeded from ``parts`` and the row index."""
         return cls([stable_seed(*parts, row) for row in rows], device)
 
@@ -43,7 +44,8 @@ class SampleNoise:
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[B, *shape] standard normal."""
-        return torch.stack([torch.randn(tuple(shape), generator=g, device=self.device) for g in self.generators]).to(dtype)
+        rows = [torch.randn(tuple(shape), generator=g, device=self.device) for g in self.generators]
+        return torch.stack(rows).to(dtype)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != len(self):

@@ -169,7 +169,6 @@ def load_weights(net: nn.Module, source: str | os.PathLike | dict[str, torch.Ten
     from sfplus.nets.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
 
     # check_state_dict compares with net.state_dict() shapes, which are the global shapes for DTensors.
-
     from sfplus.nets.sharded_checkpoint import is_sharded_checkpoint
 
     own_keys = set(net.state_dict().keys())

@@ -6,8 +6,8 @@ re-noised output feeds the next step; the exit step's x0 carries the graph to th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 

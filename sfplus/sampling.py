@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ def timestep_tensor(value: float, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0], x.shape[2]), float(value), device=x.device, dtype=torch.float32)
 
 
-def randn_like(x: torch.Tensor, generator: "torch.Generator | SampleNoise | None") -> torch.Tensor:
+def randn_like(x: torch.Tensor, generator: torch.Generator | SampleNoise | None) -> torch.Tensor:
     """Gaussian noise like ``x`` from ``generator`` (a torch generator, or per-sample streams), in ``x``'s dtype."""
     if isinstance(generator, SampleNoise):
         return generator.randn_like(x)
@@ -118,7 +118,8 @@ def teacher_sample(
 
     Makes ``num_steps`` (no CFG) or ``2 * num_steps`` evaluations. Returns x0 [B, C, F, H, W] fp32.
     """
-    for x in euler_cfg_states(net, noise, cond, uncond, num_steps=num_steps, shift=shift,
+    # Only the last state is kept (a list of every state would hold num_steps copies of the video).
+    for x in euler_cfg_states(net, noise, cond, uncond, num_steps=num_steps, shift=shift,  # noqa: B007
                               guidance_scale=guidance_scale):
         pass
     return x

@@ -16,7 +16,7 @@ model or resolution sizes (§13 B1).
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 

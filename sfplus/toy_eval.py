@@ -50,7 +50,8 @@ def _generate(fn, prompts: list[str], seeds: list[int], shape: list[int], cond_f
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds[i : i + batch_size]])
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s))
+                             for s in seeds[i : i + batch_size]])
         cond, uncond = cond_fn(chunk)
         g = torch.Generator().manual_seed(stable_seed("toy-eval", seeds[i]))
         out.append(fn(noise, cond, uncond, g).clamp(-1, 1))

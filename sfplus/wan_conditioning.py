@@ -191,7 +191,7 @@ class WanConditioner(Conditioner):
     def from_modules(
         cls, text_encoder: nn.Module, codec: nn.Module, image_encoder: nn.Module | None = None, *,
         negative_prompt: str | None = None, num_pixel_frames: int = 81,
-    ) -> "WanConditioner":
+    ) -> WanConditioner:
         """A WanConditioner around already built encoders (no files; tests and notebooks)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -253,7 +253,7 @@ class WanConditioner(Conditioner):
             self.image_encoder = enc.requires_grad_(False).eval()
         return self.image_encoder
 
-    def load(self) -> "WanConditioner":
+    def load(self) -> WanConditioner:
         """Load every encoder now (e.g. to fail early or to time it); normally they load on first use."""
         self._text_encoder()
         self._codec()

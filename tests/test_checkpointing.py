@@ -27,7 +27,6 @@ from sfplus.modules import DistillModule
 from tests.helpers import TINY, write_tiny_teacher
 
 
-
 class Crash(RuntimeError):
     pass
 

@@ -26,9 +26,9 @@ RUN_OUTPUTS = {"config.yaml"}
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 _BRACES = r"\{[\w.,-]*\}"  # t2v_13b_{dmd,sid}.yaml names two files
-_REPO_PATH = re.compile(r"(?<![\w./$-])((?:%s)/(?:[\w./*-]|%s)*(?:[\w*/]|%s))"
-                        % ("|".join(map(re.escape, TOP_FOLDERS)), _BRACES, _BRACES))
-_FILE_NAME = re.compile(r"(?<![\w./$-])((?:[\w-]|%s)+\.(?:%s))(?![\w.])" % (_BRACES, "|".join(FILE_KINDS)))
+_TOPS = "|".join(map(re.escape, TOP_FOLDERS))
+_REPO_PATH = re.compile(rf"(?<![\w./$-])((?:{_TOPS})/(?:[\w./*-]|{_BRACES})*(?:[\w*/]|{_BRACES}))")
+_FILE_NAME = re.compile(rf"(?<![\w./$-])((?:[\w-]|{_BRACES})+\.(?:{'|'.join(FILE_KINDS)}))(?![\w.])")
 
 
 @functools.cache
@@ -52,7 +52,7 @@ def expand_braces(name: str) -> list[str]:
 @functools.cache
 def repository_names() -> set[str]:
     names = set()
-    for folder, subfolders, files in os.walk(ROOT):
+    for _folder, subfolders, files in os.walk(ROOT):
         subfolders[:] = [d for d in subfolders if not d.startswith(".") or d == ".ci"]
         subfolders[:] = [d for d in subfolders if d not in {"__pycache__", "runs", "build", "dist"}]
         names.update(files)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import yaml
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from sfplus.callbacks import EMA
@@ -29,7 +29,8 @@ def teacher_file(tmp_path: Path) -> str:
 @pytest.fixture()
 def prompt_file(tmp_path: Path) -> str:
     path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(f"a red square moving {d} {i}" for i, d in enumerate(["left", "right", "up", "down"] * 3)))
+    directions = ["left", "right", "up", "down"] * 3
+    path.write_text("\n".join(f"a red square moving {d} {i}" for i, d in enumerate(directions)))
     return str(path)
 
 
@@ -138,7 +139,8 @@ def test_checkpoint_of_other_model_is_a_clear_error(tmp_path, teacher_file, prom
     ckpt = tmp_path / "diffusion.ckpt"
     tr.save_checkpoint(ckpt)
     with pytest.raises(CheckpointError, match="does not match this DistillModule"):
-        trainer(tmp_path / "b", 2).fit(distill(teacher_file), datamodule=PromptDataModule(prompt_file), ckpt_path=str(ckpt))
+        trainer(tmp_path / "b", 2).fit(distill(teacher_file), datamodule=PromptDataModule(prompt_file),
+                                       ckpt_path=str(ckpt))
 
 
 def test_teacher_checkpoint_of_wrong_size_names_keys(tmp_path, prompt_file):
@@ -195,7 +197,8 @@ def test_fp8_predict_quantizes_after_loading_and_refuses_training(tmp_path, teac
     fp8.load_state_dict(plain.state_dict())
     data = PromptDataModule(prompt_file, batch_size=2)
     out = [trainer(tmp_path / name, 1).predict(m, datamodule=data) for name, m in (("a", plain), ("b", fp8))]
-    assert isinstance(fp8.model_ema.blocks[0].ffn[0], Fp8Linear) and type(plain.model_ema.blocks[0].ffn[0]) is torch.nn.Linear
+    assert isinstance(fp8.model_ema.blocks[0].ffn[0], Fp8Linear)
+    assert type(plain.model_ema.blocks[0].ffn[0]) is torch.nn.Linear
     a, b = (torch.cat([r["latents"] for r in o]).float() for o in out)
     assert a.shape == b.shape and torch.isfinite(b).all() and not torch.equal(a, b)
     assert (a - b).norm() / a.norm() < 0.2  # close: the same weights, 8-bit matmuls

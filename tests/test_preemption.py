@@ -20,7 +20,6 @@ from sfplus.modules import DistillModule
 from tests.helpers import TINY, write_tiny_teacher
 
 
-
 @pytest.fixture()
 def teacher_file(tmp_path: Path) -> str:
     return write_tiny_teacher(tmp_path / "teacher.safetensors")

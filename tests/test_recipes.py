@@ -17,7 +17,6 @@ from sfplus.modules import DistillModule
 from tests.helpers import TINY, write_tiny_teacher
 
 
-
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory) -> str:
     return write_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.safetensors")

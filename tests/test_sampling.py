@@ -49,7 +49,8 @@ def test_few_step_renoises_with_fresh_generator_noise():
     target = _randn(5)
     noise = _randn(0)
     net = Recorder(lambda t, c: target)
-    out = few_step_sample(net, noise, STEPS[:2], {"context": torch.ones(2, 7, 3)}, generator=torch.Generator().manual_seed(42))
+    out = few_step_sample(net, noise, STEPS[:2], {"context": torch.ones(2, 7, 3)},
+                          generator=torch.Generator().manual_seed(42))
     # Step 0 sees the starting noise, step 1 sees x0 re-noised to t=937.5 with the generator's first draw.
     torch.testing.assert_close(net.calls[0][0], noise)
     eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(42))

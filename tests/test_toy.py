@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from sfplus.toy import (
-    ToySpecError,
     ToyVideoDataset,
     ToyVideoSpec,
     detect,

@@ -148,7 +148,8 @@ def test_module_uses_atomic_temp_in_same_dir(tmp_path):
 
 
 def test_video_writer_reports_progress_per_batch(tmp_path, capsys):
-    """A live readout: videos written, videos/s, batches done of the total, ETA (every batch with progress_every_s=0)."""
+    """A live readout: videos written, videos/s, batches done of the total, ETA (every batch with
+    progress_every_s=0)."""
     from types import SimpleNamespace
 
     import torch

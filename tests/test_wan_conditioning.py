@@ -195,7 +195,8 @@ def test_cli_fit_and_predict_with_a_wan_folder(wan_dir, tmp_path, capsys):
                 "model_dir": str(wan_dir), "text_dtype": "fp32", "vae_config": {**VAE_CFG, "dim_mult": [1, 2, 4, 4],
                 "temporal_downsample": [False, True, True]}}},
             "video_shape": [16, 2, 2, 2], "dfake_gen_update_ratio": 2}},
-        "data": {"class_path": "sfplus.datamodules.PromptDataModule", "init_args": {"path": str(prompts), "batch_size": 2}},
+        "data": {"class_path": "sfplus.datamodules.PromptDataModule",
+                 "init_args": {"path": str(prompts), "batch_size": 2}},
     }
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -228,8 +229,9 @@ def test_i2v_distillation_and_prediction_through_the_recipes(wan_dir, tmp_path):
 
     # Tiny I2V DiT sized to the tiny folder's encoders (T5 width 32 x 512 tokens, CLIP width 32, 16-channel VAE).
     net = {"text_dim": 32, "text_len": 512, "image_dim": 32}
-    module = DistillModule(net="tiny-i2v", net_overrides=net, conditioner=conditioner(wan_dir, i2v=True, num_pixel_frames=5),
-                           dfake_gen_update_ratio=2, video_shape=[16, 2, 2, 2], seed=1)
+    module = DistillModule(net="tiny-i2v", net_overrides=net,
+                           conditioner=conditioner(wan_dir, i2v=True, num_pixel_frames=5), dfake_gen_update_ratio=2,
+                           video_shape=[16, 2, 2, 2], seed=1)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         default_root_dir=str(tmp_path))

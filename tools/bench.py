@@ -14,9 +14,9 @@ Workloads (full sizes: latent 1x16x21x60x104 = 81 frames of 480x832, 32,760 vide
 * ``pipe14b`` — 4-step 14B T2V ``few_step_sample`` + VAE decode: 4 DiT calls (the reference runs only 3, its bug
   B2), so the row also gives the time per DiT call and the sampling/decode split.
 * ``causal13b`` — causal 1.3B streaming: 7 blocks x 3 latent frames, 4 steps + a cache refresh each but the last
-  (``causal_generate``; the reference also refreshes after the last block: 35 calls against 34), decoded block by block (``stream_video``); time to the first decoded frame and frames per
-  second including decode; the decoded video of the last run is written as MP4 (``--video``, default
-  ``$OUT/causal13b.mp4``).
+  (``causal_generate``; the reference also refreshes after the last block: 35 calls against 34), decoded block by
+  block (``stream_video``); time to the first decoded frame and frames per second including decode; the decoded
+  video of the last run is written as MP4 (``--video``, default ``$OUT/causal13b.mp4``).
 * ``train13b`` — one DMD critic step and one generator step (bidirectional 1.3B generator, critic and teacher,
   fp32 teacher as the reference), activation checkpointing, fp32 master weights + bf16 autocast, AdamW, rollout
   exit fixed at the last step (the reference harness does the same). ``median_s`` = critic + generator step.
@@ -53,9 +53,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -107,7 +107,7 @@ class Sizes:
         return self.teacher or self.small
 
     @classmethod
-    def tiny(cls) -> "Sizes":
+    def tiny(cls) -> Sizes:
         return cls(frames=6, height=2, width=4, prompt_rows=4, small="tiny", large="tiny",
                    vae=dict(dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1),
                    warmup=0, reps=1, pipe_reps=1, train_reps=1)
@@ -426,7 +426,7 @@ class Bench:
 
             def decode():
                 with torch.no_grad():
-                    out["y"] = vae.decode(z)
+                    out["y"] = vae.decode(z)  # noqa: B023 (timed right below, in this iteration)
 
             med, runs, _ = measure(decode, dev, s.warmup, s.reps)
             if reference is None:
@@ -643,7 +643,8 @@ class Bench:
         fwd_teacher = dit_flops(teacher.config, s.frames, s.height, s.width)
         c_flops, g_flops = (steps - 1 + 1 + 4) * fwd, (steps - 1 + 1 + 4) * fwd + 2 * fwd_teacher  # teacher cond+uncond
         peaks = [p for p in (c_peak, g_peak) if p is not None]
-        result = row("train13b_causal" if causal else "train13b", c_med + g_med, max(peaks) if peaks else None, c_flops + g_flops,
+        result = row("train13b_causal" if causal else "train13b", c_med + g_med, max(peaks) if peaks else None,
+                     c_flops + g_flops,
                      critic_s=round(c_med, 4), generator_s=round(g_med, 4), critic_runs_s=_r(c_runs),
                      generator_runs_s=_r(g_runs), critic_peak_gib=c_peak, generator_peak_gib=g_peak,
                      peak_reserved_gib=_reserved_gib(dev), iteration_1g5c_s=round(g_med + 5 * c_med, 3),
@@ -777,7 +778,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="after timing, profile one more call and print its N costliest CUDA kernels")
     parser.add_argument("--memory-trace", type=int, default=0, metavar="N",
                         help="train13b(_causal): after timing, trace one critic and one generator step and list the "
-                             "N largest allocation sites alive at each peak (tools/memory_peak.py; on the CPU: of the step's own allocations)")
+                             "N largest allocation sites alive at each peak (tools/memory_peak.py; on the CPU: of "
+                             "the step's own allocations)")
     parser.add_argument("--sdpa-probe", action="store_true",
                         help="time each SDPA backend on the 1.3B self-attention shape (GPU only)")
     args = parser.parse_args(argv)

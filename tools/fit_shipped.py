@@ -167,7 +167,9 @@ def random_shards(out: Path, shape: list[int], m: dict) -> str:
 # ------------------------------------------------------------------------------------------------ the config
 
 
-def random_weights_config(shipped: dict, work: Path, *, tiny: bool, device: torch.device, files: Path | None = None) -> dict:
+def random_weights_config(
+    shipped: dict, work: Path, *, tiny: bool, device: torch.device, files: Path | None = None
+) -> dict:
     """The shipped config with its paths pointed at random files under ``files`` (default ``work/files``; made once,
     reused by later runs) and its outputs under ``work`` (see the module docstring)."""
     files = files or work / "files"

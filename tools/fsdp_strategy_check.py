@@ -10,13 +10,12 @@ Prints one line per variant: ok with the losses, or the error. Needs one CUDA GP
 Measured on one H200 (lightning 2.6.6, torch 2.11), (critic, generator) losses of the 4 updates: A leaves D after the
 first update, B and C follow it within bf16 rounding (the table is in the README, "Real models, scale, data, speed").
 This is why `sfplus` refuses `strategy: fsdp` and shards with ModelParallelStrategy (FSDP2 in configure_model)."""
-import os
 import sys
 import traceback
 
+import lightning as L
 import torch
 import torch.nn as nn
-import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 
@@ -47,7 +46,7 @@ class Distill(L.LightningModule):
             from torch.distributed.fsdp.wrap import wrap
             self.gen, self.critic, self.teacher = wrap(self.gen), wrap(self.critic), wrap(self.teacher)
         elif self.variant.startswith("C"):
-            from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             mesh = self.device_mesh["data_parallel"]
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             for m in (self.gen, self.critic, self.teacher):

@@ -82,8 +82,14 @@ def build_conditioner(args, net, device: torch.device):
 
 def pack(out: Path, num_prompts: int, samples_per_shard: int, dtype: torch.dtype) -> dict:
     """Pack ``out/samples/*.safetensors`` into ``out`` once all ``num_prompts`` are there."""
-    from sfplus.datamodules.shard_format import INDEX_NAME, ShardFormatError, make_key, read_sample_file
-    from sfplus.datamodules.shard_format import shard_sizes, write_shards
+    from sfplus.datamodules.shard_format import (
+        INDEX_NAME,
+        ShardFormatError,
+        make_key,
+        read_sample_file,
+        shard_sizes,
+        write_shards,
+    )
     from sfplus.ode_pairs import sample_file
 
     files = [sample_file(out / "samples", i) for i in range(num_prompts)]

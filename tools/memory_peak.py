@@ -35,7 +35,10 @@ def _site(frames: list[dict], sites: Iterable[str]) -> str:
         if any(s in name for s in sites):
             # sfplus/... from the package root; elsewhere the folder and file (tools/bench.py, model/dmd.py)
             rooted = "/" + name  # the profiler's paths can be relative (sfplus/nets/wan.py)
-            short = "sfplus/" + rooted.split("/sfplus/", 1)[1] if "/sfplus/" in rooted else "/".join(name.split("/")[-2:])
+            if "/sfplus/" in rooted:
+                short = "sfplus/" + rooted.split("/sfplus/", 1)[1]
+            else:
+                short = "/".join(name.split("/")[-2:])
             return f"{short}:{frame.get('line')} {frame.get('name')}"
     if frames:
         f = frames[0]

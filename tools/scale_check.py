@@ -73,7 +73,8 @@ def run(preset: str, generator_type: str, steps: int, tiny: bool) -> dict:
     by_kind: dict[str, list[float]] = {}
     for kind, seconds in timer.rows[1:]:  # the first update pays for warm-up
         by_kind.setdefault(kind, []).append(round(seconds, 3))
-    row = {"name": f"fit_{generator_type}", "preset": preset, "precision": trainer.precision, "updates": len(timer.rows), "seconds": by_kind,
+    row = {"name": f"fit_{generator_type}", "preset": preset, "precision": trainer.precision,
+           "updates": len(timer.rows), "seconds": by_kind,
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
     if not tiny:
         from sfplus.plan import plan

@@ -11,4 +11,5 @@ from sfplus.modules.diffusion import DiffusionModule
 from sfplus.modules.distill import DistillModule
 from sfplus.modules.ode import ODEInitModule
 
-__all__ = ["DiffusionModule", "DistillModule", "ODEInitModule", "RecipeModule", "sample_seed", "stable_seed", "to_uint8_video"]
+__all__ = ["DiffusionModule", "DistillModule", "ODEInitModule", "RecipeModule", "SingleNetModule", "sample_seed",
+           "stable_seed", "to_uint8_video"]

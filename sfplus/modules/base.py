@@ -12,13 +12,14 @@ agree on (the exit step).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from sfplus.conditioning import Conditioner, Cond
+from sfplus.conditioning import Cond, Conditioner
 from sfplus.modules.contract import OutputIndex
 from sfplus.modules.groups import Scale, as_group
 from sfplus.nets.checkpoints import CheckpointError
@@ -240,7 +241,8 @@ class RecipeModule(L.LightningModule):
             msg = [f"checkpoint (saved by {saved}) does not match this {type(self).__name__}:"]
             for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
                 if items:
-                    msg.append(f"  {title}: " + ", ".join(items[:6]) + (f" ... ({len(items)})" if len(items) > 6 else ""))
+                    more = f" ... ({len(items)})" if len(items) > 6 else ""
+                    msg.append(f"  {title}: " + ", ".join(items[:6]) + more)
             raise CheckpointError("\n".join(msg))
         counters = checkpoint.get("sfplus", {}).get("counters", {})
         for name, value in counters.items():
@@ -286,7 +288,9 @@ class RecipeModule(L.LightningModule):
         return {**cond, **image}, (None if uncond is None else {**uncond, **image})
 
     # ---- generation -------------------------------------------------------------------------------------------
-    def noise_for(self, index: torch.Tensor, sample: torch.Tensor, shape: Sequence[int], base_seed: int) -> torch.Tensor:
+    def noise_for(
+        self, index: torch.Tensor, sample: torch.Tensor, shape: Sequence[int], base_seed: int
+    ) -> torch.Tensor:
         """Per-video starting noise [B, *shape], a function of (base seed, prompt index, sample index) only."""
         out = []
         for i, s in zip(index.tolist(), sample.tolist()):
@@ -294,7 +298,9 @@ class RecipeModule(L.LightningModule):
             out.append(torch.randn(tuple(shape), generator=g))
         return torch.stack(out).to(self.device)
 
-    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator) -> torch.Tensor:
+    def sample(
+        self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def sampler_description(self) -> dict[str, Any]:
@@ -308,7 +314,8 @@ class RecipeModule(L.LightningModule):
         "sampler"}`` for the items generated (``index = -1`` padding items are dropped).
         """
         keep = [i for i, idx in enumerate(batch["index"].tolist()) if idx >= 0]
-        writer = next((cb for cb in self.trainer.callbacks if isinstance(cb, OutputIndex)), None) if self._trainer else None
+        callbacks = self.trainer.callbacks if self._trainer else []
+        writer = next((cb for cb in callbacks if isinstance(cb, OutputIndex)), None)
         if writer is not None:
             keep = [
                 i for i in keep
@@ -341,7 +348,8 @@ class RecipeModule(L.LightningModule):
             shape = [self.video_shape[0], *image["y"].shape[2:]]
         noise = self.noise_for(index, sample, shape, self.predict_seed)
         # Re-noising streams per video too: a video does not depend on the batch it was generated in.
-        g = SampleNoise([stable_seed("renoise", self.predict_seed, i, s) for i, s in zip(index.tolist(), sample.tolist())],
+        pairs = zip(index.tolist(), sample.tolist())
+        g = SampleNoise([stable_seed("renoise", self.predict_seed, i, s) for i, s in pairs],
                         self.device)
         latents = self.sample(cond, uncond, noise, g)
         videos = self.conditioner.decode(latents)

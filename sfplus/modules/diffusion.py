@@ -7,10 +7,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from sfplus.conditioning import Conditioner, Cond
+from sfplus.conditioning import Cond, Conditioner
 from sfplus.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
-from sfplus.modules.groups import Scale
 from sfplus.modules.base import SingleNetModule, _default_toy_conditioner
+from sfplus.modules.groups import Scale
 from sfplus.noise import SampleNoise
 from sfplus.objectives.diffusion import flow_matching_loss
 from sfplus.sampling import teacher_sample
@@ -119,7 +119,8 @@ class DiffusionModule(SingleNetModule):
             return loss.detach()
         self.iteration += 1
         self.last_update = "model"
-        self.log_dict({"train/loss": loss.detach(), "train/grad_norm": grad_norm, "train/iteration": float(self.iteration)}, prog_bar=True)
+        self.log_dict({"train/loss": loss.detach(), "train/grad_norm": grad_norm,
+                       "train/iteration": float(self.iteration)}, prog_bar=True)
         return loss.detach()
 
     def _training_timesteps(self, noise: SampleNoise, frames: int) -> torch.Tensor:
@@ -156,7 +157,9 @@ class DiffusionModule(SingleNetModule):
         x0 = teacher_forced_x0(self.model, context, x_t, t, cond, self.causal, context_t=t_aug)
         return ((x0_to_flow(x_t, x0, t) - target) ** 2).mean()
 
-    def sample(self, cond: Cond, uncond: Cond | None, noise: torch.Tensor, generator: SampleNoise | torch.Generator) -> torch.Tensor:
+    def sample(
+        self, cond: Cond, uncond: Cond | None, noise: torch.Tensor, generator: SampleNoise | torch.Generator
+    ) -> torch.Tensor:
         net = self.model_ema if self.ema_started else self.model
         if self.causal is not None:
             # Block by block with clean context through the KV caches (reference §6.6): what a teacher-forced

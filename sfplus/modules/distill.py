@@ -7,13 +7,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from sfplus.conditioning import Conditioner, Cond
+from sfplus.conditioning import Cond, Conditioner
 from sfplus.flow import score_timesteps_from_raw, warp_timesteps
-from sfplus.parallel import copy_weights
 from sfplus.modules.base import RecipeModule, _default_toy_conditioner
 from sfplus.modules.groups import GAN, Scale, as_group
 from sfplus.noise import SampleNoise, stable_seed
 from sfplus.objectives.dmd import critic_flow_loss, dmd_generator_loss, dmd_kl_grad
+from sfplus.parallel import copy_weights
 from sfplus.rollout import bidirectional_rollout
 from sfplus.sampling import few_step_sample
 
@@ -126,7 +126,8 @@ class DistillModule(RecipeModule):
         self.unwarped_steps = steps
         self.timestep_shift = timestep_shift
         self.real_guidance_scale, self.fake_guidance_scale = real_guidance_scale, fake_guidance_scale
-        self.min_score_timestep, self.ts_schedule, self.ts_schedule_max = min_score_timestep, ts_schedule, ts_schedule_max
+        self.min_score_timestep = min_score_timestep
+        self.ts_schedule, self.ts_schedule_max = ts_schedule, ts_schedule_max
         self.ratio = dfake_gen_update_ratio
         self.generator_lr, self.critic_lr = generator_lr, critic_lr
         self.betas, self.critic_betas, self.weight_decay = tuple(betas), tuple(critic_betas), weight_decay
@@ -204,7 +205,8 @@ class DistillModule(RecipeModule):
         return DiscriminatorHead(cfg.dim, cfg.num_heads, len(blocks), tokens_per_block=self.gan.tokens_per_block)
 
     def configure_optimizers(self):
-        g = torch.optim.AdamW(self.generator.parameters(), lr=self.generator_lr, betas=self.betas, weight_decay=self.weight_decay)
+        g = torch.optim.AdamW(self.generator.parameters(), lr=self.generator_lr, betas=self.betas,
+                              weight_decay=self.weight_decay)
         groups = [{"params": list(self.critic.parameters()), "lr": self.critic_lr}]
         if self.disc_head is not None:
             groups.append({"params": list(self.disc_head.parameters()),
@@ -401,7 +403,8 @@ class DistillModule(RecipeModule):
             logs.update({f"train/disc_{k}": v for k, v in gan_logs.items()})
         if self.gan is not None:  # warm-up: only the head learns
             c_opt.param_groups[0]["lr"] = 0.0 if self.in_gan_warmup() else self.critic_lr
-        params = list(self.critic.parameters()) + (list(self.disc_head.parameters()) if self.disc_head is not None else [])
+        head = list(self.disc_head.parameters()) if self.disc_head is not None else []
+        params = list(self.critic.parameters()) + head
         grad_norm = self.optimizer_update(c_opt, loss, params, self.max_grad_norm_critic)
         if grad_norm is None:
             return
@@ -421,7 +424,9 @@ class DistillModule(RecipeModule):
             return self.generator_ema
         return self.generator
 
-    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator) -> torch.Tensor:
+    def sample(
+        self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator
+    ) -> torch.Tensor:
         if self.generator_type == "causal":
             from sfplus.streaming import causal_sample
 

@@ -7,13 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sfplus.conditioning import Conditioner, Cond
+from sfplus.conditioning import Cond, Conditioner
 from sfplus.flow import warp_timesteps
-from sfplus.modules.groups import Scale
-from sfplus.parallel import copy_weights
 from sfplus.modules.base import SingleNetModule, _default_toy_conditioner
+from sfplus.modules.groups import Scale
 from sfplus.noise import SampleNoise
 from sfplus.objectives.ode import ode_regression_loss
+from sfplus.parallel import copy_weights
 
 
 class ODETimestepsError(ValueError):
@@ -129,7 +129,8 @@ class ODEInitModule(SingleNetModule):
         missing = [k for k in ("ode_latents", "ode_timesteps") if k not in batch]
         if missing:
             raise KeyError(f"ODEInitModule needs teacher trajectories: the batch has no {missing} (use "
-                           f"LatentShardDataModule with fields: [ode_latents] on shards from tools/generate_ode_pairs.py)")
+                           "LatentShardDataModule with fields: [ode_latents] on shards from "
+                           "tools/generate_ode_pairs.py)")
         trajectory = batch["ode_latents"].to(self.device)
         table = self.snapshot_timesteps(batch["ode_timesteps"])
         prompts = list(batch["prompts"])
@@ -155,7 +156,9 @@ class ODEInitModule(SingleNetModule):
     def sampling_net(self) -> nn.Module:
         return self.model_ema if self.ema_started else self.model
 
-    def sample(self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator) -> torch.Tensor:
+    def sample(
+        self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator
+    ) -> torch.Tensor:
         from sfplus.streaming import causal_sample
 
         return causal_sample(

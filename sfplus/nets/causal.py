@@ -224,7 +224,7 @@ class KVCache:
         idx = torch.tensor(slots, dtype=torch.long, device=device)[:, None] * s
         return (idx + torch.arange(s, device=device)[None, :]).flatten()
 
-    def begin(self, frame_offset: int, frames: int, tokens_per_frame: int, batch_size: int) -> "KVCacheStep":
+    def begin(self, frame_offset: int, frames: int, tokens_per_frame: int, batch_size: int) -> KVCacheStep:
         """Plan one forward over frames [frame_offset, frame_offset + frames) (called by WanDiT.forward)."""
         k, n, b = frame_offset, frames, frame_offset + frames
         if tokens_per_frame != self.tokens_per_frame or batch_size != self.batch_size:
@@ -248,7 +248,7 @@ class KVCache:
             self.frame_writes[frame] = self.frame_writes.get(frame, 0) + 1
         return step
 
-    def commit(self, step: "KVCacheStep") -> None:
+    def commit(self, step: KVCacheStep) -> None:
         """Finish a forward: frames [0, frame_offset + frames) are now the cached frames."""
         self.end_frame = step.end_frame
 

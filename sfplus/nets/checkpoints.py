@@ -3,8 +3,8 @@
 Sources understood:
 
 * a Lightning checkpoint of an sfplus module (``.ckpt``; a file, or a sharded directory read by
-  :mod:`sfplus.nets.sharded_checkpoint`): the sub-module picked by ``which`` (``ema`` → ``generator_ema.`` / ``model_ema.``, ``model`` →
-  ``generator.`` / ``model.``);
+  :mod:`sfplus.nets.sharded_checkpoint`): the sub-module picked by ``which`` (``ema`` → ``generator_ema.`` /
+  ``model_ema.``, ``model`` → ``generator.`` / ``model.``);
 * a single ``.safetensors`` file in Wan-original layout;
 * a Self-Forcing / Self-Forcing-Plus ``.pt`` training file (``generator`` / ``generator_ema`` entries, ``model.``
   prefix, FSDP ``_fsdp_wrapped_module.`` and ``_orig_mod.`` infixes);

@@ -3,10 +3,10 @@
 Parameter names are exactly those of the original Wan checkpoints (§2.10), so a `diffusion_pytorch_model*.safetensors`
 state dict loads with `strict=True` and no key map (diffusers names: `sfplus.nets.diffusers_keys`).
 
-Numerics follow official Wan (§2.9), independent of autocast: the time embedding and projection, the modulation adds,
-`norm·(1+scale)+shift`, the gated residual adds and the whole head run in float32; LayerNorm/RMSNorm normalise in float32;
-linears, the FFN and attention run in the dtype of their weights (bf16 when the weights are bf16). The residual stream is
-float32 from the first block's first residual add on (as official Wan). The output is float32.
+Numerics follow official Wan, independent of autocast: the time embedding and projection, the modulation adds,
+`norm·(1+scale)+shift`, the gated residual adds and the whole head run in float32; LayerNorm/RMSNorm normalise in
+float32; linears, the FFN and attention run in the dtype of their weights (bf16 when the weights are bf16). The residual
+stream is float32 from the first block's first residual add on (as official Wan). The output is float32.
 
 Call modes (same weights):
 - full attention: `model(x, t, context)`;
@@ -254,7 +254,7 @@ class CrossContext:
         self.context, self.context_img = context, context_img
         self.collected: list | None = [None] * num_layers if collect else None
 
-    def kv(self, attn: "CrossAttention", layer: int) -> tuple[torch.Tensor, ...]:
+    def kv(self, attn: CrossAttention, layer: int) -> tuple[torch.Tensor, ...]:
         kv = attn.context_kv(self.context, self.context_img)
         if self.collected is not None:
             self._collect(layer, kv)
@@ -284,7 +284,7 @@ class WanBlock(nn.Module):
         self,
         x: torch.Tensor,
         e0: torch.Tensor,
-        context_kv: "tuple[torch.Tensor, ...] | CrossContext",
+        context_kv: tuple[torch.Tensor, ...] | CrossContext,
         cos: torch.Tensor,
         sin: torch.Tensor,
         *,
@@ -557,7 +557,9 @@ class WanDiT(nn.Module):
             raise ValueError(f"return_hidden has block indices {bad} outside [0, {n}) (the model has {n} blocks)")
         return wanted
 
-    def _context_kvs(self, context, clip_fea, kv_cache: KVCache | None) -> "list[tuple[torch.Tensor, ...]] | CrossContext":
+    def _context_kvs(
+        self, context, clip_fea, kv_cache: KVCache | None
+    ) -> list[tuple[torch.Tensor, ...]] | CrossContext:
         """Cached per-block cross-attention keys/values (KV cache, grad off), or the embedded context from which
         each block computes its own inside its forward."""
         if kv_cache is not None and kv_cache.has_cross() and not torch.is_grad_enabled():

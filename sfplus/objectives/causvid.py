@@ -18,7 +18,7 @@ there the loss reaches the weights through block j's own forward only.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -127,7 +127,8 @@ def teacher_forced_x0(net, x_clean, x_in, t, cond: Cond, causal: BlockCausal,
     outs = []
     for j, (start, stop) in enumerate(ranges):
         cond_j = _slice_cond(cond, start, stop)
-        step = lambda x, tt, **c: net(x, tt, **c, kv_cache=cache, frame_offset=start)  # noqa: E731
+        # Called right below, inside this iteration: binding the loop's `start` late is what is meant.
+        step = lambda x, tt, **c: net(x, tt, **c, kv_cache=cache, frame_offset=start)  # noqa: E731, B023
         outs.append(predict_x0(step, x_in[:, :, start:stop], t[:, start:stop], cond_j))
         if j + 1 < len(ranges):  # overwrite this block's cache slot with its clean version, seen by later blocks
             with torch.no_grad():

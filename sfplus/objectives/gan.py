@@ -15,7 +15,7 @@ needed. Freezing is the caller's job: critic and head parameters are on the gene
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,7 @@ the clean end are clean context only (their x0 is their input).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

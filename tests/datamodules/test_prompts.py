@@ -72,7 +72,8 @@ def test_utf16_with_bom(tmp_path, encoding):
 
 def test_emoji_utf8(tmp_path):
     f = tmp_path / "emoji.txt"
-    f.write_text("a cat \U0001F431 on a \U0001F6F9\n\U0001F468\u200d\U0001F469\u200d\U0001F467 family\n", encoding="utf-8")
+    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467"
+    f.write_text(f"a cat \U0001F431 on a \U0001F6F9\n{family} family\n", encoding="utf-8")
     assert read_prompts(f) == ["a cat \U0001F431 on a \U0001F6F9", "\U0001F468\u200d\U0001F469\u200d\U0001F467 family"]
 
 
@@ -148,7 +149,8 @@ def test_datamodule_predict_covers_every_sample(tmp_path):
     dm = PromptDataModule(str(tmp_path / "p.txt"), extended_path=str(tmp_path / "e.txt"), batch_size=2, num_samples=2)
     dm.setup("predict")
     batches = list(dm.predict_dataloader())
-    seen = [(p, t, int(i), int(s)) for b in batches for p, t, i, s in zip(b["prompts"], b["text"], b["index"], b["sample"])]
+    seen = [(p, t, int(i), int(s))
+            for b in batches for p, t, i, s in zip(b["prompts"], b["text"], b["index"], b["sample"])]
     assert sorted(seen) == [
         ("long a", "a", 0, 0), ("long a", "a", 0, 1), ("long b", "b", 1, 0), ("long b", "b", 1, 1),
         ("long c", "c", 2, 0), ("long c", "c", 2, 1),

@@ -97,7 +97,8 @@ def test_critic_loss_composition_and_gradients():
     assert logs["loss_d"].item() == pytest.approx(gan_discriminator_loss(d_real, d_fake, weight=0.1).item(), rel=1e-4)
     # R1 reproduced with the same noise draws (r1's noise first, then r2's)
     g = torch.Generator().manual_seed(5)
-    n1, n2 = torch.randn(x_real.shape, generator=g), torch.randn(x_real.shape, generator=g)
+    n1 = torch.randn(x_real.shape, generator=g)
+    torch.randn(x_real.shape, generator=g)  # r2's draw: advances the stream as the loss does
     with torch.no_grad():
         xr = add_noise(x_real, eps, t)
         r1 = (((discriminator_logits(critic, head, xr + 0.05 * n1, t, cond, (0, 1)) - d_real) / 0.05) ** 2).mean()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from sfplus.datamodules.shard_format import read_sample_file
