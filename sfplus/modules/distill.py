@@ -10,11 +10,20 @@ from torch import nn
 from sfplus.conditioning import Cond, Conditioner
 from sfplus.flow import score_timesteps_from_raw, warp_timesteps
 from sfplus.modules.base import RecipeModule, _default_toy_conditioner
+from sfplus.modules.distill_parts import (
+    BidirectionalRollout,
+    CausVidStep,
+    DMDObjective,
+    ExitSteps,
+    SelfForcingRollout,
+    SiDObjective,
+)
 from sfplus.modules.groups import GAN, Scale, as_group
 from sfplus.noise import SampleNoise, stable_seed
-from sfplus.objectives.dmd import critic_flow_loss, dmd_generator_loss, dmd_kl_grad
+from sfplus.objectives.dmd import critic_flow_loss
+from sfplus.objectives.gan import gan_critic_loss, gan_generator_term
 from sfplus.parallel import copy_weights
-from sfplus.rollout import bidirectional_rollout
+from sfplus.rollout import Rollout
 from sfplus.sampling import few_step_sample
 
 
@@ -152,6 +161,22 @@ class DistillModule(RecipeModule):
         self.disc_head: nn.Module | None = None
         if teacher_forcing and (distribution_loss != "causvid" or generator_type != "causal"):
             raise ValueError("teacher_forcing applies to distribution_loss=causvid with a causal generator")
+        self.needs_real_latents = distribution_loss == "causvid" or self.gan is not None
+        self.rollout = self._build_rollout()
+        self.objective = (SiDObjective(real_guidance_scale, sid_alpha) if distribution_loss == "sid"
+                          else DMDObjective(real_guidance_scale, fake_guidance_scale))
+
+    def _build_rollout(self):
+        """The generator's training sample (sfplus.modules.distill_parts), from the recipe's settings."""
+        causal = self._causal_layout() if self.generator_type == "causal" else None
+        if self.distribution_loss == "causvid":
+            return CausVidStep(self.timesteps, causal, self.teacher_forcing)
+        exits = ExitSteps(len(self.timesteps), self.same_step_across_blocks, self.last_step_only)
+        if causal is None:
+            return BidirectionalRollout(self.timesteps, exits, self.video_shape)
+        return SelfForcingRollout(self.timesteps, exits, self.video_shape, self.frames_per_block,
+                                  self.independent_first_frame, self.context_noise, self.max_rollout_frames,
+                                  rewindow=self._last_window)
 
     def configure_model(self) -> None:
         if self.generator is not None:
@@ -242,7 +267,7 @@ class DistillModule(RecipeModule):
         uncond = self.conditioner.negative(len(prompts), self.device)
         cond, uncond = self.with_image(batch, cond, uncond)
         real = None
-        if self.distribution_loss == "causvid" or self.gan is not None:
+        if self.needs_real_latents:
             if "latents" not in batch:
                 raise KeyError("this recipe (causvid or gan) needs clean latents: the batch has no 'latents' "
                                "(use LatentShardDataModule or ToyDataModule)")
@@ -264,64 +289,16 @@ class DistillModule(RecipeModule):
         t_raw = noise.randint(min_t, max(max_t, min_t + 1))
         return score_timesteps_from_raw(t_raw, f, shift=self.timestep_shift).to(self.device)
 
-    def _exit_indices(self, kind: str, blocks: int) -> list[int]:
-        """Exit steps shared by every rank (reference: drawn on rank 0 and broadcast)."""
-        steps = len(self.timesteps)
-        if self.last_step_only:
-            return [steps - 1] * blocks
-        if self.same_step_across_blocks:
-            return [self.shared_randint(kind + "-exit", steps)] * blocks
-        return [self.shared_randint(f"{kind}-exit-{b}", steps) for b in range(blocks)]
-
     def _causal_layout(self):
         from sfplus.nets.causal import BlockCausal
 
         return BlockCausal(self.frames_per_block, independent_first_frame=self.independent_first_frame,
                            local_window_frames=self.local_window_frames, sink_frames=self.sink_frames)
 
-    def _rollout(self, cond: Cond, grad: bool, kind: str, real: torch.Tensor | None):
-        """The generator's sample for a loss: its own few-step rollout (one differentiable exit step), or for
-        CausVid one step from data-simulated inputs. Returns (rollout-like with .x0, per-sample noise)."""
-        b = cond["context"].shape[0]
-        noise = self.sample_noise(kind, b)
-        if self.distribution_loss == "causvid":
-            from sfplus.objectives.causvid import causvid_generator_output
-            from sfplus.rollout import Rollout
-
-            causal = self._causal_layout() if self.generator_type == "causal" else None
-            with torch.set_grad_enabled(grad):
-                x0 = causvid_generator_output(self.generator, real, self.timesteps, cond, causal, noise,
-                                              teacher_forcing=self.teacher_forcing)
-            return Rollout(x0, -1, None, None, 1), noise
-        x_T = noise.randn(self.video_shape).to(self.device)
-        if self.generator_type == "causal":
-            from sfplus.causal_rollout import block_layout, causal_rollout
-
-            frames = x_T.shape[2]
-            total = self._rollout_length(kind, frames)
-            if total > frames:
-                x_T = noise.randn([self.video_shape[0], total, *self.video_shape[2:]]).to(self.device)
-            layout = block_layout(total, self.frames_per_block, independent_first_frame=self.independent_first_frame)
-            blocks = len(layout.generated)
-            ro = causal_rollout(
-                self.generator, x_T, self.timesteps, cond, frames_per_block=self.frames_per_block,
-                exit_indices=self._exit_indices(kind, blocks), independent_first_frame=self.independent_first_frame,
-                context_noise=self.context_noise, generator=noise, grad=grad,
-                grad_frames=frames if total > frames else None,
-            )
-            if total > frames:
-                ro.x0, ro.loss_mask = self._last_window(ro.x0, frames)
-            return ro, noise
-        exit_index = self._exit_indices(kind, 1)[0]
-        return bidirectional_rollout(self.generator, x_T, self.timesteps, cond, exit_index, noise, grad=grad), noise
-
-    def _rollout_length(self, kind: str, frames: int) -> int:
-        """Latent frames of this update's causal rollout: ``frames`` plus a whole number of blocks drawn uniformly
-        (shared by all ranks) up to ``max_rollout_frames``."""
-        if not self.max_rollout_frames or self.max_rollout_frames <= frames:
-            return frames
-        extra_blocks = (self.max_rollout_frames - frames) // self.frames_per_block
-        return frames + self.frames_per_block * self.shared_randint(kind + "-length", extra_blocks + 1)
+    def _rollout(self, cond: Cond, grad: bool, kind: str, real: torch.Tensor | None) -> tuple[Rollout, SampleNoise]:
+        """The generator's sample for a loss and this update's per-sample noise streams."""
+        noise = self.sample_noise(kind, cond["context"].shape[0])
+        return self.rollout(self.generator, cond, noise, self, kind=kind, grad=grad, real=real), noise
 
     def _last_window(self, video: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The last ``frames`` of a long rollout as the score nets see them (reference §3.3 steps 6–7): its first
@@ -341,34 +318,17 @@ class DistillModule(RecipeModule):
         with self.toggled_optimizer(g_opt):
             rollout, g = self._rollout(cond, grad=True, kind="gen", real=real)
             x = rollout.x0
-            mask = rollout.loss_mask
             t = self._score_timesteps(x.shape[2], rollout, g)
             eps = g.randn_like(x)
-            dm_weight = 1.0 if self.gan is None else self.gan.dmd_weight
-            if self.distribution_loss == "sid":
-                from sfplus.objectives.sid import sid_generator_loss
-
-                loss, sid_logs = sid_generator_loss(
-                    x, t, eps, fake=self.critic, real=self.teacher, cond=cond, uncond=uncond,
-                    real_guidance_scale=self.real_guidance_scale, alpha=self.sid_alpha, mask=mask,
-                )
-                logs.update({f"train/{k}": v for k, v in sid_logs.items()})
-            else:
-                kl = dmd_kl_grad(
-                    x, t, eps, fake=self.critic, real=self.teacher, cond=cond, uncond=uncond,
-                    real_guidance_scale=self.real_guidance_scale, fake_guidance_scale=self.fake_guidance_scale,
-                )
-                loss = dmd_generator_loss(x, kl.grad, mask)
-                logs["train/dmd_gradient_norm"] = kl.gradient_norm
-            loss = dm_weight * loss
+            loss, parts = self.objective.generator_loss(x, t, eps, fake=self.critic, real=self.teacher, cond=cond,
+                                                        uncond=uncond, mask=rollout.loss_mask)
+            logs.update({f"train/{k}": v for k, v in parts.items()})
             if self.gan is not None:
-                from sfplus.objectives.gan import gan_generator_term
-
                 gan_loss, gan_logs = gan_generator_term(
                     self.critic, self.disc_head, x, t, eps, cond, self.gan.blocks, x_real=real,
                     relativistic=self.gan.relativistic, gan_g_weight=self.gan.g_weight,
                 )
-                loss = loss + gan_loss
+                loss = self.gan.dmd_weight * loss + gan_loss
                 logs.update({f"train/gan_{k}": v for k, v in gan_logs.items()})
             grad_norm = self.optimizer_update(g_opt, loss, self.generator.parameters(), self.max_grad_norm_generator)
         if grad_norm is None:
@@ -391,8 +351,6 @@ class DistillModule(RecipeModule):
         loss = critic_flow_loss(self.critic, x, t, eps, cond)
         logs: dict[str, Any] = {"train/critic_flow_loss": loss.detach()}
         if self.gan is not None:
-            from sfplus.objectives.gan import gan_critic_loss
-
             gan_loss, gan_logs = gan_critic_loss(
                 self.critic, self.disc_head, real, x, t, eps, cond, self.gan.blocks,
                 relativistic=self.gan.relativistic, gan_d_weight=self.gan.d_weight,
