@@ -144,6 +144,8 @@ def cpu_twin(path: Path, tmp: Path, wan: Path, generator_checkpoint: str | None)
         template = fit_template_overrides(ranks)["trainer"]
         assert [p["class_path"].rsplit(".", 1)[1] for p in template.pop("plugins")] == ["SLURMEnvironment"]
         template.pop("accelerator")
+        # The config's own strategy is the template's, sized for 8 x 8 GPUs; the template sizes it to the job.
+        assert shipped["trainer"]["strategy"]["class_path"] == template["strategy"]["class_path"], path.name
         trainer.update(template)
 
     # Paths.

@@ -20,8 +20,8 @@ schedule, callbacks and data module stay as shipped):
 * prompts, or latent shards at the config's ``video_shape`` for the recipes that read shards;
 * logs, checkpoints and videos.
 
-The run uses one device (``devices: 1``, ``num_nodes: 1``): the recipes shard over many GPUs through the strategy
-``tools/slurm/fit.sbatch`` appends; on one device nothing is sharded and ``trainer.precision`` gives bf16 compute.
+The run uses one device (``devices: 1``, ``num_nodes: 1``, the strategy's ``data_parallel_size: 1``): on one device
+nothing is sharded and ``trainer.precision`` gives bf16 compute.
 Prints one JSON row: seconds and peak memory (CUDA) per update kind (the first update, which pays for warm-up,
 is reported apart). ``--tiny`` swaps the nets, encoders and video for tiny ones of the same classes (a CPU smoke run;
 tests/tools runs it).
@@ -176,6 +176,9 @@ def random_weights_config(
     cfg = copy.deepcopy(shipped)
     trainer, m = cfg["trainer"], cfg["model"]["init_args"]
     trainer.update(num_nodes=1, devices=1, default_root_dir=str(work / "run"))
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, dict) and "data_parallel_size" in strategy.get("init_args", {}):
+        strategy["init_args"]["data_parallel_size"] = 1  # the recipe's sharding, over the one device here
     if tiny:
         trainer["accelerator"] = "cpu"
     if isinstance(trainer.get("logger"), dict):
