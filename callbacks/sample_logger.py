@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from einops import rearrange
 
-from sfplus.modules import stable_seed, to_uint8_video
+from sfplus.modules.contract import VideoSource
 
 
 def frame_grid(videos: torch.Tensor, upscale: int = 1) -> torch.Tensor:
@@ -42,18 +42,16 @@ class SampleLogger(L.Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not isinstance(pl_module, VideoSource):
+            raise TypeError(f"SampleLogger samples from a VideoSource (sfplus.modules.contract); "
+                            f"{type(pl_module).__name__} is not one")
         it = pl_module.iteration
         # Every rank samples (sharded nets gather their weights collectively); rank 0 alone writes.
         if it % self.every or it == self._last_logged:
             return
         self._last_logged = it
         n = len(self.prompts)
-        index = torch.arange(n)
-        noise = pl_module.noise_for(index, torch.zeros(n, dtype=torch.long), pl_module.video_shape, self.seed)
-        cond = pl_module.conditioner.text(self.prompts, pl_module.device)
-        uncond = pl_module.conditioner.negative(n, pl_module.device)
-        g = torch.Generator(device=pl_module.device).manual_seed(stable_seed("samples", self.seed))
-        videos = to_uint8_video(pl_module.conditioner.decode(pl_module.sample(cond, uncond, noise, g)))
+        _, videos = pl_module.generate(self.prompts, torch.arange(n), torch.zeros(n, dtype=torch.long), self.seed)
         if trainer.global_rank != 0:
             return
         for logger in trainer.loggers:

@@ -339,22 +339,9 @@ class RecipeModule(L.LightningModule):
         """Generate the batch items ``keep`` (see :meth:`predict_step`)."""
         prompts = [batch["prompts"][i] for i in keep]
         index, sample = batch["index"][keep], batch["sample"][keep]
-        cond = self.conditioner.text(prompts, self.device)
-        uncond = self.conditioner.negative(len(prompts), self.device)
-        shape = self.video_shape
-        image = self.image_condition(batch, keep)
-        if image is not None:  # I2V: the video takes the image's size (Wan's size rule, not video_shape)
-            cond, uncond = {**cond, **image}, {**uncond, **image}
-            shape = [self.video_shape[0], *image["y"].shape[2:]]
-        noise = self.noise_for(index, sample, shape, self.predict_seed)
-        # Re-noising streams per video too: a video does not depend on the batch it was generated in.
-        pairs = zip(index.tolist(), sample.tolist())
-        g = SampleNoise([stable_seed("renoise", self.predict_seed, i, s) for i, s in pairs],
-                        self.device)
-        latents = self.sample(cond, uncond, noise, g)
-        videos = self.conditioner.decode(latents)
+        latents, videos = self.generate(prompts, index, sample, self.predict_seed, self.image_condition(batch, keep))
         return {
-            "videos": to_uint8_video(videos),
+            "videos": videos,
             "latents": latents.cpu(),
             "prompts": prompts,
             "text": [batch["text"][i] for i in keep],
@@ -363,6 +350,29 @@ class RecipeModule(L.LightningModule):
             "seed": [sample_seed(self.predict_seed, i, s) for i, s in zip(index.tolist(), sample.tolist())],
             "sampler": self.sampler_description(),
         }
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], index: torch.Tensor, sample: torch.Tensor, base_seed: int, image: Cond | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Videos for ``prompts``: (latents [B, C, F, H, W], uint8 videos [B, T, H, W, 3]).
+
+        Video ``b`` depends only on its prompt (and image), ``base_seed``, ``index[b]`` and ``sample[b]``: its
+        starting noise and its re-noising streams are seeded from them, so it does not depend on the batch or the
+        rank it was generated in. ``image``: I2V conditioning (:meth:`image_condition`); the video then takes the
+        image's size (Wan's size rule), not ``video_shape``. Batch generation and the sample logger both call this.
+        """
+        cond = self.conditioner.text(prompts, self.device)
+        uncond = self.conditioner.negative(len(prompts), self.device)
+        shape = self.video_shape
+        if image is not None:
+            cond, uncond = {**cond, **image}, {**uncond, **image}
+            shape = [self.video_shape[0], *image["y"].shape[2:]]
+        noise = self.noise_for(index, sample, shape, base_seed)
+        pairs = zip(index.tolist(), sample.tolist())
+        renoise = SampleNoise([stable_seed("renoise", base_seed, i, s) for i, s in pairs], self.device)
+        latents = self.sample(cond, uncond, noise, renoise)
+        return latents, to_uint8_video(self.conditioner.decode(latents))
 
 
 def _default_toy_conditioner() -> Conditioner:

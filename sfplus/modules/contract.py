@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 
@@ -25,6 +26,19 @@ class EMAHost(Protocol):
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(EMA copy, live net) pairs, identically built and sharded."""
+        ...
+
+
+@runtime_checkable
+class VideoSource(Protocol):
+    """A module that generates videos for prompts (what :class:`sfplus.callbacks.SampleLogger` calls; batch
+    generation goes through the same method)."""
+
+    iteration: int
+
+    def generate(self, prompts: list[str], index: torch.Tensor, sample: torch.Tensor, base_seed: int,
+                 image: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, uint8 videos [B, T, H, W, 3]); each video a function of its prompt, seed, index and sample."""
         ...
 
 
