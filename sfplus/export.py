@@ -32,10 +32,11 @@ from typing import Literal
 import torch
 
 from sfplus.file_checks import torch_load
-from sfplus.nets.checkpoints import _MODULE_PREFIXES, CheckpointError, check_state_dict, read_dit_state_dict
+from sfplus.nets.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
 from sfplus.nets.diffusers_keys import wan_to_diffusers
 from sfplus.nets.presets import get_config
 from sfplus.nets.sharded_checkpoint import LIGHTNING_META, is_sharded_checkpoint
+from sfplus.nets.state_dicts import MODULE_PREFIXES
 from sfplus.nets.wan import WanConfig, WanDiT
 
 __all__ = ["export_generator", "read_generator", "wan_config_json", "diffusers_config_json", "main"]
@@ -67,7 +68,7 @@ def read_generator(ckpt_path: str | os.PathLike, which: Literal["ema", "model"] 
     p = Path(ckpt_path)
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")
-    if which not in _MODULE_PREFIXES:
+    if which not in MODULE_PREFIXES:
         raise ExportError(f"which must be 'ema' or 'model', got {which!r}")
     return read_dit_state_dict(p, which=which), _load_info(p)
 
