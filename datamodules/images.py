@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sfplus.datamodules.prompts import PromptSourceError, _read_text
+from sfplus.datamodules.prompts import PromptSourceError, read_text_file
 from sfplus.datamodules.samplers import EpochBatchSampler, EvenSplitSampler
 
 __all__ = ["IMAGE_SUFFIXES", "ImagePair", "ImagePromptDataModule", "ImagePromptDataset", "collate_images",
@@ -58,7 +58,7 @@ def _pairs_from_folder(folder: Path) -> list[ImagePair]:
         if not txt.is_file():
             missing.append(txt.name)
             continue
-        prompt = _read_text(txt).strip()
+        prompt = read_text_file(txt).strip()
         if not prompt:
             raise PromptSourceError(f"prompt file {txt} is empty")
         pairs.append(ImagePair(img, prompt))
@@ -81,7 +81,7 @@ def _pair_from_entry(entry, where: str, base: Path) -> ImagePair:
 
 
 def _pairs_from_json(path: Path) -> list[ImagePair]:
-    text = _read_text(path)
+    text = read_text_file(path)
     base = path.parent
     if path.suffix.lower() == ".jsonl":
         entries = []

@@ -37,11 +37,15 @@ from sfplus.sampling import FlowNet, randn_like, timestep_tensor
 
 __all__ = [
     "BlockLayout",
+    "CallCounter",
     "CausalLayoutError",
     "CausalRollout",
+    "block_cond",
     "block_layout",
     "causal_rollout",
     "new_kv_cache",
+    "prepare_causal_generation",
+    "run_causal_blocks",
 ]
 
 
@@ -159,8 +163,9 @@ def _positive_steps(timesteps: Sequence[float]) -> list[float]:
     return steps
 
 
-def _block_cond(cond: Cond, start: int, stop: int, total: int) -> Cond:
-    """The cond dict of frames [start, stop): ``y`` (per-frame I2V conditioning) is sliced, the rest is shared."""
+def block_cond(cond: Cond, start: int, stop: int, total: int) -> Cond:
+    """The cond dict of frames [start, stop) out of ``total``: ``y`` (per-frame I2V conditioning) is sliced, the rest
+    (text context, CLIP tokens) is shared by every block."""
     y = cond.get("y")
     if y is None:
         return cond
@@ -171,7 +176,9 @@ def _block_cond(cond: Cond, start: int, stop: int, total: int) -> Cond:
 
 
 @dataclass
-class _Counter:
+class CallCounter:
+    """Counts the net calls of a causal generation (`run_causal_blocks` adds one per call)."""
+
     calls: int = 0
 
 
@@ -179,7 +186,7 @@ def _predict(net, x, t_value, cond, cache, start, stop, total, counter) -> torch
     """x0 (fp32) of one KV-cache call of ``net`` on frames [start, stop)."""
     t = timestep_tensor(t_value, x)
     counter.calls += 1
-    v = net(x, t, **_block_cond(cond, start, stop, total), kv_cache=cache, frame_offset=start)
+    v = net(x, t, **block_cond(cond, start, stop, total), kv_cache=cache, frame_offset=start)
     return flow_to_x0(x, v, t)
 
 
@@ -191,12 +198,23 @@ def _write_context(net, x0, context_noise, cond, cache, start, stop, total, coun
             x = add_noise(x, randn_like(x, generator), timestep_tensor(context_noise, x))
         t = timestep_tensor(context_noise, x)
         counter.calls += 1
-        net(x.to(dtype), t, **_block_cond(cond, start, stop, total), kv_cache=cache, frame_offset=start)
+        net(x.to(dtype), t, **block_cond(cond, start, stop, total), kv_cache=cache, frame_offset=start)
 
 
-def _run_blocks(net, noise, steps, cond, layout, exits, *, grad_from_frame, grad, context_noise, generator, cache,
-                initial_latent, counter) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
-    """Core loop shared by `causal_rollout` and `sfplus.streaming.causal_generate`.
+def run_causal_blocks(net: FlowNet, noise: torch.Tensor, steps: Sequence[float], cond: Cond, layout: BlockLayout,
+                      exits: Sequence[int], *, grad_from_frame: int, grad: bool, context_noise: float,
+                      generator: torch.Generator | None, cache: KVCache, initial_latent: torch.Tensor | None,
+                      counter: CallCounter) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
+    """The block runner shared by the training rollout (`causal_rollout`) and streaming generation
+    (`sfplus.streaming.causal_generate`); take its inputs from `prepare_causal_generation`.
+
+    Args:
+        noise: [B, C, F, H, W] noise of the generated frames; steps: the positive few-step timesteps.
+        layout: the block layout; exits: the exit step of each generated block.
+        grad_from_frame, grad: blocks starting at or after this frame run their exit step with grad when ``grad``.
+        context_noise: timestep of the context refresh; generator: source of re-noising and context noise.
+        cache: a fresh KV cache; initial_latent: [B, C, F0, H, W] context frames written first (or None).
+        counter: counts the net calls.
 
     Yields ``((start, stop), x0_block)`` for each generated block as soon as its exit step is done; the block's
     context refresh runs when the consumer asks for the next block. The last block gets no refresh: no later block
@@ -222,9 +240,12 @@ def _run_blocks(net, noise, steps, cond, layout, exits, *, grad_from_frame, grad
             _write_context(net, x0, context_noise, cond, cache, a, b, total, counter, generator, dtype)
 
 
-def _prepare(net, noise, timesteps, frames_per_block, independent_first_frame, initial_latent, context_noise,
-             local_window_frames, sink_frames) -> tuple[BlockLayout, list[float], KVCache]:
-    """Validate the inputs; return the block layout, the positive timesteps and a fresh KV cache."""
+def prepare_causal_generation(net: FlowNet, noise: torch.Tensor, timesteps: Sequence[float], frames_per_block: int,
+                              independent_first_frame: bool, initial_latent: torch.Tensor | None,
+                              context_noise: float, local_window_frames: int | None,
+                              sink_frames: int) -> tuple[BlockLayout, list[float], KVCache]:
+    """Validate a causal generation's inputs (CausalLayoutError); return its block layout, the positive timesteps
+    (a trailing 0 dropped) and a fresh KV cache sized for it — the inputs of `run_causal_blocks`."""
     if noise.ndim != 5:
         raise CausalLayoutError(f"noise must be [B, C, F, H, W], got {tuple(noise.shape)}")
     b, c, _, h, w = noise.shape
@@ -302,8 +323,8 @@ def causal_rollout(
 
     Makes ``len(context blocks) + sum_b (exit_b + 1) + len(generated blocks)`` net calls.
     """
-    layout, steps, cache = _prepare(net, noise, timesteps, frames_per_block, independent_first_frame, initial_latent,
-                                    context_noise, local_window_frames, sink_frames)
+    layout, steps, cache = prepare_causal_generation(net, noise, timesteps, frames_per_block, independent_first_frame,
+                                                     initial_latent, context_noise, local_window_frames, sink_frames)
     n_blocks = len(layout.generated)
     if isinstance(exit_indices, Sequence) or (torch.is_tensor(exit_indices) and exit_indices.ndim == 1):
         exits = [int(k) for k in exit_indices]
@@ -318,9 +339,9 @@ def causal_rollout(
         raise CausalLayoutError(f"grad_frames must be positive or None, got {grad_frames}")
     grad_from = 0 if grad_frames is None else max(0, layout.total_frames - grad_frames)
 
-    counter = _Counter()
+    counter = CallCounter()
     grad = grad and torch.is_grad_enabled()  # never switch grad on inside a caller's no_grad / inference_mode
-    blocks = [x0 for _, x0 in _run_blocks(
+    blocks = [x0 for _, x0 in run_causal_blocks(
         net, noise, steps, cond, layout, exits, grad_from_frame=grad_from, grad=grad, context_noise=context_noise,
         generator=generator, cache=cache, initial_latent=initial_latent, counter=counter)]
     if initial_latent is not None:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from sfplus.causal_rollout import _Counter, _prepare, _run_blocks
+from sfplus.causal_rollout import CallCounter, prepare_causal_generation, run_causal_blocks
 from sfplus.conditioning import Cond
 from sfplus.nets.codec import VideoCodec
 from sfplus.sampling import FlowNet
@@ -60,8 +60,8 @@ def causal_generate(
         include_initial: yield ``initial_latent`` (fp32) first, so the stream covers the whole video.
     Yields: fp32 latent blocks [B, C, n, H, W] (``n = frames_per_block``, or 1 for a lone first frame).
     """
-    layout, steps, cache = _prepare(net, noise, timesteps, frames_per_block, independent_first_frame, initial_latent,
-                                    context_noise, local_window_frames, sink_frames)
+    layout, steps, cache = prepare_causal_generation(net, noise, timesteps, frames_per_block, independent_first_frame,
+                                                     initial_latent, context_noise, local_window_frames, sink_frames)
     return _generate(net, noise, steps, cond, layout, cache, generator, initial_latent, context_noise,
                      include_initial)
 
@@ -71,9 +71,9 @@ def _generate(net, noise, steps, cond, layout, cache, generator, initial_latent,
     if initial_latent is not None and include_initial:
         yield initial_latent.float()
     exits = [len(steps) - 1] * len(layout.generated)
-    for _, x0 in _run_blocks(net, noise, steps, cond, layout, exits, grad_from_frame=0, grad=False,
-                             context_noise=context_noise, generator=generator, cache=cache,
-                             initial_latent=initial_latent, counter=_Counter()):
+    for _, x0 in run_causal_blocks(net, noise, steps, cond, layout, exits, grad_from_frame=0, grad=False,
+                                   context_noise=context_noise, generator=generator, cache=cache,
+                                   initial_latent=initial_latent, counter=CallCounter()):
         yield x0
 
 

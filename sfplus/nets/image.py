@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sfplus.nets.text import EncoderCheckpointError, _dtype_kwarg, check_keys, read_state_dict
+from sfplus.nets.text import EncoderCheckpointError, check_keys, hf_dtype_kwarg, read_state_dict
 
 __all__ = [
     "CLIP_MEAN",
@@ -294,7 +294,7 @@ class ClipImageEncoder(nn.Module):
                 raise FileNotFoundError(f"{path} is a folder but has no config.json (expected an HF CLIP model)")
             from transformers import CLIPVisionModel
 
-            model = CLIPVisionModel.from_pretrained(str(path), **_dtype_kwarg(dtype))
+            model = CLIPVisionModel.from_pretrained(str(path), **hf_dtype_kwarg(dtype))
             return cls(model, autocast_dtype=autocast_dtype).to(device)
         sd = read_state_dict(path, keep=lambda k: k.startswith("visual."))
         if not sd:

@@ -321,8 +321,9 @@ def load_tokenizer(path: str | os.PathLike):
         ) from e
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    # transformers renamed from_pretrained's ``torch_dtype`` to ``dtype`` in 4.56.
+def hf_dtype_kwarg(dtype: torch.dtype) -> dict:
+    """The keyword that sets the dtype in transformers' ``from_pretrained`` (``dtype`` since 4.56, ``torch_dtype``
+    before), as ``{name: dtype}``."""
     import transformers
     from packaging.version import Version
 
@@ -378,7 +379,7 @@ class UMT5TextEncoder(nn.Module):
                 raise FileNotFoundError(f"{weights} is a folder but has no config.json (expected an HF UMT5 model)")
             from transformers import UMT5EncoderModel
 
-            model = UMT5EncoderModel.from_pretrained(str(weights), **_dtype_kwarg(dtype))
+            model = UMT5EncoderModel.from_pretrained(str(weights), **hf_dtype_kwarg(dtype))
             return cls(model, tok, max_len).to(device)
         sd = read_state_dict(weights)
         return cls.from_wan_state_dict(sd, tok, dtype=dtype, device=device, max_len=max_len, source=str(weights))

@@ -233,10 +233,10 @@ def test_linears_under_autocast_leave_bf16_activations_to_autocast(monkeypatch):
         out, grads = run()
     upcasts = counter.upcasts  # the rest are wanted: fp32 norms, the fp32 residual stream, fp32 grads
 
-    def upcasting_linear(layer, h):  # what _linear did before: cast to the weight dtype, then autocast casts back
+    def upcasting_linear(layer, h):  # what run_linear did before: cast to the weight dtype, then autocast casts back
         return layer(h.to(layer.weight.dtype))
 
-    monkeypatch.setattr(wan, "_linear", upcasting_linear)
+    monkeypatch.setattr(wan, "run_linear", upcasting_linear)
     counter = _CountCasts()
     with counter:
         old_out, old_grads = run()
