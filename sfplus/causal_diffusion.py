@@ -1,4 +1,5 @@
-"""Many-step autoregressive sampling of a causal *diffusion* model (reference §6.6).
+"""Many-step autoregressive sampling of a causal *diffusion* model
+(docs/algorithms.md, 'Causal diffusion sampler').
 
 A model pre-trained with teacher forcing (sfplus.modules.DiffusionModule with ``causal`` and ``teacher_forcing``)
 learned to denoise a block while attending to CLEAN earlier blocks. Denoising all frames together under the

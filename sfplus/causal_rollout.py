@@ -1,4 +1,5 @@
-"""Self-Forcing training rollout of a causal (frame-autoregressive) WanDiT through its KV cache (spec §6.1).
+"""Self-Forcing training rollout of a causal (frame-autoregressive) WanDiT through its KV cache
+(docs/algorithms.md, 'Causal rollout (Self-Forcing)').
 
 The video is generated block by block (`frames_per_block` latent frames each, optionally frame 0 alone). Per block:
 
@@ -7,19 +8,20 @@ The video is generated block by block (`frames_per_block` latent frames each, op
 2. the exit step runs with grad (if allowed for this block) and its x0 is the block's output;
 3. the clean-context refresh: under no_grad the net runs once more on ``add_noise(x0.detach(), eps, context_noise)``
    at ``t = context_noise`` at the same frame offset, overwriting the block's cache slots. ``context_noise = 0`` means
-   exactly clean, ``t = 0`` (the reference noises with sigma ~0.005 there while telling the net t=0: §13 B4).
+   exactly clean, ``t = 0`` (the reference noises with sigma ~0.005 there while telling the net t=0: B4 in
+   docs/algorithms.md, 'Reference bugs').
 
-Gradient semantics (an explicit choice about §13 B22): the KV cache stores DETACHED keys/values (see
-`sfplus.nets.causal.KVCache`). A block's loss back-propagates through that block's exit-step forward only — through
-its own live keys/values and its input (produced without grad) — and never into earlier blocks' forwards. The
-reference instead lets gradient leak through the cache into earlier exit steps (a straight-through gradient evaluated
-at the clean-context values); that is not reproduced.
+Gradient semantics (an explicit choice about the reference's B22, docs/algorithms.md, 'Reference bugs'): the KV cache
+stores DETACHED keys/values (see `sfplus.nets.causal.KVCache`). A block's loss back-propagates through that block's
+exit-step forward only — through its own live keys/values and its input (produced without grad) — and never into earlier
+blocks' forwards. The reference instead lets gradient leak through the cache into earlier exit steps (a straight-through
+gradient evaluated at the clean-context values); that is not reproduced.
 
 Initial latents (I2V / video extension) are written into the cache first, one no-grad call per context block, with
 the same context noising as generated blocks (so the cache always holds context of one kind, at train and test time).
 
 The cache is sized from the net's config and the input shape (layers, heads, head_dim, tokens per frame, frames): no
-1.3B/14B or 480x832 constants (§13 B1, B15).
+1.3B/14B or 480x832 constants (B1, B15 in docs/algorithms.md, 'Reference bugs').
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def block_layout(num_frames: int, frames_per_block: int, *, independent_first_fr
                  initial_frames: int = 0) -> BlockLayout:
     """Blocks of a causal generation of ``num_frames`` new frames after ``initial_frames`` given ones.
 
-    Rules (reference §6.1 step 1, §6.3 step 2):
+    Rules (as the reference's training and inference pipelines cut blocks):
     * initial frames: frame 0 alone when ``independent_first_frame`` or when the initial latent is one frame (an
       image), then blocks of ``frames_per_block``; otherwise blocks of ``frames_per_block`` from frame 0;
     * generated frames: with no initial latent and ``independent_first_frame``, frame 0 alone then blocks;
@@ -302,7 +304,8 @@ def causal_rollout(
     local_window_frames: int | None = None,
     sink_frames: int = 0,
 ) -> CausalRollout:
-    """Self-Forcing backward simulation of a causal WanDiT (spec §6.1), with a fresh KV cache.
+    """Self-Forcing backward simulation of a causal WanDiT, with a fresh KV cache
+    (docs/algorithms.md, 'Causal rollout (Self-Forcing)').
 
     Args:
         net: a WanDiT (called as ``net(x, t, context, clip_fea, y, kv_cache=..., frame_offset=k)``).

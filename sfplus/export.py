@@ -7,7 +7,7 @@
 Sources: a Lightning ``.ckpt`` of an sfplus module, a sharded Lightning checkpoint directory
 (``torch.distributed.checkpoint`` format: ``.metadata`` + ``*.distcp`` + ``meta.pt``), and anything
 :func:`sfplus.nets.checkpoints.read_dit_state_dict` reads (Wan-AI / diffusers folders, ``.safetensors``,
-Self-Forcing ``.pt``). Outputs (spec wan-architecture.md §7):
+Self-Forcing ``.pt``). Outputs (docs/wan_architecture.md, 'Weight files'):
 
 * ``layout="wan"``: Wan-original key names, what Wan2.1, lightx2v and ComfyUI load. ``out`` ending in
   ``.safetensors`` gives that one file; otherwise ``out`` is a folder with ``diffusion_pytorch_model.safetensors``
@@ -85,7 +85,8 @@ def _resolve_config(preset: str | None, info: dict | None, sd: dict, source: str
 
 # ------------------------------------------------------------------------------------------------ configs
 def wan_config_json(cfg: WanConfig) -> dict:
-    """Wan-original ``config.json`` (``WanModel``, as in the Wan-AI repos, §1)."""
+    """Wan-original ``config.json`` (``WanModel``, as in the Wan-AI repos: docs/wan_architecture.md,
+    'Configurations')."""
     return {
         "_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": cfg.dim, "eps": cfg.eps,
         "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim,
@@ -95,7 +96,8 @@ def wan_config_json(cfg: WanConfig) -> dict:
 
 
 def diffusers_config_json(cfg: WanConfig) -> dict:
-    """``config.json`` of a diffusers ``WanTransformer3DModel`` with this architecture (§7.2)."""
+    """``config.json`` of a diffusers ``WanTransformer3DModel`` with this architecture (docs/wan_architecture.md,
+    'diffusers repos')."""
     if cfg.rope_theta != 10000.0:
         raise ExportError(f"diffusers WanTransformer3DModel has RoPE theta 10000; this model uses {cfg.rope_theta}")
     return {

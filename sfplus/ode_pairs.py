@@ -1,4 +1,5 @@
-"""Teacher ODE trajectories for the ODE-regression initialisation of a few-step / causal generator (spec §5.4, §8.4).
+"""Teacher ODE trajectories for the ODE-regression initialisation of a few-step / causal generator
+(docs/algorithms.md, 'ODE regression').
 
 The teacher solves the flow ODE from noise with many Euler steps and classifier-free guidance; a few snapshots of
 the trajectory are kept. The ODE objective regresses the clean end point from the snapshot at each of the

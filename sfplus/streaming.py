@@ -1,17 +1,17 @@
 """Streaming generation with a causal WanDiT: latent blocks as soon as they are done, pixels block by block.
 
-* `causal_generate` — the few-step autoregressive sampler (spec §6.3, §3.5): for each block run every step of the
-  few-step list (predict x0, re-noise with fresh noise to the next step), yield the block's final x0, then refresh
-  the block's KV-cache slots with the context (``add_noise(x0, eps, context_noise)`` at ``t = context_noise``, exactly
-  as in training: §13 B4); the last block, which no block reads, is not refreshed. Any number of frames: with
-  ``local_window_frames`` (+ ``sink_frames``) the cache is a ring
-  of bounded size, so videos longer than the training length stream in constant memory per step.
+* `causal_generate` — the few-step autoregressive sampler (docs/algorithms.md, 'Causal few-step sampler'): for each
+  block run every step of the few-step list (predict x0, re-noise with fresh noise to the next step), yield the block's
+  final x0, then refresh the block's KV-cache slots with the context (``add_noise(x0, eps, context_noise)`` at ``t =
+  context_noise``, exactly as in training: B4 in docs/algorithms.md, 'Reference bugs'); the last block, which no block
+  reads, is not refreshed. Any number of frames: with ``local_window_frames`` (+ ``sink_frames``) the cache is a ring of
+  bounded size, so videos longer than the training length stream in constant memory per step.
 * `stream_video` — decodes latent blocks through the codec's streaming decoder (causal caches carried over), so the
   concatenated pixel blocks equal one decode of the whole latent video.
 * `causal_sample` — `causal_generate` concatenated.
 
 Makes ``len(context blocks) + blocks × (steps + 1) - 1`` net calls (the last block needs no refresh), no hard-coded
-model or resolution sizes (§13 B1).
+model or resolution sizes (B1 in docs/algorithms.md, 'Reference bugs').
 """
 
 from __future__ import annotations

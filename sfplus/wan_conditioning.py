@@ -1,7 +1,7 @@
 """The frozen side of the real Wan2.1 models: UMT5 text encoder, Wan VAE and (I2V) CLIP image encoder.
 
 ``WanConditioner`` is a :class:`sfplus.conditioning.Conditioner` built from a Wan model folder as published
-(wan-architecture.md §7.1) or from explicit paths:
+(docs/wan_architecture.md, 'Wan-AI repos') or from explicit paths:
 
     Wan2.1-T2V-14B/                                   Wan2.1-I2V-14B-480P/
       models_t5_umt5-xxl-enc-bf16.pth   (t5)            ... the same three, plus
@@ -13,7 +13,8 @@ when the conditioner is built (a missing file is named before any GPU work start
 on first use, straight onto the device the LightningModule was moved to, so no full CPU copy is made first.
 
 ``image_condition(images)`` gives the I2V entries ``clip_fea`` and ``y`` for a batch of first frames
-(:func:`sfplus.i2v.i2v_condition`); the recipes add them to both cond and uncond (reference §6.5).
+(:func:`sfplus.i2v.i2v_condition`); the recipes add them to both cond and uncond
+(docs/algorithms.md, 'I2V conditioning in the recipes').
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 # Wan2.1's default negative prompt (shared_config.sample_neg_prompt): the unconditional text of every reference
-# recipe (reference-algorithms.md §1).
+# recipe (docs/algorithms.md, 'CFG conventions').
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
     "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"

@@ -1,4 +1,4 @@
-"""One attention entry point for the Wan DiT (spec wan-architecture.md §9).
+"""One attention entry point for the Wan DiT (docs/wan_architecture.md, 'Attention backends').
 
 Backends:
 - "sdpa" (default): torch scaled_dot_product_attention; picks flash/cuDNN/efficient kernels on GPU by itself.

@@ -1,4 +1,5 @@
-"""GAN discriminator head on top of a critic WanDiT's hidden states (reference §5.3, without its bugs).
+"""GAN discriminator head on top of a critic WanDiT's hidden states (docs/algorithms.md, 'GAN term (DMD2)', without
+the reference's bugs).
 
 Register tokens read the critic's token stream after a few selected blocks: for each selected block one
 :class:`GanAttentionBlock` lets that block's register tokens cross-attend to the block's output hidden states

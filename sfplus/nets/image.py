@@ -1,16 +1,17 @@
 """Frozen CLIP image encoder for Wan2.1 I2V: ViT-H/14 vision tower through transformers.
 
-Wan conditions I2V on the output of the 31st of the 32 ViT blocks (``use_31_block=True``): CLS + 16x16 patch
-tokens, no final LayerNorm, no projection -> ``[B, 257, 1280]`` (spec §6.1). This module drops the last block
-of a ``transformers.CLIPVisionModel`` and returns its ``last_hidden_state``, which is exactly HF's
+Wan conditions I2V on the output of the 31st of the 32 ViT blocks (``use_31_block=True``): CLS + 16x16 patch tokens, no
+final LayerNorm, no projection -> ``[B, 257, 1280]`` (docs/wan_architecture.md, 'CLIP image encoder'). This module drops
+the last block of a ``transformers.CLIPVisionModel`` and returns its ``last_hidden_state``, which is exactly HF's
 ``hidden_states[-2]`` of the full tower, without computing the block nobody uses.
 
-Weights: the ``visual.*`` part of Wan's open-clip ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``
-through the key map of spec §6.3 (the XLM-RoBERTa text tower and ``log_scale`` are ignored), or an HF folder
-(e.g. the ``image_encoder/`` of the ``-Diffusers`` repos, which holds laion's ViT-H/14 rather than Wan's file).
+Weights: the ``visual.*`` part of Wan's open-clip ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`` through
+the key map of docs/wan_architecture.md, 'CLIP key map' (the XLM-RoBERTa text tower and ``log_scale`` are ignored), or
+an HF folder (e.g. the ``image_encoder/`` of the ``-Diffusers`` repos, which holds laion's ViT-H/14 rather than Wan's
+file).
 
-Preprocessing follows Wan, not ``CLIPImageProcessor``: images in [-1, 1] are squashed (no crop) to 224x224
-with bicubic interpolation, mapped to [0, 1] and normalised with the CLIP mean/std (spec §6.2).
+Preprocessing follows Wan, not ``CLIPImageProcessor``: images in [-1, 1] are squashed (no crop) to 224x224 with bicubic
+interpolation, mapped to [0, 1] and normalised with the CLIP mean/std (docs/wan_architecture.md, 'CLIP preprocessing').
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # --------------------------------------------------------------------------------------------------------------
-# Wan open-clip visual <-> HF CLIPVisionModel key map (spec §6.3)
+# Wan open-clip visual <-> HF CLIPVisionModel key map (docs/wan_architecture.md, 'CLIP key map')
 # --------------------------------------------------------------------------------------------------------------
 
 # Per-block renames (after "visual.transformer.{i}." / "vision_model.encoder.layers.{i}."), except to_qkv.
@@ -152,7 +153,7 @@ def hf_clip_to_wan(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def clip_vit_h14_config():
-    """``CLIPVisionConfig`` of the ViT-H/14 tower in Wan's open-clip file (all 32 blocks; spec §6.3)."""
+    """``CLIPVisionConfig`` of the ViT-H/14 tower in Wan's open-clip file (all 32 blocks)."""
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
@@ -205,7 +206,7 @@ def clip_vision_config_from_wan(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Preprocessing (spec §6.2)
+# Preprocessing (docs/wan_architecture.md, 'CLIP preprocessing')
 # --------------------------------------------------------------------------------------------------------------
 
 

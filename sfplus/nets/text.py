@@ -2,9 +2,10 @@
 
 ``UMT5TextEncoder``: Wan2.1's text encoder, the umt5-xxl encoder, run through transformers'
 ``UMT5EncoderModel``. It loads either Wan's own ``models_t5_umt5-xxl-enc-bf16.pth`` (renamed key by key,
-spec §5.3) or a Hugging Face folder (the ``text_encoder/`` of the ``-Diffusers`` repos). Prompts are cleaned
-like Wan does (§5.2), tokenised to 512 tokens, encoded with the padding mask, and rows past each prompt's true
-length are zeroed: the output is always ``[B, 512, 4096]``, which is what the DiT's cross-attention expects.
+docs/wan_architecture.md, 'T5 key map') or a Hugging Face folder (the ``text_encoder/`` of the ``-Diffusers``
+repos). Prompts are cleaned like Wan does (docs/wan_architecture.md, 'Prompt cleaning'), tokenised to 512 tokens,
+encoded with the padding mask, and rows past each prompt's true length are zeroed: the output is always ``[B, 512,
+4096]``, which is what the DiT's cross-attention expects.
 
 ``ToyTextEncoder``: a deterministic, download-free stand-in for the built-in toy task.
 
@@ -99,7 +100,7 @@ def check_keys(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Wan T5 <-> HF UMT5 key map (spec §5.3)
+# Wan T5 <-> HF UMT5 key map (docs/wan_architecture.md, 'T5 key map')
 # --------------------------------------------------------------------------------------------------------------
 
 # Per-block renames, Wan suffix -> HF suffix (both after the block index).
@@ -163,7 +164,7 @@ def hf_t5_to_wan(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def umt5_xxl_config():
-    """``UMT5Config`` of Wan2.1's text encoder (umt5-xxl, encoder only; spec §5.3)."""
+    """``UMT5Config`` of Wan2.1's text encoder (umt5-xxl, encoder only; docs/wan_architecture.md, 'T5 text encoder')."""
     from transformers import UMT5Config
 
     return UMT5Config(
@@ -221,7 +222,7 @@ def umt5_config_from_wan(sd: Mapping[str, Tensor], *, source: str = "Wan T5 stat
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Prompt cleaning (spec §5.2) without ftfy
+# Prompt cleaning (docs/wan_architecture.md, 'Prompt cleaning') without ftfy
 # --------------------------------------------------------------------------------------------------------------
 
 # The parts of ``ftfy.fix_text`` (default config) that are plain character tables, reproduced so cleaning is

@@ -1,6 +1,6 @@
 """Building blocks of the Wan2.1 video VAE (causal 3D convolutions with a chunk-to-chunk feature cache).
 
-Module and parameter names follow the original `Wan2.1_VAE.pth` exactly (spec wan-architecture.md §4.2–§4.3):
+Module and parameter names follow the original `Wan2.1_VAE.pth` exactly (docs/wan_architecture.md, 'Layout'):
 `residual.{0,2,3,6}`, `shortcut`, `resample.1`, `time_conv`, `norm`, `to_qkv`, `proj`, `head.{0,2}`, ...
 Sequential indices of parameter-free layers (SiLU, Dropout, ZeroPad2d, Upsample) are kept so that the
 parameterised layers land on the published indices.

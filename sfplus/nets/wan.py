@@ -1,7 +1,8 @@
-"""WanDiT: the Wan2.1 diffusion transformer (spec wan-architecture.md §2, §3).
+"""WanDiT: the Wan2.1 diffusion transformer (docs/wan_architecture.md, 'DiT', 'Causal DiT').
 
-Parameter names are exactly those of the original Wan checkpoints (§2.10), so a `diffusion_pytorch_model*.safetensors`
-state dict loads with `strict=True` and no key map (diffusers names: `sfplus.nets.diffusers_keys`).
+Parameter names are exactly those of the original Wan checkpoints (docs/wan_architecture.md, 'State dict'), so a
+`diffusion_pytorch_model*.safetensors` state dict loads with `strict=True` and no key map (diffusers names:
+`sfplus.nets.diffusers_keys`).
 
 Numerics follow official Wan, independent of autocast: the time embedding and projection, the modulation adds,
 `norm·(1+scale)+shift`, the gated residual adds and the whole head run in float32; LayerNorm/RMSNorm normalise in
@@ -34,7 +35,8 @@ __all__ = ["WanConfig", "WanDiT", "sinusoidal_embedding"]
 
 @dataclass
 class WanConfig:
-    """Architecture of a Wan2.1 DiT (defaults = the common Wan2.1 values, §1)."""
+    """Architecture of a Wan2.1 DiT (defaults = the common Wan2.1 values, docs/wan_architecture.md,
+    'Configurations')."""
 
     dim: int
     """Hidden size of the token stream."""
@@ -374,7 +376,8 @@ class WanDiT(nn.Module):
     # ------------------------------------------------------------------ init and helpers
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every parameter as official Wan trains from scratch (§2.10); also valid after `to_empty`.
+        """Initialise every parameter as official Wan trains from scratch (docs/wan_architecture.md, 'State dict');
+        also valid after `to_empty`.
 
         xavier_uniform on Linears (bias 0), xavier on the flattened patch-embedding weight, N(0, 0.02) on the text
         and time embedding Linears, zero head.head weight, modulation ~ randn/sqrt(dim), norms to 1/0. The

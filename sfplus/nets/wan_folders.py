@@ -1,4 +1,5 @@
-"""DiT weights from model folders (spec wan-architecture.md §2.10, §7): Wan-AI repos and diffusers transformers.
+"""DiT weights from model folders (docs/wan_architecture.md, 'State dict', 'Weight files'): Wan-AI repos and diffusers
+transformers.
 
 Folders understood (the DiT only; VAE / T5 / CLIP / tokenizer files next to it are ignored):
 
@@ -304,7 +305,7 @@ def load_folder_into(
 
 # ------------------------------------------------------------------------------------------------ preset detection
 def _arch_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict:
-    """Architecture fields readable from Wan-original tensor shapes (§2.10)."""
+    """Architecture fields readable from Wan-original tensor shapes (docs/wan_architecture.md, 'State dict')."""
     need = ("patch_embedding.weight", "blocks.0.ffn.0.weight", "text_embedding.0.weight", "head.head.weight")
     absent = [k for k in need if k not in shapes]
     if absent:

@@ -26,7 +26,7 @@ def _inputs(b=2, f=3, h=4, w=6, c=16, text_len=5, text_dim=16, seed=1):
 
 
 def _expected_keys(num_layers: int, image: bool) -> set[str]:
-    """Wan-original state-dict keys, written out from spec §2.10."""
+    """Wan-original state-dict keys, written out from docs/wan_architecture.md, 'State dict'."""
     keys = {"patch_embedding.weight", "patch_embedding.bias", "time_projection.1.weight", "time_projection.1.bias",
             "head.modulation", "head.head.weight", "head.head.bias"}
     keys |= {f"{m}.{i}.{p}" for m in ("text_embedding", "time_embedding") for i in (0, 2) for p in ("weight", "bias")}
