@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sfplus.datamodules.prompts import PromptSourceError, read_text_file
 from sfplus.datamodules.samplers import EpochBatchSampler, EvenSplitSampler
+from sfplus.i2v import check_image, load_image, resize_image, wan_i2v_size
 
 __all__ = ["IMAGE_SUFFIXES", "ImagePair", "ImagePromptDataModule", "ImagePromptDataset", "collate_images",
            "read_image_pairs"]
@@ -126,7 +127,6 @@ def read_image_pairs(path: str | os.PathLike) -> list[ImagePair]:
 
 def _cover_crop(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bicubic resize [3, h, w] to cover (height, width) with the aspect ratio kept, then centre-crop to it."""
-    from sfplus.i2v import resize_image
 
     h, w = img.shape[-2:]
     scale = max(height / h, width / w)
@@ -164,7 +164,6 @@ class ImagePromptDataset(Dataset):
 
     def image(self, p: int) -> torch.Tensor:
         """Pair ``p``'s image, [3, H, W] in [-1, 1] at its generation size (ImageReadError names a bad file)."""
-        from sfplus.i2v import load_image, resize_image, wan_i2v_size
 
         img = load_image(self.pairs[p].image)
         if self.size is not None:
@@ -252,8 +251,6 @@ class ImagePromptDataModule(L.LightningDataModule):
         return self._pairs
 
     def setup(self, stage: str | None = None) -> None:
-        from sfplus.i2v import check_image
-
         # At the door: a damaged image stops the run now with its name, not mid-epoch inside a worker.
         for pair in self.pairs():
             check_image(pair.image)

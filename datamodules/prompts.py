@@ -6,6 +6,7 @@ Used for data-free distillation (DMD/SiD train on prompts only) and for batch ge
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import lightning as L
@@ -74,8 +75,6 @@ def repeated_prompts(prompts: list[str]) -> list[tuple[int, int]]:
 
 
 def _natural_key(name: str) -> list:
-    import re
-
     return [int(s) if s.isdecimal() else s for s in re.split(r"(\d+)", name)]
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from jsonargparse import CLI
+from safetensors.torch import save_file
 
 from sfplus.file_checks import torch_load
 from sfplus.nets.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
@@ -38,6 +40,7 @@ from sfplus.nets.presets import get_config
 from sfplus.nets.sharded_checkpoint import LIGHTNING_META, is_sharded_checkpoint
 from sfplus.nets.state_dicts import MODULE_PREFIXES
 from sfplus.nets.wan import WanConfig, WanDiT
+from sfplus.nets.wan_folders import detect_preset
 
 __all__ = ["export_generator", "read_generator", "wan_config_json", "diffusers_config_json", "main"]
 
@@ -74,8 +77,6 @@ def read_generator(ckpt_path: str | os.PathLike, which: Literal["ema", "model"] 
 
 
 def _resolve_config(preset: str | None, info: dict | None, sd: dict, source: str) -> WanConfig:
-    from sfplus.nets.wan_folders import detect_preset
-
     if preset is not None:
         return get_config(preset)
     if info and isinstance(info.get("net"), str):
@@ -145,8 +146,6 @@ def _shards(sd: dict[str, torch.Tensor], shard_bytes: int | None) -> list[list[s
 
 
 def _write_weights(sd: dict[str, torch.Tensor], folder: Path, shard_bytes: int | None) -> list[str]:
-    from safetensors.torch import save_file
-
     groups = _shards(sd, shard_bytes)
     if len(groups) == 1:
         save_file(sd, str(folder / f"{WEIGHTS_NAME}.safetensors"), metadata={"format": "pt"})
@@ -232,8 +231,6 @@ def export_generator(
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if single_file:
-        from safetensors.torch import save_file
-
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
         os.close(fd)
         tmp = Path(tmp_name)
@@ -259,7 +256,6 @@ def export_generator(
 
 def main(argv: list[str] | None = None, exit_on_error: bool = True) -> None:
     """Command-line entry (``sfplus export ...``)."""
-    from jsonargparse import CLI
 
     path = CLI(export_generator, args=argv, as_positional=False, exit_on_error=exit_on_error)
     print(f"exported {path}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import imageio_ffmpeg
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -57,15 +58,13 @@ def wan_i2v_size(h: int, w: int, max_area: int, spatial_stride: int = 8, patch: 
 
 
 def _read_rgb_pil(path: Path) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image  # local: Pillow is optional (imageio-ffmpeg reads images without it)
 
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"))
 
 
 def _read_rgb_ffmpeg(path: Path) -> np.ndarray:
-    import imageio_ffmpeg
-
     frames = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     try:
         meta = next(frames)
@@ -85,7 +84,7 @@ def check_image(path: str | Path) -> None:
     if path.stat().st_size == 0:
         raise ImageReadError(f"image {path} is empty (0 bytes)")
     try:
-        from PIL import Image
+        from PIL import Image  # local: Pillow is optional (imageio-ffmpeg reads images without it)
     except ImportError:
         return
     try:
@@ -107,7 +106,7 @@ def load_image(path: str | Path, backend: str | None = None) -> torch.Tensor:
         raise FileNotFoundError(f"image not found: {path}")
     if backend is None:
         try:
-            import PIL  # noqa: F401
+            import PIL  # noqa: F401  # local: Pillow is optional (imageio-ffmpeg reads images without it)
 
             backend = "pil"
         except ImportError:

@@ -27,6 +27,11 @@ import torch
 from torch import nn
 
 from sfplus.conditioning import Cond, Conditioner
+from sfplus.i2v import i2v_condition
+from sfplus.nets.codec import WanVAECodec
+from sfplus.nets.image import ClipImageEncoder
+from sfplus.nets.text import UMT5TextEncoder
+from sfplus.nets.vae import load_wan_vae
 
 __all__ = [
     "CLIP_FILE",
@@ -222,7 +227,6 @@ class WanConditioner(Conditioner):
             return self.text_encoder
         if self._offloaded_text_encoder is not None:
             return self._offloaded_text_encoder
-        from sfplus.nets.text import UMT5TextEncoder
 
         device = torch.device("cpu") if self.offload_text_encoder else self.device
         enc = UMT5TextEncoder.load(self.files.t5, self.files.tokenizer, dtype=self.text_dtype, device=device)
@@ -235,9 +239,6 @@ class WanConditioner(Conditioner):
 
     def _codec(self) -> nn.Module:
         if self.codec is None:
-            from sfplus.nets.codec import WanVAECodec
-            from sfplus.nets.vae import load_wan_vae
-
             dtype = self.vae_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
             vae = load_wan_vae(self.files.vae, device=self.device, dtype=dtype, **self.vae_config)
             self.codec = WanVAECodec(vae).requires_grad_(False).eval()
@@ -248,7 +249,6 @@ class WanConditioner(Conditioner):
             if not self.i2v:
                 raise ValueError("WanConditioner(i2v=False) has no image encoder: set i2v: true (and clip, or a "
                                  "model_dir holding the CLIP file) for image-to-video")
-            from sfplus.nets.image import ClipImageEncoder
 
             enc = ClipImageEncoder.load(self.files.clip, device=self.device, num_heads=self.clip_num_heads)
             self.image_encoder = enc.requires_grad_(False).eval()
@@ -299,7 +299,6 @@ class WanConditioner(Conditioner):
         device, F = 1 + (num_pixel_frames - 1) / 4; both go to the generator, the teacher and the critic, in the
         conditional and the unconditional branch alike.
         """
-        from sfplus.i2v import i2v_condition
 
         encoder = self._image_encoder()
         images = images.to(self.device, torch.float32)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 __all__ = ["BlockCausal", "KVCache", "KVCacheStep", "block_causal_mask", "block_frame_ends"]
 
@@ -100,7 +101,6 @@ def block_causal_mask(causal: BlockCausal, frames: int, tokens_per_frame: int, d
     if causal.resolve_backend(device) == "sdpa":
         idx = torch.arange(length, device=device)
         return mask_mod(None, None, idx[:, None], idx[None, :])
-    from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(mask_mod, None, None, length, length, device=device, _compile=False)
 
@@ -137,7 +137,6 @@ def teacher_forcing_mask(causal: BlockCausal, frames: int, tokens_per_frame: int
     if causal.resolve_backend(device) == "sdpa":
         idx = torch.arange(2 * length, device=device)
         return mask_mod(None, None, idx[:, None], idx[None, :])
-    from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(mask_mod, None, None, 2 * length, 2 * length, device=device, _compile=False)
 

@@ -154,6 +154,7 @@ def hf_clip_to_wan(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def clip_vit_h14_config():
     """``CLIPVisionConfig`` of the ViT-H/14 tower in Wan's open-clip file (all 32 blocks)."""
+    # local: transformers model classes load on first use; only the Wan I2V encoder needs them
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
@@ -177,6 +178,7 @@ def clip_vision_config_from_wan(
     The head count is not visible in the shapes (the fused qkv is [3D, D]); Wan's ViT-H/14 uses 16 heads of
     80, the default. For the real file this equals ``clip_vit_h14_config()``.
     """
+    # local: transformers model classes load on first use; only the Wan I2V encoder needs them
     from transformers import CLIPVisionConfig
 
     needed = ["visual.patch_embedding.weight", "visual.pos_embedding", "visual.transformer.0.mlp.0.weight"]
@@ -293,6 +295,7 @@ class ClipImageEncoder(nn.Module):
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"{path} is a folder but has no config.json (expected an HF CLIP model)")
+            # local: transformers model classes load on first use (~20 ms); only the Wan I2V encoder needs them
             from transformers import CLIPVisionModel
 
             model = CLIPVisionModel.from_pretrained(str(path), **hf_dtype_kwarg(dtype))
@@ -319,6 +322,7 @@ class ClipImageEncoder(nn.Module):
         """Build from Wan's open-clip state dict (non-``visual.`` keys ignored). ``config`` (of the full tower)
         defaults to the one read off the shapes with 16 heads (ViT-H/14). Built on the meta device: no random
         init, no extra copy."""
+        # local: transformers model classes load on first use (~20 ms); only the Wan I2V encoder needs them
         from transformers import CLIPVisionModel
 
         visual = {k: v for k, v in sd.items() if k.startswith("visual.")}

@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from sfplus.nets.state_dicts import MODULE_PREFIXES, CheckpointError, clean_key
 
@@ -29,8 +31,6 @@ def read_sharded_checkpoint(path: Path, which: str) -> dict[str, torch.Tensor]:
     Reads the chosen sub-module alone: a training checkpoint also holds the other copy of the generator, the critic
     and the optimizer states (several times the generator), which a full consolidation would pull into memory.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = dcp.FileSystemReader(str(path))
     try:

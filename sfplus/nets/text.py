@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import Tensor, nn
 
 from sfplus.file_checks import DamagedFileError, open_safetensors, torch_load
@@ -165,6 +167,7 @@ def hf_t5_to_wan(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def umt5_xxl_config():
     """``UMT5Config`` of Wan2.1's text encoder (umt5-xxl, encoder only; docs/wan_architecture.md, 'T5 text encoder')."""
+    # local: transformers model classes load on first use; only the Wan text encoder needs them
     from transformers import UMT5Config
 
     return UMT5Config(
@@ -189,6 +192,7 @@ def umt5_config_from_wan(sd: Mapping[str, Tensor], *, source: str = "Wan T5 stat
     is visible in the shapes (the bias table is [buckets, heads]); those three are fixed in Wan's T5.
     For the real file this equals ``umt5_xxl_config()``.
     """
+    # local: transformers model classes load on first use; only the Wan text encoder needs them
     from transformers import UMT5Config
 
     needed = [
@@ -309,6 +313,7 @@ def _check_prompts(prompts) -> list[str]:
 
 def load_tokenizer(path: str | os.PathLike):
     """``AutoTokenizer`` from a local folder in the google/umt5-xxl layout (spiece.model / tokenizer.json)."""
+    # local: transformers' tokenizers load on first use; only the Wan text encoder needs them
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -325,8 +330,6 @@ def load_tokenizer(path: str | os.PathLike):
 def hf_dtype_kwarg(dtype: torch.dtype) -> dict:
     """The keyword that sets the dtype in transformers' ``from_pretrained`` (``dtype`` since 4.56, ``torch_dtype``
     before), as ``{name: dtype}``."""
-    import transformers
-    from packaging.version import Version
 
     name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     return {name: dtype}
@@ -378,6 +381,7 @@ class UMT5TextEncoder(nn.Module):
         if weights.is_dir():
             if not (weights / "config.json").is_file():
                 raise FileNotFoundError(f"{weights} is a folder but has no config.json (expected an HF UMT5 model)")
+            # local: loads transformers' modeling code (~120 ms); only the Wan text encoder needs it
             from transformers import UMT5EncoderModel
 
             model = UMT5EncoderModel.from_pretrained(str(weights), **hf_dtype_kwarg(dtype))
@@ -402,6 +406,7 @@ class UMT5TextEncoder(nn.Module):
         The model is created on the meta device and takes the given tensors as its parameters (no random
         init, no copy of a memory-mapped file until ``dtype``/``device`` ask for one).
         """
+        # local: loads transformers' modeling code (~120 ms); only the Wan text encoder needs it
         from transformers import UMT5EncoderModel
 
         config = umt5_config_from_wan(sd, source=source) if config is None else copy.deepcopy(config)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from sfplus.nets import row_norm
+
 # Frames of history a 3-tap causal temporal convolution needs from the previous chunk.
 CACHE_T = 2
 
@@ -331,17 +333,13 @@ def _conv_after_norm_silu(layers: nn.Sequential, norm_at: int) -> int | None:
 
 
 def _fused_norm_ok(x: Tensor) -> bool:
-    from sfplus.nets import row_norm
-
     return x.ndim == 5 and _channels_innermost(x) and row_norm.available(x)
 
 
 def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: Tensor, cache: CausalCache | None) -> Tensor:
     """conv(SiLU(norm(x))) with the norm written into the convolution's joined input (one pass, no copy)."""
-    from sfplus.nets.row_norm import rms_norm_silu_into
-
     joined, tail = conv.joined_buffer(x, cache)
-    rms_norm_silu_into(x, norm.gamma, tail, silu=True)
+    row_norm.rms_norm_silu_into(x, norm.gamma, tail, silu=True)
     return conv.forward_joined(joined, cache)
 
 

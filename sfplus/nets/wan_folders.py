@@ -33,6 +33,7 @@ from torch import nn
 
 from sfplus.file_checks import load_safetensors, open_safetensors, torch_load_mapping
 from sfplus.nets.diffusers_keys import KeyMapError, diffusers_key_to_wan
+from sfplus.nets.presets import PRESETS
 from sfplus.nets.state_dicts import CheckpointError, check_state_dict, clean_key, read_file_state_dict
 
 __all__ = [
@@ -347,8 +348,6 @@ def _arch_from_config(cfg: dict, source: str) -> dict:
 
 
 def _match_preset(arch: dict, source: str) -> str:
-    from sfplus.nets.presets import PRESETS
-
     hits = [
         name for name, cfg in PRESETS.items()
         if all((getattr(cfg, k) if k != "patch_size" else tuple(cfg.patch_size)) == v for k, v in arch.items())
