@@ -37,7 +37,6 @@ from omegaconf import OmegaConf
 import sfplus.callbacks  # noqa: F401
 import sfplus.conditioning  # noqa: F401
 import sfplus.datamodules  # noqa: F401
-from sfplus import export, plan, toy_eval
 from sfplus.callbacks import Preemption
 from sfplus.cli_errors import (
     check_config_files,
@@ -187,6 +186,9 @@ def refuse_fsdp_strategy(strategy: Any) -> None:
 
 
 def _tool_commands() -> dict[str, Callable]:
+    # local: only the extra subcommands need these (they pull in export / planning / toy evaluation code)
+    from sfplus import export, plan, toy_eval
+
     return {"toy-eval": toy_eval.main, "export": export.main, "plan": plan.main}
 
 
