@@ -548,9 +548,9 @@ class Bench:
         return self._w_train13b(causal=True)
 
     def _w_train13b(self, causal: bool = False) -> dict:
+        from sfplus import rollout
         from sfplus.objectives.dmd import critic_flow_loss, dmd_generator_loss, dmd_kl_grad
         from sfplus.parallel import apply_activation_checkpointing
-        from sfplus.rollout import bidirectional_rollout as _bidirectional_rollout
 
         s, dev = self.sizes, self.device
         self.keep()
@@ -586,7 +586,7 @@ class Bench:
 
         def bidirectional_rollout(net, noise, timesteps, cond, exit_index, rng, grad):
             if not causal:
-                return _bidirectional_rollout(net, noise, timesteps, cond, exit_index, rng, grad=grad)
+                return rollout.bidirectional_rollout(net, noise, timesteps, cond, exit_index, rng, grad=grad)
             from sfplus.causal_rollout import causal_rollout
 
             fpb = 3 if noise.shape[2] % 3 == 0 else 1
