@@ -2,8 +2,8 @@
 
 Lightning's ``ModelCheckpoint`` counts ``trainer.global_step`` (every optimizer update), warns on every save under
 manual optimization and, with sharded (directory) checkpoints, overwrites ``last.ckpt`` in place, so a job killed
-mid-save leaves a directory that still looks valid (lightning-notes §7, §9, pitfall 16). :class:`AtomicCheckpoint`
-replaces it for sfplus configs:
+mid-save leaves a directory that still looks valid (Lightning takes a directory with rank 0's ``meta.pt``, written
+last, for a complete sharded checkpoint). :class:`AtomicCheckpoint` replaces it for sfplus configs:
 
 * periodic checkpoints ``<dirpath>/iteration-00001000.ckpt`` every ``every_n_iterations`` of the module's
   ``iteration`` counter, the newest ``keep_last`` kept;

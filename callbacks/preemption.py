@@ -2,7 +2,7 @@
 
 Why not Lightning's own SLURM auto-requeue: its SIGUSR1 handler saves the checkpoint *inside the signal handler*, at
 whatever bytecode the main thread was running (mid-forward, mid-optimizer-step, inside a collective), which with
-sharded saves can deadlock or save a half-updated state (lightning-notes §6, Lightning-AI/pytorch-lightning#21406);
+sharded saves can deadlock or save a half-updated state (Lightning-AI/pytorch-lightning#21406);
 its SIGTERM handler also runs a ``dist.broadcast`` from inside the handler. Here the handler only records the signal.
 At the end of the current batch (``on_train_batch_end``) every rank agrees on it (all-reduce max, so one rank's
 signal stops all of them at the same step), all ranks save ``<dirpath>/last.ckpt`` together through the atomic
@@ -121,7 +121,7 @@ class Preemption(Checkpoint):
         self.saved_path: Path | None = None
         self.requeued = False
 
-    # -- signal handling: only record (lightning-notes §6) --
+    # -- signal handling: only record (a handler that saves would run in the middle of a step) --
     def _handler(self, signum: int, frame: Any) -> None:
         sig = signal.Signals(signum)
         # A requeue request is not downgraded by a later SIGTERM (scontrol requeue itself sends one).

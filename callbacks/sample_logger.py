@@ -1,8 +1,8 @@
 """Logs sample videos to TensorBoard during training.
 
-``SummaryWriter.add_video`` silently writes nothing with moviepy 2 (lightning-notes §7), so samples are logged as
-images instead: one row per prompt, frames left to right (``samples/<name>``), which TensorBoard shows at every
-logged step.
+``SummaryWriter.add_video`` silently writes nothing with moviepy 2 (which removed the ``moviepy.editor`` module it
+imports), so samples are logged as images instead: one row per prompt, frames left to right (``samples/<name>``), which
+TensorBoard shows at every logged step.
 """
 
 from __future__ import annotations

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from sfplus.video_io import safe_stem, write_json_atomic, write_mp4
@@ -46,13 +48,9 @@ class VideoWriter(BasePredictionWriter):
             raise PermissionError(f"output folder {self.output_dir} is not writable")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import time
-
         self._start, self.written, self._last_report = time.perf_counter(), 0, None
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import time
-
         took = time.perf_counter() - (self._start or time.perf_counter())
         rate = self.written / took if took > 0 else 0.0
         print(f"[rank {trainer.global_rank}] wrote {self.written} videos to {self.output_dir} in {took:.1f} s "
@@ -60,7 +58,6 @@ class VideoWriter(BasePredictionWriter):
 
     def progress(self, trainer: L.Trainer, batch_idx: int) -> str:
         """``"12 videos, 0.41 videos/s, batch 3/8, ETA 61 s"`` for this rank since predict started."""
-        import time
 
         took = time.perf_counter() - (self._start or time.perf_counter())
         rate = self.written / took if took > 0 else 0.0
@@ -70,8 +67,6 @@ class VideoWriter(BasePredictionWriter):
         return f"{self.written} videos, {rate:.2f} videos/s, batch {done}/{total or '?'}{eta}"
 
     def _report(self, trainer: L.Trainer, batch_idx: int) -> None:
-        import time
-
         now = time.perf_counter()
         if self._last_report is not None and now - self._last_report < self.progress_every_s:
             return
@@ -104,8 +99,6 @@ class VideoWriter(BasePredictionWriter):
             stem = self.stem(prediction["text"][i], index, sample)
             write_mp4(self.output_dir / f"{stem}.mp4", video.numpy(), fps=self.fps, upscale=self.upscale)
             if self.save_latents:
-                import torch
-
                 torch.save(prediction["latents"][i].clone(), self.output_dir / f"{stem}.pt")
             write_json_atomic(self.output_dir / f"{stem}.json", {
                 "prompt": prediction["text"][i],

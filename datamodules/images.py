@@ -28,8 +28,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sfplus.datamodules.prompts import PromptSourceError, _read_text
+from sfplus.datamodules.prompts import PromptSourceError, read_text_file
 from sfplus.datamodules.samplers import EpochBatchSampler, EvenSplitSampler
+from sfplus.i2v import check_image, load_image, resize_image, wan_i2v_size
 
 __all__ = ["IMAGE_SUFFIXES", "ImagePair", "ImagePromptDataModule", "ImagePromptDataset", "collate_images",
            "read_image_pairs"]
@@ -58,7 +59,7 @@ def _pairs_from_folder(folder: Path) -> list[ImagePair]:
         if not txt.is_file():
             missing.append(txt.name)
             continue
-        prompt = _read_text(txt).strip()
+        prompt = read_text_file(txt).strip()
         if not prompt:
             raise PromptSourceError(f"prompt file {txt} is empty")
         pairs.append(ImagePair(img, prompt))
@@ -81,7 +82,7 @@ def _pair_from_entry(entry, where: str, base: Path) -> ImagePair:
 
 
 def _pairs_from_json(path: Path) -> list[ImagePair]:
-    text = _read_text(path)
+    text = read_text_file(path)
     base = path.parent
     if path.suffix.lower() == ".jsonl":
         entries = []
@@ -126,7 +127,6 @@ def read_image_pairs(path: str | os.PathLike) -> list[ImagePair]:
 
 def _cover_crop(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bicubic resize [3, h, w] to cover (height, width) with the aspect ratio kept, then centre-crop to it."""
-    from sfplus.i2v import resize_image
 
     h, w = img.shape[-2:]
     scale = max(height / h, width / w)
@@ -164,7 +164,6 @@ class ImagePromptDataset(Dataset):
 
     def image(self, p: int) -> torch.Tensor:
         """Pair ``p``'s image, [3, H, W] in [-1, 1] at its generation size (ImageReadError names a bad file)."""
-        from sfplus.i2v import load_image, resize_image, wan_i2v_size
 
         img = load_image(self.pairs[p].image)
         if self.size is not None:
@@ -252,8 +251,6 @@ class ImagePromptDataModule(L.LightningDataModule):
         return self._pairs
 
     def setup(self, stage: str | None = None) -> None:
-        from sfplus.i2v import check_image
-
         # At the door: a damaged image stops the run now with its name, not mid-epoch inside a worker.
         for pair in self.pairs():
             check_image(pair.image)

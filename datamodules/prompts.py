@@ -6,6 +6,7 @@ Used for data-free distillation (DMD/SiD train on prompts only) and for batch ge
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +21,9 @@ class PromptSourceError(ValueError):
     """A prompt file or folder is missing, unreadable or empty."""
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """The text of ``path``: UTF-8 (a BOM is dropped), or UTF-16 when the file starts with a UTF-16 BOM (what some
+    Windows editors write); PromptSourceError if it is neither."""
     raw = path.read_bytes()
     for encoding in ("utf-8-sig", "utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig",):
         try:
@@ -51,12 +54,12 @@ def read_prompts(path: str | os.PathLike, *, deduplicate: bool = False) -> list[
             raise PromptSourceError(f"prompt folder {p} holds no .txt files")
         prompts = []
         for f in files:
-            text = _read_text(f).strip()
+            text = read_text_file(f).strip()
             if not text:
                 raise PromptSourceError(f"prompt file {f} is empty")
             prompts.append(text)
     else:
-        prompts = [line.strip() for line in _read_text(p).splitlines()]
+        prompts = [line.strip() for line in read_text_file(p).splitlines()]
         prompts = [q for q in prompts if q]
         if not prompts:
             raise PromptSourceError(f"prompt file {p} holds no prompts (only blank lines)")
@@ -72,8 +75,6 @@ def repeated_prompts(prompts: list[str]) -> list[tuple[int, int]]:
 
 
 def _natural_key(name: str) -> list:
-    import re
-
     return [int(s) if s.isdecimal() else s for s in re.split(r"(\d+)", name)]
 
 

@@ -1,7 +1,7 @@
 """Batch samplers that split data across ranks explicitly and resume mid-epoch.
 
-Lightning replays an epoch from its start when a run resumes mid-epoch (spec lightning-notes §0); these samplers
-instead skip the batches the checkpoint says were consumed, so a resumed run sees exactly the batches an
+Lightning replays an epoch from its start when a run resumes mid-epoch (it does not restore a sampler's position);
+these samplers instead skip the batches the checkpoint says were consumed, so a resumed run sees exactly the batches an
 uninterrupted run would have seen. Every rank yields the same number of batches (no hang, no dropped tail:
 the global order is padded by wrapping around).
 """

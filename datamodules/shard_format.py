@@ -45,10 +45,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import webdataset as wds
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from safetensors.torch import save_file
 
 FORMAT = "sfplus-latent-shards"
 VERSION = 1
@@ -229,7 +232,6 @@ def write_sample_file(path: str | os.PathLike, sample: Sample) -> None:
     Tensors ``latent`` / ``first_frame`` / ``ode`` / ``ode_timesteps``; the prompt and ``sample.meta`` go into the
     safetensors metadata (strings).
     """
-    from safetensors.torch import save_file
 
     sample.validate(str(path))
     tensors = {
@@ -253,7 +255,6 @@ def read_sample_file(path: str | os.PathLike, key: str | None = None) -> Sample:
 
     A file without a prompt in its metadata gets ``prompt = ""`` (the caller supplies one).
     """
-    from safetensors import safe_open
 
     path = Path(path)
     try:
@@ -562,8 +563,6 @@ class ShardReader:
     """
 
     def __init__(self, root: str | os.PathLike, index: dict, max_open: int = 16) -> None:
-        import numpy as np
-
         self.root = Path(root)
         self.info = {k: v for k, v in index.items() if k != "shards"}
         self.files: list[str] = []

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sfplus.datamodules.prompts import PromptDataset, collate_prompts
 from sfplus.datamodules.samplers import EpochBatchSampler, EvenSplitSampler
+from sfplus.nets.codec import latent_shape, toy_codec
 from sfplus.toy_videos import ToyVideoDataset, ToyVideoSpec, toy_prompts
 
 
@@ -68,7 +69,6 @@ class ToyDataModule(L.LightningDataModule):
         frames_per_latent: int = 1,
     ) -> None:
         super().__init__()
-        from sfplus.nets.codec import latent_shape, toy_codec
 
         self.codec = toy_codec(frames_per_latent)
         kwargs = {k: tuple(v) for k, v in (("colours", colours), ("shapes", shapes), ("directions", directions)) if v}

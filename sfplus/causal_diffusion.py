@@ -1,4 +1,5 @@
-"""Many-step autoregressive sampling of a causal *diffusion* model (reference §6.6).
+"""Many-step autoregressive sampling of a causal *diffusion* model
+(docs/algorithms.md, 'Causal diffusion sampler').
 
 A model pre-trained with teacher forcing (sfplus.modules.DiffusionModule with ``causal`` and ``teacher_forcing``)
 learned to denoise a block while attending to CLEAN earlier blocks. Denoising all frames together under the
@@ -21,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from sfplus.causal_rollout import _block_cond, block_layout, new_kv_cache
+from sfplus.causal_rollout import block_cond, block_layout, new_kv_cache
 from sfplus.conditioning import Cond
 from sfplus.sampling import FlowNet, teacher_sample, timestep_tensor
 from sfplus.unipc import unipc_sample
@@ -76,7 +77,7 @@ def causal_diffusion_sample(
               for _ in conds]
 
     def block_conds(start: int, stop: int) -> list[Cond]:
-        return [{**_block_cond(c, start, stop, total), "kv_cache": cache, "frame_offset": start}
+        return [{**block_cond(c, start, stop, total), "kv_cache": cache, "frame_offset": start}
                 for c, cache in zip(conds, caches)]
 
     def write_context(x0: torch.Tensor, start: int, stop: int) -> None:

@@ -1,4 +1,5 @@
-"""Self-Forcing training rollout of a causal (frame-autoregressive) WanDiT through its KV cache (spec §6.1).
+"""Self-Forcing training rollout of a causal (frame-autoregressive) WanDiT through its KV cache
+(docs/algorithms.md, 'Causal rollout (Self-Forcing)').
 
 The video is generated block by block (`frames_per_block` latent frames each, optionally frame 0 alone). Per block:
 
@@ -7,19 +8,20 @@ The video is generated block by block (`frames_per_block` latent frames each, op
 2. the exit step runs with grad (if allowed for this block) and its x0 is the block's output;
 3. the clean-context refresh: under no_grad the net runs once more on ``add_noise(x0.detach(), eps, context_noise)``
    at ``t = context_noise`` at the same frame offset, overwriting the block's cache slots. ``context_noise = 0`` means
-   exactly clean, ``t = 0`` (the reference noises with sigma ~0.005 there while telling the net t=0: §13 B4).
+   exactly clean, ``t = 0`` (the reference noises with sigma ~0.005 there while telling the net t=0: B4 in
+   docs/algorithms.md, 'Reference bugs').
 
-Gradient semantics (an explicit choice about §13 B22): the KV cache stores DETACHED keys/values (see
-`sfplus.nets.causal.KVCache`). A block's loss back-propagates through that block's exit-step forward only — through
-its own live keys/values and its input (produced without grad) — and never into earlier blocks' forwards. The
-reference instead lets gradient leak through the cache into earlier exit steps (a straight-through gradient evaluated
-at the clean-context values); that is not reproduced.
+Gradient semantics (an explicit choice about the reference's B22, docs/algorithms.md, 'Reference bugs'): the KV cache
+stores DETACHED keys/values (see `sfplus.nets.causal.KVCache`). A block's loss back-propagates through that block's
+exit-step forward only — through its own live keys/values and its input (produced without grad) — and never into earlier
+blocks' forwards. The reference instead lets gradient leak through the cache into earlier exit steps (a straight-through
+gradient evaluated at the clean-context values); that is not reproduced.
 
 Initial latents (I2V / video extension) are written into the cache first, one no-grad call per context block, with
 the same context noising as generated blocks (so the cache always holds context of one kind, at train and test time).
 
 The cache is sized from the net's config and the input shape (layers, heads, head_dim, tokens per frame, frames): no
-1.3B/14B or 480x832 constants (§13 B1, B15).
+1.3B/14B or 480x832 constants (B1, B15 in docs/algorithms.md, 'Reference bugs').
 """
 
 from __future__ import annotations
@@ -37,11 +39,15 @@ from sfplus.sampling import FlowNet, randn_like, timestep_tensor
 
 __all__ = [
     "BlockLayout",
+    "CallCounter",
     "CausalLayoutError",
     "CausalRollout",
+    "block_cond",
     "block_layout",
     "causal_rollout",
     "new_kv_cache",
+    "prepare_causal_generation",
+    "run_causal_blocks",
 ]
 
 
@@ -81,7 +87,7 @@ def block_layout(num_frames: int, frames_per_block: int, *, independent_first_fr
                  initial_frames: int = 0) -> BlockLayout:
     """Blocks of a causal generation of ``num_frames`` new frames after ``initial_frames`` given ones.
 
-    Rules (reference §6.1 step 1, §6.3 step 2):
+    Rules (as the reference's training and inference pipelines cut blocks):
     * initial frames: frame 0 alone when ``independent_first_frame`` or when the initial latent is one frame (an
       image), then blocks of ``frames_per_block``; otherwise blocks of ``frames_per_block`` from frame 0;
     * generated frames: with no initial latent and ``independent_first_frame``, frame 0 alone then blocks;
@@ -159,8 +165,9 @@ def _positive_steps(timesteps: Sequence[float]) -> list[float]:
     return steps
 
 
-def _block_cond(cond: Cond, start: int, stop: int, total: int) -> Cond:
-    """The cond dict of frames [start, stop): ``y`` (per-frame I2V conditioning) is sliced, the rest is shared."""
+def block_cond(cond: Cond, start: int, stop: int, total: int) -> Cond:
+    """The cond dict of frames [start, stop) out of ``total``: ``y`` (per-frame I2V conditioning) is sliced, the rest
+    (text context, CLIP tokens) is shared by every block."""
     y = cond.get("y")
     if y is None:
         return cond
@@ -171,7 +178,9 @@ def _block_cond(cond: Cond, start: int, stop: int, total: int) -> Cond:
 
 
 @dataclass
-class _Counter:
+class CallCounter:
+    """Counts the net calls of a causal generation (`run_causal_blocks` adds one per call)."""
+
     calls: int = 0
 
 
@@ -179,7 +188,7 @@ def _predict(net, x, t_value, cond, cache, start, stop, total, counter) -> torch
     """x0 (fp32) of one KV-cache call of ``net`` on frames [start, stop)."""
     t = timestep_tensor(t_value, x)
     counter.calls += 1
-    v = net(x, t, **_block_cond(cond, start, stop, total), kv_cache=cache, frame_offset=start)
+    v = net(x, t, **block_cond(cond, start, stop, total), kv_cache=cache, frame_offset=start)
     return flow_to_x0(x, v, t)
 
 
@@ -191,12 +200,23 @@ def _write_context(net, x0, context_noise, cond, cache, start, stop, total, coun
             x = add_noise(x, randn_like(x, generator), timestep_tensor(context_noise, x))
         t = timestep_tensor(context_noise, x)
         counter.calls += 1
-        net(x.to(dtype), t, **_block_cond(cond, start, stop, total), kv_cache=cache, frame_offset=start)
+        net(x.to(dtype), t, **block_cond(cond, start, stop, total), kv_cache=cache, frame_offset=start)
 
 
-def _run_blocks(net, noise, steps, cond, layout, exits, *, grad_from_frame, grad, context_noise, generator, cache,
-                initial_latent, counter) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
-    """Core loop shared by `causal_rollout` and `sfplus.streaming.causal_generate`.
+def run_causal_blocks(net: FlowNet, noise: torch.Tensor, steps: Sequence[float], cond: Cond, layout: BlockLayout,
+                      exits: Sequence[int], *, grad_from_frame: int, grad: bool, context_noise: float,
+                      generator: torch.Generator | None, cache: KVCache, initial_latent: torch.Tensor | None,
+                      counter: CallCounter) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
+    """The block runner shared by the training rollout (`causal_rollout`) and streaming generation
+    (`sfplus.streaming.causal_generate`); take its inputs from `prepare_causal_generation`.
+
+    Args:
+        noise: [B, C, F, H, W] noise of the generated frames; steps: the positive few-step timesteps.
+        layout: the block layout; exits: the exit step of each generated block.
+        grad_from_frame, grad: blocks starting at or after this frame run their exit step with grad when ``grad``.
+        context_noise: timestep of the context refresh; generator: source of re-noising and context noise.
+        cache: a fresh KV cache; initial_latent: [B, C, F0, H, W] context frames written first (or None).
+        counter: counts the net calls.
 
     Yields ``((start, stop), x0_block)`` for each generated block as soon as its exit step is done; the block's
     context refresh runs when the consumer asks for the next block. The last block gets no refresh: no later block
@@ -222,9 +242,12 @@ def _run_blocks(net, noise, steps, cond, layout, exits, *, grad_from_frame, grad
             _write_context(net, x0, context_noise, cond, cache, a, b, total, counter, generator, dtype)
 
 
-def _prepare(net, noise, timesteps, frames_per_block, independent_first_frame, initial_latent, context_noise,
-             local_window_frames, sink_frames) -> tuple[BlockLayout, list[float], KVCache]:
-    """Validate the inputs; return the block layout, the positive timesteps and a fresh KV cache."""
+def prepare_causal_generation(net: FlowNet, noise: torch.Tensor, timesteps: Sequence[float], frames_per_block: int,
+                              independent_first_frame: bool, initial_latent: torch.Tensor | None,
+                              context_noise: float, local_window_frames: int | None,
+                              sink_frames: int) -> tuple[BlockLayout, list[float], KVCache]:
+    """Validate a causal generation's inputs (CausalLayoutError); return its block layout, the positive timesteps
+    (a trailing 0 dropped) and a fresh KV cache sized for it — the inputs of `run_causal_blocks`."""
     if noise.ndim != 5:
         raise CausalLayoutError(f"noise must be [B, C, F, H, W], got {tuple(noise.shape)}")
     b, c, _, h, w = noise.shape
@@ -281,7 +304,8 @@ def causal_rollout(
     local_window_frames: int | None = None,
     sink_frames: int = 0,
 ) -> CausalRollout:
-    """Self-Forcing backward simulation of a causal WanDiT (spec §6.1), with a fresh KV cache.
+    """Self-Forcing backward simulation of a causal WanDiT, with a fresh KV cache
+    (docs/algorithms.md, 'Causal rollout (Self-Forcing)').
 
     Args:
         net: a WanDiT (called as ``net(x, t, context, clip_fea, y, kv_cache=..., frame_offset=k)``).
@@ -302,8 +326,8 @@ def causal_rollout(
 
     Makes ``len(context blocks) + sum_b (exit_b + 1) + len(generated blocks)`` net calls.
     """
-    layout, steps, cache = _prepare(net, noise, timesteps, frames_per_block, independent_first_frame, initial_latent,
-                                    context_noise, local_window_frames, sink_frames)
+    layout, steps, cache = prepare_causal_generation(net, noise, timesteps, frames_per_block, independent_first_frame,
+                                                     initial_latent, context_noise, local_window_frames, sink_frames)
     n_blocks = len(layout.generated)
     if isinstance(exit_indices, Sequence) or (torch.is_tensor(exit_indices) and exit_indices.ndim == 1):
         exits = [int(k) for k in exit_indices]
@@ -318,9 +342,9 @@ def causal_rollout(
         raise CausalLayoutError(f"grad_frames must be positive or None, got {grad_frames}")
     grad_from = 0 if grad_frames is None else max(0, layout.total_frames - grad_frames)
 
-    counter = _Counter()
+    counter = CallCounter()
     grad = grad and torch.is_grad_enabled()  # never switch grad on inside a caller's no_grad / inference_mode
-    blocks = [x0 for _, x0 in _run_blocks(
+    blocks = [x0 for _, x0 in run_causal_blocks(
         net, noise, steps, cond, layout, exits, grad_from_frame=grad_from, grad=grad, context_noise=context_noise,
         generator=generator, cache=cache, initial_latent=initial_latent, counter=counter)]
     if initial_latent is not None:

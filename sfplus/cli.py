@@ -26,10 +26,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import lightning as L
 from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
+from omegaconf import OmegaConf
 
 # Imported so that class names (not only class paths) work in configs.
 import sfplus.callbacks  # noqa: F401
@@ -59,7 +61,6 @@ PARSER_KWARGS = {**PARSER_MODE, **{name: dict(PARSER_MODE) for name in Lightning
 def read_config(path: str | os.PathLike) -> dict:
     """A recipe YAML as a plain dict with its ``${...}`` interpolations resolved, the values the CLI sees (tools that
     rewrite a shipped config start from this)."""
-    from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
@@ -68,8 +69,6 @@ class SfplusCLI(LightningCLI):
     """LightningCLI with sfplus's defaults: manual optimization, own samplers, resumable logs."""
 
     def __init__(self, args=None) -> None:
-        import lightning as L
-
         # `${model.init_args.x}` from the config's root, whatever the subcommand (else it must read `${fit.model...}`).
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
@@ -187,6 +186,7 @@ def refuse_fsdp_strategy(strategy: Any) -> None:
 
 
 def _tool_commands() -> dict[str, Callable]:
+    # local: only the extra subcommands need these (they pull in export / planning / toy evaluation code)
     from sfplus import export, plan, toy_eval
 
     return {"toy-eval": toy_eval.main, "export": export.main, "plan": plan.main}

@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sfplus.nets.codec import toy_codec
+from sfplus.nets.text import ToyTextEncoder
+
 Cond = dict[str, torch.Tensor]
 
 
@@ -95,7 +98,4 @@ class ToyConditioner(Conditioner):
 
     def __init__(self, text_dim: int = 32, text_len: int = 16, negative_prompt: str = "",
                  frames_per_latent: int = 1) -> None:
-        from sfplus.nets.codec import toy_codec
-        from sfplus.nets.text import ToyTextEncoder
-
         super().__init__(ToyTextEncoder(dim=text_dim, max_len=text_len), toy_codec(frames_per_latent), negative_prompt)

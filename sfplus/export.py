@@ -7,7 +7,7 @@
 Sources: a Lightning ``.ckpt`` of an sfplus module, a sharded Lightning checkpoint directory
 (``torch.distributed.checkpoint`` format: ``.metadata`` + ``*.distcp`` + ``meta.pt``), and anything
 :func:`sfplus.nets.checkpoints.read_dit_state_dict` reads (Wan-AI / diffusers folders, ``.safetensors``,
-Self-Forcing ``.pt``). Outputs (spec wan-architecture.md §7):
+Self-Forcing ``.pt``). Outputs (docs/wan_architecture.md, 'Weight files'):
 
 * ``layout="wan"``: Wan-original key names, what Wan2.1, lightx2v and ComfyUI load. ``out`` ending in
   ``.safetensors`` gives that one file; otherwise ``out`` is a folder with ``diffusion_pytorch_model.safetensors``
@@ -30,13 +30,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from jsonargparse import CLI
+from safetensors.torch import save_file
 
 from sfplus.file_checks import torch_load
-from sfplus.nets.checkpoints import _MODULE_PREFIXES, CheckpointError, check_state_dict, read_dit_state_dict
+from sfplus.nets.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
 from sfplus.nets.diffusers_keys import wan_to_diffusers
 from sfplus.nets.presets import get_config
 from sfplus.nets.sharded_checkpoint import LIGHTNING_META, is_sharded_checkpoint
+from sfplus.nets.state_dicts import MODULE_PREFIXES
 from sfplus.nets.wan import WanConfig, WanDiT
+from sfplus.nets.wan_folders import detect_preset
 
 __all__ = ["export_generator", "read_generator", "wan_config_json", "diffusers_config_json", "main"]
 
@@ -67,14 +71,12 @@ def read_generator(ckpt_path: str | os.PathLike, which: Literal["ema", "model"] 
     p = Path(ckpt_path)
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")
-    if which not in _MODULE_PREFIXES:
+    if which not in MODULE_PREFIXES:
         raise ExportError(f"which must be 'ema' or 'model', got {which!r}")
     return read_dit_state_dict(p, which=which), _load_info(p)
 
 
 def _resolve_config(preset: str | None, info: dict | None, sd: dict, source: str) -> WanConfig:
-    from sfplus.nets.wan_folders import detect_preset
-
     if preset is not None:
         return get_config(preset)
     if info and isinstance(info.get("net"), str):
@@ -84,7 +86,8 @@ def _resolve_config(preset: str | None, info: dict | None, sd: dict, source: str
 
 # ------------------------------------------------------------------------------------------------ configs
 def wan_config_json(cfg: WanConfig) -> dict:
-    """Wan-original ``config.json`` (``WanModel``, as in the Wan-AI repos, §1)."""
+    """Wan-original ``config.json`` (``WanModel``, as in the Wan-AI repos: docs/wan_architecture.md,
+    'Configurations')."""
     return {
         "_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": cfg.dim, "eps": cfg.eps,
         "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim,
@@ -94,7 +97,8 @@ def wan_config_json(cfg: WanConfig) -> dict:
 
 
 def diffusers_config_json(cfg: WanConfig) -> dict:
-    """``config.json`` of a diffusers ``WanTransformer3DModel`` with this architecture (§7.2)."""
+    """``config.json`` of a diffusers ``WanTransformer3DModel`` with this architecture (docs/wan_architecture.md,
+    'diffusers repos')."""
     if cfg.rope_theta != 10000.0:
         raise ExportError(f"diffusers WanTransformer3DModel has RoPE theta 10000; this model uses {cfg.rope_theta}")
     return {
@@ -142,8 +146,6 @@ def _shards(sd: dict[str, torch.Tensor], shard_bytes: int | None) -> list[list[s
 
 
 def _write_weights(sd: dict[str, torch.Tensor], folder: Path, shard_bytes: int | None) -> list[str]:
-    from safetensors.torch import save_file
-
     groups = _shards(sd, shard_bytes)
     if len(groups) == 1:
         save_file(sd, str(folder / f"{WEIGHTS_NAME}.safetensors"), metadata={"format": "pt"})
@@ -229,8 +231,6 @@ def export_generator(
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if single_file:
-        from safetensors.torch import save_file
-
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
         os.close(fd)
         tmp = Path(tmp_name)
@@ -256,7 +256,6 @@ def export_generator(
 
 def main(argv: list[str] | None = None, exit_on_error: bool = True) -> None:
     """Command-line entry (``sfplus export ...``)."""
-    from jsonargparse import CLI
 
     path = CLI(export_generator, args=argv, as_positional=False, exit_on_error=exit_on_error)
     print(f"exported {path}")

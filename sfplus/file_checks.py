@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 __all__ = [
     "DamagedFileError",
@@ -131,7 +134,6 @@ def _safetensors_error(p: Path, what: str, err: BaseException, error: type[Value
 def open_safetensors(path: str | os.PathLike, what: str = "weights file",
                      error: type[ValueError] = DamagedFileError, device: str = "cpu") -> Iterator[Any]:
     """``safetensors.safe_open`` (reads only the header until tensors are asked for), with one-line errors."""
-    from safetensors import safe_open
 
     p = check_file(path, what, error)
     try:
@@ -145,7 +147,6 @@ def open_safetensors(path: str | os.PathLike, what: str = "weights file",
 def load_safetensors(path: str | os.PathLike, what: str = "weights file",
                      error: type[ValueError] = DamagedFileError, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a ``.safetensors`` file, with one-line errors (header and truncated data alike)."""
-    from safetensors.torch import load_file
 
     p = check_file(path, what, error)
     try:
@@ -156,7 +157,6 @@ def load_safetensors(path: str | os.PathLike, what: str = "weights file",
 
 def load_yaml(path: str | os.PathLike, what: str = "config", error: type[ValueError] = DamagedFileError) -> Any:
     """The YAML document in ``path``; a syntax error names the file, line and column."""
-    import yaml
 
     p = Path(path)
     if not p.exists():

@@ -6,8 +6,8 @@ Conventions (shared by the teacher, the critic and the generator):
 * ``x_t = (1 - sigma) * x0 + sigma * eps``; the nets predict the flow ``v = eps - x0``;
 * video tensors are ``[B, C, F, H, W]``; timesteps are ``[B]`` (one per sample) or ``[B, F]`` (one per frame).
 
-The reference looks sigma up on a 1000-point grid whose shift differs between its nets (spec §2.5, §13 B5);
-the continuous relation reproduces the grid values exactly and is the same for every net.
+The reference looks sigma up on a 1000-point grid whose shift differs between its nets (docs/algorithms.md, 'Reference
+bugs', B5); the continuous relation reproduces the grid values exactly and is the same for every net.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def sample_score_timesteps(
     clamp: tuple[float, float] = (20.0, 980.0),
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Timesteps for the score networks (DMD/SiD/critic), reference §2.4/§4.2.
+    """Timesteps for the score networks (DMD/SiD/critic), docs/algorithms.md, 'Score timesteps'.
 
     One integer ``t_raw ~ U{min_t, ..., max_t - 1}`` per sample, shared by its frames, shifted (if ``shift > 1``)
     and clamped to ``[20, 980]``. Returns float ``[B, F]`` on ``device``.
@@ -130,7 +130,7 @@ def sample_training_timesteps(
 
 
 def training_weight(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """Reference's bell-shaped loss weight (§2.1 step 5), evaluated at continuous ``t``.
+    """Reference's bell-shaped loss weight (docs/algorithms.md, 'Flow matching'), evaluated at continuous ``t``.
 
     ``y = exp(-2 ((t - 500) / 1000)^2)``, minus its minimum over the shifted 1000-point grid, scaled so the mean
     over that grid is 1.

@@ -1,4 +1,4 @@
-"""Wan2.1 image-to-video conditioning (spec wan-architecture.md §2.7, reference-algorithms.md §6.5), batched.
+"""Wan2.1 image-to-video conditioning (docs/wan_architecture.md, 'I2V conditioning'), batched.
 
 An I2V DiT gets two extra inputs per sample:
 * ``clip_fea`` [257, 1280]: CLIP ViT-H/14 penultimate-layer tokens of the first frame;
@@ -6,7 +6,7 @@ An I2V DiT gets two extra inputs per sample:
   frame, followed by the latents of the "conditioning video" — the image followed by all-zero (mid-grey) frames.
 
 Pipeline: ``load_image`` → ``wan_i2v_size`` → ``resize_image`` → ``i2v_condition``. Unlike the reference (batch 1
-only, §13 B13) everything here takes a batch.
+only: B13 in docs/algorithms.md, 'Reference bugs') everything here takes a batch.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import imageio_ffmpeg
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -57,15 +58,13 @@ def wan_i2v_size(h: int, w: int, max_area: int, spatial_stride: int = 8, patch: 
 
 
 def _read_rgb_pil(path: Path) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image  # local: Pillow is optional (imageio-ffmpeg reads images without it)
 
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"))
 
 
 def _read_rgb_ffmpeg(path: Path) -> np.ndarray:
-    import imageio_ffmpeg
-
     frames = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     try:
         meta = next(frames)
@@ -85,7 +84,7 @@ def check_image(path: str | Path) -> None:
     if path.stat().st_size == 0:
         raise ImageReadError(f"image {path} is empty (0 bytes)")
     try:
-        from PIL import Image
+        from PIL import Image  # local: Pillow is optional (imageio-ffmpeg reads images without it)
     except ImportError:
         return
     try:
@@ -107,7 +106,7 @@ def load_image(path: str | Path, backend: str | None = None) -> torch.Tensor:
         raise FileNotFoundError(f"image not found: {path}")
     if backend is None:
         try:
-            import PIL  # noqa: F401
+            import PIL  # noqa: F401  # local: Pillow is optional (imageio-ffmpeg reads images without it)
 
             backend = "pil"
         except ImportError:
@@ -138,10 +137,10 @@ def i2v_mask(num_latent_frames: int, height: int, width: int, temporal_stride: i
              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """Which pixel frames are given, in latent layout: [s, F, h, w] (s = temporal_stride channels).
 
-    Wan's construction (§2.7) for any F: a pixel mask over T = 1 + s(F - 1) frames with only frame 0 set; frame 0
-    repeated s times (→ s·F frames); viewed [F, s, h, w] and transposed. Channel k of latent frame j ≥ 1 stands for
-    pixel frame s(j - 1) + 1 + k; latent frame 0 holds pixel frame 0 in all s channels. Result: latent frame 0 is 1
-    on every channel, everything else 0.
+    Wan's construction (docs/wan_architecture.md, 'I2V conditioning') for any F: a pixel mask over T = 1 + s(F - 1)
+    frames with only frame 0 set; frame 0 repeated s times (→ s·F frames); viewed [F, s, h, w] and transposed. Channel k
+    of latent frame j ≥ 1 stands for pixel frame s(j - 1) + 1 + k; latent frame 0 holds pixel frame 0 in all s channels.
+    Result: latent frame 0 is 1 on every channel, everything else 0.
     """
     if num_latent_frames < 1 or height < 1 or width < 1 or temporal_stride < 1:
         raise ValueError(f"i2v_mask needs positive sizes, got F={num_latent_frames}, h={height}, w={width}, "

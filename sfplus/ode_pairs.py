@@ -1,4 +1,5 @@
-"""Teacher ODE trajectories for the ODE-regression initialisation of a few-step / causal generator (spec §5.4, §8.4).
+"""Teacher ODE trajectories for the ODE-regression initialisation of a few-step / causal generator
+(docs/algorithms.md, 'ODE regression').
 
 The teacher solves the flow ODE from noise with many Euler steps and classifier-free guidance; a few snapshots of
 the trajectory are kept. The ODE objective regresses the clean end point from the snapshot at each of the
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from sfplus.conditioning import Cond, Conditioner
+from sfplus.datamodules.shard_format import Sample, write_sample_file
 from sfplus.flow import warp_timesteps
 from sfplus.sampling import euler_cfg_states
 
@@ -150,7 +152,6 @@ def generate_ode_samples(
         storage_dtype: dtype of the stored trajectory.
     Returns: the files this rank wrote.
     """
-    from sfplus.datamodules.shard_format import Sample, write_sample_file
 
     if len(latent_shape) != 4:
         raise TrajectoryError(f"latent_shape must be (C, F, H, W), got {tuple(latent_shape)}")

@@ -19,14 +19,21 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from sfplus.nets.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
+from sfplus.nets.sharded_checkpoint import is_sharded_checkpoint
+from sfplus.nets.wan_folders import folder_shapes, iter_folder_shards, locate_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def apply_activation_checkpointing(net: nn.Module) -> nn.Module:
     """Wrap every block of ``net.blocks`` in a non-reentrant checkpoint (state-dict keys are unchanged)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
     for i, block in enumerate(net.blocks):
         if not hasattr(block, "_checkpoint_wrapped_module"):
@@ -60,7 +67,6 @@ def shard_dit(
     reshard_after_forward: bool = True,
 ) -> nn.Module:
     """FSDP2-shard a WanDiT: each block, then the root (embeddings, head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for block in net.blocks:
@@ -125,7 +131,6 @@ def parallelize(
 
 def shard_module(net: nn.Module, mesh, *, param_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """FSDP2-shard a small net as one unit (weights gathered in ``param_dtype``, gradients reduced in fp32)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     fully_shard(net, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32))
     return net
@@ -150,8 +155,6 @@ def is_sharded(net: nn.Module) -> bool:
 
 def _set_state(net: nn.Module, sd: dict[str, torch.Tensor], strict: bool) -> None:
     if is_sharded(net):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
         set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True, strict=strict))
     else:
         own = net.state_dict()
@@ -166,10 +169,8 @@ def load_weights(net: nn.Module, source: str | os.PathLike | dict[str, torch.Ten
     ``source`` is a path that :func:`sfplus.nets.checkpoints.read_dit_state_dict` understands (Wan/diffusers
     folders are streamed file by file), or a state dict. Works for sharded (DTensor) and plain nets.
     """
-    from sfplus.nets.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
 
     # check_state_dict compares with net.state_dict() shapes, which are the global shapes for DTensors.
-    from sfplus.nets.sharded_checkpoint import is_sharded_checkpoint
 
     own_keys = set(net.state_dict().keys())
     if isinstance(source, dict) or not os.path.isdir(source) or is_sharded_checkpoint(Path(source)):
@@ -177,7 +178,6 @@ def load_weights(net: nn.Module, source: str | os.PathLike | dict[str, torch.Ten
         check_state_dict(net, sd, str(source) if not isinstance(source, dict) else "state dict")
         _set_state(net, sd, strict=True)
         return net
-    from sfplus.nets.wan_folders import folder_shapes, iter_folder_shards, locate_weights
 
     files = locate_weights(source)
     shapes = folder_shapes(files)
@@ -199,7 +199,6 @@ def close_process_group() -> None:
     still writing its last checkpoint can abort in the C++ destructor ("terminate called without an active
     exception"), turning a finished job into a failed one. A barrier, then an explicit destroy, avoids that race.
     """
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -61,6 +61,11 @@ import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+from jsonargparse import CLI
+
+from sfplus.nets.presets import build_dit
+
 __all__ = ["ENCODERS", "MemoryPlan", "PlanError", "main", "net_sizes", "plan"]
 
 GIB = 1024**3
@@ -102,9 +107,7 @@ class NetSize:
 @functools.lru_cache(maxsize=32)
 def net_sizes(name: str, field_name: str = "preset") -> NetSize:
     """Count the parameters of preset ``name`` by building it on the meta device (no memory, no init)."""
-    import torch
 
-    from sfplus.nets.presets import build_dit
 
     try:
         with torch.device("meta"):
@@ -350,7 +353,6 @@ def plan(
 
 def main(argv: list[str] | None = None, exit_on_error: bool = True) -> MemoryPlan:
     """``sfplus plan ...``: print the table (arguments as in :func:`plan`, e.g. ``--gpus 8 --critic null``)."""
-    from jsonargparse import CLI
 
     result = CLI(plan, args=argv, as_positional=False, exit_on_error=exit_on_error)
     print(result.table())

@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from sfplus.callbacks import AtomicCheckpoint, Preemption
 from sfplus.callbacks.checkpointing import (
     LAST,
     CheckpointPathError,
@@ -92,9 +94,7 @@ def _arg(entry: Any, name: str) -> Any:
 
 def checkpoint_folders(trainer_config: Any, preemption: bool = True) -> list[CheckpointFolder]:
     """The checkpoint folders of a run, from the parsed ``trainer`` config (``Namespace`` or dict)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from sfplus.callbacks import AtomicCheckpoint, Preemption
 
     get = trainer_config.get if hasattr(trainer_config, "get") else lambda k, d=None: getattr(trainer_config, k, d)
     root = Path(get("default_root_dir", None) or os.getcwd())

@@ -1,7 +1,8 @@
 """Training rollouts: the generator runs its own few-step sampler, with a gradient through one exit step only.
 
-This is DMD2-style backward simulation (reference §6.2): steps before the exit step run without grad and their
-re-noised output feeds the next step; the exit step's x0 carries the graph to the generator's weights.
+This is DMD2-style backward simulation (docs/algorithms.md, 'Backward simulation (bidirectional rollout)'): steps before
+the exit step run without grad and their re-noised output feeds the next step; the exit step's x0 carries the graph to
+the generator's weights.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Samplers over any flow-predicting net ``net(x [B,C,F,H,W], t [B] | [B,F], **cond) -> v [B,C,F,H,W]``.
 
-* :func:`few_step_sample` — the distilled generators' sampler (reference §6.4, done right: every step runs):
+* :func:`few_step_sample` — the distilled generators' sampler (docs/algorithms.md, 'Few-step sampler': every step runs):
   predict x0, re-noise with fresh noise to the next timestep, return the last x0.
 * :func:`teacher_sample` — multi-step Euler flow solver with Wan's CFG convention ``v_u + g (v_c - v_u)``.
 """

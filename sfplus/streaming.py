@@ -1,17 +1,17 @@
 """Streaming generation with a causal WanDiT: latent blocks as soon as they are done, pixels block by block.
 
-* `causal_generate` — the few-step autoregressive sampler (spec §6.3, §3.5): for each block run every step of the
-  few-step list (predict x0, re-noise with fresh noise to the next step), yield the block's final x0, then refresh
-  the block's KV-cache slots with the context (``add_noise(x0, eps, context_noise)`` at ``t = context_noise``, exactly
-  as in training: §13 B4); the last block, which no block reads, is not refreshed. Any number of frames: with
-  ``local_window_frames`` (+ ``sink_frames``) the cache is a ring
-  of bounded size, so videos longer than the training length stream in constant memory per step.
+* `causal_generate` — the few-step autoregressive sampler (docs/algorithms.md, 'Causal few-step sampler'): for each
+  block run every step of the few-step list (predict x0, re-noise with fresh noise to the next step), yield the block's
+  final x0, then refresh the block's KV-cache slots with the context (``add_noise(x0, eps, context_noise)`` at ``t =
+  context_noise``, exactly as in training: B4 in docs/algorithms.md, 'Reference bugs'); the last block, which no block
+  reads, is not refreshed. Any number of frames: with ``local_window_frames`` (+ ``sink_frames``) the cache is a ring of
+  bounded size, so videos longer than the training length stream in constant memory per step.
 * `stream_video` — decodes latent blocks through the codec's streaming decoder (causal caches carried over), so the
   concatenated pixel blocks equal one decode of the whole latent video.
 * `causal_sample` — `causal_generate` concatenated.
 
 Makes ``len(context blocks) + blocks × (steps + 1) - 1`` net calls (the last block needs no refresh), no hard-coded
-model or resolution sizes (§13 B1).
+model or resolution sizes (B1 in docs/algorithms.md, 'Reference bugs').
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from sfplus.causal_rollout import _Counter, _prepare, _run_blocks
+from sfplus.causal_rollout import CallCounter, prepare_causal_generation, run_causal_blocks
 from sfplus.conditioning import Cond
 from sfplus.nets.codec import VideoCodec
 from sfplus.sampling import FlowNet
@@ -60,8 +60,8 @@ def causal_generate(
         include_initial: yield ``initial_latent`` (fp32) first, so the stream covers the whole video.
     Yields: fp32 latent blocks [B, C, n, H, W] (``n = frames_per_block``, or 1 for a lone first frame).
     """
-    layout, steps, cache = _prepare(net, noise, timesteps, frames_per_block, independent_first_frame, initial_latent,
-                                    context_noise, local_window_frames, sink_frames)
+    layout, steps, cache = prepare_causal_generation(net, noise, timesteps, frames_per_block, independent_first_frame,
+                                                     initial_latent, context_noise, local_window_frames, sink_frames)
     return _generate(net, noise, steps, cond, layout, cache, generator, initial_latent, context_noise,
                      include_initial)
 
@@ -71,9 +71,9 @@ def _generate(net, noise, steps, cond, layout, cache, generator, initial_latent,
     if initial_latent is not None and include_initial:
         yield initial_latent.float()
     exits = [len(steps) - 1] * len(layout.generated)
-    for _, x0 in _run_blocks(net, noise, steps, cond, layout, exits, grad_from_frame=0, grad=False,
-                             context_noise=context_noise, generator=generator, cache=cache,
-                             initial_latent=initial_latent, counter=_Counter()):
+    for _, x0 in run_causal_blocks(net, noise, steps, cond, layout, exits, grad_from_frame=0, grad=False,
+                                   context_noise=context_noise, generator=generator, cache=cache,
+                                   initial_latent=initial_latent, counter=CallCounter()):
         yield x0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import CLI
 
 from sfplus.cli_errors import OutputFolderError, folder_problem
 from sfplus.conditioning import ToyConditioner
@@ -24,6 +25,7 @@ from sfplus.modules import sample_seed, stable_seed
 from sfplus.nets.checkpoints import CheckpointError, read_dit_state_dict
 from sfplus.nets.presets import build_dit
 from sfplus.sampling import few_step_sample, teacher_sample
+from sfplus.streaming import causal_sample
 from sfplus.toy_metrics import toy_metrics
 from sfplus.toy_videos import ToyVideoSpec, make_toy_batch, toy_prompts
 from sfplus.video_io import write_json_atomic
@@ -124,7 +126,6 @@ def evaluate(
 
         def student_sampler(net):
             if sampler.get("kind") == "causal-few-step":  # a causal (Self-Forcing) student streams block by block
-                from sfplus.streaming import causal_sample
 
                 return lambda n, c, u, g: causal_sample(
                     net, n, steps, c, frames_per_block=sampler["frames_per_block"], generator=g,
@@ -157,6 +158,4 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str], exit_on_error: bool = True) -> None:
-    from jsonargparse import CLI
-
     CLI(evaluate, args=argv, as_positional=False, exit_on_error=exit_on_error)

@@ -5,7 +5,7 @@ sampling of diffusion models") for the rectified-flow path ``x_t = (1 - sigma) x
 alpha = 1 - sigma, half-log-SNR ``lambda = log(alpha / sigma)``; the net's flow ``v`` gives the data prediction
 ``m = x - sigma v``. It reproduces diffusers' ``UniPCMultistepScheduler(prediction_type="flow_prediction",
 use_flow_sigmas=True, flow_shift=shift, solver_type="bh2", lower_order_final=True)`` and the official Wan sampler
-``FlowUniPCMultistepScheduler`` (spec reference-algorithms.md §6.6, wan-architecture.md §2.8), which differ only in
+``FlowUniPCMultistepScheduler`` (docs/algorithms.md, 'Teacher sampler (Euler / UniPC)'), which differ only in
 the sigma schedule (`unipc_sigmas`).
 
 One step from sigma_s to sigma_t (h = lambda_t - lambda_s > 0, phi = expm1(-h) = B(h)):

@@ -11,6 +11,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+import imageio_ffmpeg
 import numpy as np
 
 from sfplus.disk_full import disk_full_error, is_disk_full
@@ -56,7 +57,6 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 16, upscal
     ``upscale`` repeats pixels (nearest neighbour) so tiny toy videos are watchable. Odd sizes are padded by one
     pixel (yuv420p needs even sizes).
     """
-    import imageio_ffmpeg
 
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
@@ -89,7 +89,6 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 16, upscal
 
 def read_mp4(path: str | os.PathLike) -> np.ndarray:
     """Read an MP4 back as uint8 [T, H, W, 3] (tests and evaluation)."""
-    import imageio_ffmpeg
 
     reader = imageio_ffmpeg.read_frames(str(path))
     meta = reader.__next__()

@@ -1,7 +1,7 @@
 """The frozen side of the real Wan2.1 models: UMT5 text encoder, Wan VAE and (I2V) CLIP image encoder.
 
 ``WanConditioner`` is a :class:`sfplus.conditioning.Conditioner` built from a Wan model folder as published
-(wan-architecture.md §7.1) or from explicit paths:
+(docs/wan_architecture.md, 'Wan-AI repos') or from explicit paths:
 
     Wan2.1-T2V-14B/                                   Wan2.1-I2V-14B-480P/
       models_t5_umt5-xxl-enc-bf16.pth   (t5)            ... the same three, plus
@@ -13,7 +13,8 @@ when the conditioner is built (a missing file is named before any GPU work start
 on first use, straight onto the device the LightningModule was moved to, so no full CPU copy is made first.
 
 ``image_condition(images)`` gives the I2V entries ``clip_fea`` and ``y`` for a batch of first frames
-(:func:`sfplus.i2v.i2v_condition`); the recipes add them to both cond and uncond (reference §6.5).
+(:func:`sfplus.i2v.i2v_condition`); the recipes add them to both cond and uncond
+(docs/algorithms.md, 'I2V conditioning in the recipes').
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ import torch
 from torch import nn
 
 from sfplus.conditioning import Cond, Conditioner
+from sfplus.i2v import i2v_condition
+from sfplus.nets.codec import WanVAECodec
+from sfplus.nets.image import ClipImageEncoder
+from sfplus.nets.text import UMT5TextEncoder
+from sfplus.nets.vae import load_wan_vae
 
 __all__ = [
     "CLIP_FILE",
@@ -40,7 +46,7 @@ __all__ = [
 ]
 
 # Wan2.1's default negative prompt (shared_config.sample_neg_prompt): the unconditional text of every reference
-# recipe (reference-algorithms.md §1).
+# recipe (docs/algorithms.md, 'CFG conventions').
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
     "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
@@ -221,7 +227,6 @@ class WanConditioner(Conditioner):
             return self.text_encoder
         if self._offloaded_text_encoder is not None:
             return self._offloaded_text_encoder
-        from sfplus.nets.text import UMT5TextEncoder
 
         device = torch.device("cpu") if self.offload_text_encoder else self.device
         enc = UMT5TextEncoder.load(self.files.t5, self.files.tokenizer, dtype=self.text_dtype, device=device)
@@ -234,9 +239,6 @@ class WanConditioner(Conditioner):
 
     def _codec(self) -> nn.Module:
         if self.codec is None:
-            from sfplus.nets.codec import WanVAECodec
-            from sfplus.nets.vae import load_wan_vae
-
             dtype = self.vae_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
             vae = load_wan_vae(self.files.vae, device=self.device, dtype=dtype, **self.vae_config)
             self.codec = WanVAECodec(vae).requires_grad_(False).eval()
@@ -247,7 +249,6 @@ class WanConditioner(Conditioner):
             if not self.i2v:
                 raise ValueError("WanConditioner(i2v=False) has no image encoder: set i2v: true (and clip, or a "
                                  "model_dir holding the CLIP file) for image-to-video")
-            from sfplus.nets.image import ClipImageEncoder
 
             enc = ClipImageEncoder.load(self.files.clip, device=self.device, num_heads=self.clip_num_heads)
             self.image_encoder = enc.requires_grad_(False).eval()
@@ -298,7 +299,6 @@ class WanConditioner(Conditioner):
         device, F = 1 + (num_pixel_frames - 1) / 4; both go to the generator, the teacher and the critic, in the
         conditional and the unconditional branch alike.
         """
-        from sfplus.i2v import i2v_condition
 
         encoder = self._image_encoder()
         images = images.to(self.device, torch.float32)

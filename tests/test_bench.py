@@ -36,7 +36,7 @@ def _one_thread():
 
 
 def test_dit_flops_match_the_spec_table():
-    """spec wan-architecture.md §8.2/§8.3 at 480x832x81: 2.83e14 (1.3B), 1.68e15 (14B), causal pass 1.98e14."""
+    """docs/wan_architecture.md, 'FLOPs', at 480x832x81: 2.83e14 (1.3B), 1.68e15 (14B), causal pass 1.98e14."""
     small, large = get_config("wan2.1-t2v-1.3b"), get_config("wan2.1-t2v-14b")
     assert bench.dit_flops(small, 21, 60, 104) == pytest.approx(2.83e14, rel=5e-3)
     assert bench.dit_flops(large, 21, 60, 104) == pytest.approx(1.68e15, rel=5e-3)

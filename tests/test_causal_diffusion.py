@@ -1,4 +1,5 @@
-"""Many-step autoregressive sampling of a causal diffusion model (reference §6.6), against independent paths."""
+"""Many-step autoregressive sampling of a causal diffusion model (docs/algorithms.md, 'Causal diffusion sampler'),
+against independent paths."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""sfplus.causal_rollout: Self-Forcing rollout through the KV cache (spec §6.1; bugs B1, B4, B22)."""
+"""sfplus.causal_rollout: Self-Forcing rollout through the KV cache (docs/algorithms.md, 'Causal rollout
+(Self-Forcing)'; reference bugs B1, B4, B22)."""
 
 import pytest
 import torch
@@ -72,7 +73,8 @@ def test_block_layouts():
     assert lay.generated == [(0, 2), (2, 4), (4, 6)] and lay.context == [] and not lay.first_frame_alone
     lay = block_layout(7, 3, independent_first_frame=True)
     assert lay.generated == [(0, 1), (1, 4), (4, 7)] and lay.first_frame_alone
-    lay = block_layout(6, 3, initial_frames=1)  # an image latent: its own block (reference §6.1 step 3)
+    # an image latent: its own block (docs/algorithms.md, 'Causal rollout (Self-Forcing)')
+    lay = block_layout(6, 3, initial_frames=1)
     assert lay.context == [(0, 1)] and lay.generated == [(1, 4), (4, 7)] and lay.first_frame_alone
     assert lay.total_frames == 7
     lay = block_layout(4, 2, initial_frames=4)

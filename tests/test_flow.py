@@ -1,4 +1,5 @@
-"""sfplus.flow: timestep warp, noising/conversions, score-timestep sampling and the loss weight (spec §2)."""
+"""sfplus.flow: timestep warp, noising/conversions, score-timestep sampling and the loss weight (docs/algorithms.md,
+'Flow matching', 'Score timesteps')."""
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from sfplus.flow import (
 )
 
 
-# ---- warp / unwarp (spec §2.3 table) -----------------------------------------------------------------------
+# ---- warp / unwarp (docs/algorithms.md, 'Flow matching' table) -------------------------------------------------------
 @pytest.mark.parametrize(
     "shift, expected",
     [
@@ -126,7 +127,7 @@ def test_sigma_of_is_continuous():
     torch.testing.assert_close(sigma_of(t), t / 1000)
 
 
-# ---- score timesteps (spec §2.4, §4.2) ----------------------------------------------------------------------
+# ---- score timesteps (docs/algorithms.md, 'Score timesteps') ---------------------------------------------------------
 def test_score_timesteps_range_shape_and_constant_frames():
     g = torch.Generator().manual_seed(0)
     t = sample_score_timesteps(4096, 5, generator=g, shift=5.0)
@@ -154,7 +155,7 @@ def test_score_timesteps_no_shift_are_clamped_integers():
 
 
 def test_score_timesteps_bounds_are_unwarped():
-    # ts_schedule(_max) example of spec §4.2: t_raw in [500, 750) -> t in [833.3, 937.5).
+    # ts_schedule(_max) example of docs/algorithms.md, 'Score timesteps': t_raw in [500, 750) -> t in [833.3, 937.5).
     g = torch.Generator().manual_seed(3)
     t = sample_score_timesteps(5000, 2, generator=g, shift=5.0, min_t=500, max_t=750)
     assert t.min() >= 833.33 and t.max() < 937.5
@@ -183,7 +184,7 @@ def test_training_timesteps_positive_and_shifted():
     assert t.median().item() == pytest.approx(1000 * 5 / 6, abs=5.0)
 
 
-# ---- training weight (spec §2.1 step 5) -------------------------------------------------------------------
+# ---- training weight (docs/algorithms.md, 'Flow matching') -----------------------------------------------------------
 def _grid(shift):
     lin = torch.linspace(1.0, 0.0, 1001, dtype=torch.float64)[:-1]
     return 1000 * shift_sigma(lin, shift)

@@ -1,4 +1,4 @@
-"""sfplus.i2v: Wan I2V conditioning (spec wan-architecture.md §2.7, reference-algorithms.md §6.5), batched."""
+"""sfplus.i2v: Wan I2V conditioning (docs/wan_architecture.md, 'I2V conditioning'), batched."""
 
 import numpy as np
 import pytest
@@ -51,7 +51,8 @@ def test_mask_layout_81_frames():
     m = i2v_mask(21, 60, 104)
     assert m.shape == (4, 21, 60, 104)
     assert m[:, 0].eq(1).all() and m[:, 1:].eq(0).all()
-    # spec §2.7 construction, literally: ones [1, 81], frames 1.. zeroed, frame 0 repeated 4x, view, transpose
+    # Wan's construction (docs/wan_architecture.md, 'I2V conditioning'), literally: ones [1, 81], frames 1.. zeroed,
+    # frame 0 repeated 4x, view, transpose
     ref = torch.ones(1, 81, 60, 104)
     ref[:, 1:] = 0
     ref = torch.cat([ref[:, :1].repeat(1, 4, 1, 1), ref[:, 1:]], dim=1).view(1, 21, 4, 60, 104).transpose(1, 2)[0]

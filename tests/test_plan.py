@@ -6,7 +6,7 @@ import pytest
 
 from sfplus.plan import GIB, PlanError, main, net_sizes, plan
 
-# Wan2.1-T2V-1.3B (spec wan-architecture.md §1): exact parameter count and per-block size.
+# Wan2.1-T2V-1.3B (docs/wan_architecture.md, 'Configurations'): exact parameter count and per-block size.
 P, P_BLOCK, LAYERS, D, F = 1_418_996_800, 46_440_704, 30, 1536, 8960
 P_ROOT = P - LAYERS * P_BLOCK  # embeddings, time projection, head
 N = 21 * 30 * 52  # video tokens of a [16, 21, 60, 104] latent, patch (1, 2, 2)

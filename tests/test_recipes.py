@@ -130,8 +130,8 @@ def test_gan_warmup_trains_only_the_head_first(tmp_path, teacher_file):
 
 @pytest.mark.parametrize("teacher_forcing,aug", [(False, 0), (True, 0), (True, 200)])
 def test_causal_diffusion_training(tmp_path, teacher_forcing, aug):
-    """Causal diffusion / teacher-forcing pre-training (reference §5.5) runs, learns, and its block-causal loss
-    does not depend on later frames."""
+    """Causal diffusion / teacher-forcing pre-training (docs/algorithms.md, 'Causal diffusion (teacher forcing)')
+    runs, learns, and its block-causal loss does not depend on later frames."""
     from sfplus.modules import DiffusionModule
 
     module = DiffusionModule(net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
@@ -156,7 +156,8 @@ def test_causal_diffusion_training(tmp_path, teacher_forcing, aug):
         b = module.model(y, t, **ctx, causal=module.causal)
     torch.testing.assert_close(a[:, :, :2], b[:, :, :2])
     assert not torch.allclose(a[:, :, 2:], b[:, :, 2:])
-    # Sampling runs block by block (reference §6.6): the first block ignores the later blocks' noise.
+    # Sampling runs block by block (docs/algorithms.md, 'Causal diffusion sampler'): the first block ignores the later
+    # blocks' noise.
     uncond = module.conditioner.negative(1)
     with torch.no_grad():
         va = module.sample(ctx, uncond, x, torch.Generator())

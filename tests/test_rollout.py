@@ -1,4 +1,5 @@
-"""sfplus.rollout: backward simulation with a gradient through the exit step only (spec §6.2)."""
+"""sfplus.rollout: backward simulation with a gradient through the exit step only (docs/algorithms.md, 'Backward
+simulation (bidirectional rollout)')."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""sfplus.sampling: few-step sampler (spec §6.4, every step runs) and the CFG Euler teacher sampler."""
+"""sfplus.sampling: few-step sampler (docs/algorithms.md, 'Few-step sampler': every step runs) and the CFG Euler
+teacher sampler."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""sfplus.streaming: causal few-step generation block by block, and block-by-block decoding (spec §6.3, §3.5)."""
+"""sfplus.streaming: causal few-step generation block by block, and block-by-block decoding (docs/algorithms.md,
+'Causal few-step sampler')."""
 
 import pytest
 import torch

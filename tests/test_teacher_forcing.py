@@ -1,4 +1,5 @@
-"""Parallel teacher forcing: WanDiT on [clean frames ; noisy frames] in one call (spec §1.1 teacher-forcing mode)."""
+"""Parallel teacher forcing: WanDiT on [clean frames ; noisy frames] in one call (docs/wan_architecture.md,
+'Teacher-forcing mode')."""
 
 from __future__ import annotations
 

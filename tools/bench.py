@@ -36,8 +36,8 @@ shape (in the ``env`` line).
 
 Timing: ``warmup`` untimed calls, then ``reps`` calls timed with CUDA events (wall clock on CPU), median reported.
 Peak memory = ``torch.cuda.max_memory_allocated`` since the workload started (weights included), as the reference.
-Achieved TFLOP/s use the FLOP formulas of spec wan-architecture.md §8 (DiT) and the convolution FLOPs of the VAE
-decode counted on the meta device (§8.4).
+Achieved TFLOP/s use the FLOP formulas of docs/wan_architecture.md, 'FLOPs' (DiT) and the convolution FLOPs of the VAE
+decode counted on the meta device.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class Sizes:
 # ---------------------------------------------------------------------------------------------------- FLOPs
 def dit_flops(cfg: WanConfig, frames: int, height: int, width: int, *, kv_tokens: int | None = None,
               with_context: bool = True, image_tokens: int = 0) -> float:
-    """Forward FLOPs of one WanDiT call (spec wan-architecture.md §8.1; multiply-add = 2).
+    """Forward FLOPs of one WanDiT call (docs/wan_architecture.md, 'FLOPs'; multiply-add = 2).
 
     frames/height/width: latent size of the call's input. kv_tokens: self-attention keys per query (default: the
     call's own tokens; a KV-cache call attends to the cached frames too). with_context: count the text MLP and the
@@ -161,7 +161,7 @@ def causal_flops(cfg: WanConfig, sizes: Sizes) -> float:
 @functools.lru_cache(maxsize=8)
 def vae_decode_flops(vae_overrides: tuple, latent: tuple[int, ...]) -> float:
     """Convolution (+ attention) FLOPs of `WanVAE.decode`, counted by running it on the meta device (no memory,
-    no compute): spec §8.4 gives 2.75e14 for 21x60x104 latents."""
+    no compute): docs/wan_architecture.md, 'FLOPs' gives 2.75e14 for 21x60x104 latents."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -548,9 +548,9 @@ class Bench:
         return self._w_train13b(causal=True)
 
     def _w_train13b(self, causal: bool = False) -> dict:
+        from sfplus import rollout
         from sfplus.objectives.dmd import critic_flow_loss, dmd_generator_loss, dmd_kl_grad
         from sfplus.parallel import apply_activation_checkpointing
-        from sfplus.rollout import bidirectional_rollout as _bidirectional_rollout
 
         s, dev = self.sizes, self.device
         self.keep()
@@ -586,7 +586,7 @@ class Bench:
 
         def bidirectional_rollout(net, noise, timesteps, cond, exit_index, rng, grad):
             if not causal:
-                return _bidirectional_rollout(net, noise, timesteps, cond, exit_index, rng, grad=grad)
+                return rollout.bidirectional_rollout(net, noise, timesteps, cond, exit_index, rng, grad=grad)
             from sfplus.causal_rollout import causal_rollout
 
             fpb = 3 if noise.shape[2] % 3 == 0 else 1

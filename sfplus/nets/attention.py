@@ -1,4 +1,4 @@
-"""One attention entry point for the Wan DiT (spec wan-architecture.md §9).
+"""One attention entry point for the Wan DiT (docs/wan_architecture.md, 'Attention backends').
 
 Backends:
 - "sdpa" (default): torch scaled_dot_product_attention; picks flash/cuDNN/efficient kernels on GPU by itself.
@@ -18,6 +18,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 __all__ = ["BACKENDS", "attention", "set_default_backend", "get_default_backend"]
 
@@ -43,14 +44,10 @@ def _check_backend(name: str) -> None:
 
 @functools.cache
 def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
     return torch.compile(flex_attention, dynamic=False)
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import flex_attention
-
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if q.is_cuda:
         out = _compiled_flex()(q, k, v, block_mask=block_mask)
@@ -63,7 +60,7 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torc
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     try:
-        from flash_attn import flash_attn_func
+        from flash_attn import flash_attn_func  # local: flash-attn is the optional [flash] extra
     except ImportError as err:
         raise ValueError("attention backend 'flash' needs flash-attn: pip install 'sfplus[flash]'") from err
     dtype = q.dtype

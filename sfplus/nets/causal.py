@@ -1,4 +1,5 @@
-"""Causal (frame-autoregressive) attention for WanDiT: block-causal masks and the streaming KV cache (spec §3).
+"""Causal (frame-autoregressive) attention for WanDiT: block-causal masks and the streaming KV cache
+(docs/wan_architecture.md, 'Causal DiT').
 
 Frames are grouped into blocks (optionally frame 0 alone first). A query in a block ending at frame b (exclusive)
 attends to every key of frames < b — bidirectional inside its block, causal across blocks — optionally restricted to
@@ -18,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 __all__ = ["BlockCausal", "KVCache", "KVCacheStep", "block_causal_mask", "block_frame_ends"]
 
@@ -99,13 +101,13 @@ def block_causal_mask(causal: BlockCausal, frames: int, tokens_per_frame: int, d
     if causal.resolve_backend(device) == "sdpa":
         idx = torch.arange(length, device=device)
         return mask_mod(None, None, idx[:, None], idx[None, :])
-    from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(mask_mod, None, None, length, length, device=device, _compile=False)
 
 
 def teacher_forcing_mask(causal: BlockCausal, frames: int, tokens_per_frame: int, device: torch.device | str):
-    """Mask over the 2·F·S tokens [clean frames ; noisy frames] of the parallel teacher-forcing mode (spec §1.1).
+    """Mask over the 2·F·S tokens [clean frames ; noisy frames] of the parallel teacher-forcing mode
+    (docs/wan_architecture.md, 'Teacher-forcing mode').
 
     A clean query in block j attends to the clean keys of blocks <= j (block-causal, as when the clean blocks were
     cached one by one); a noisy query in block j attends to the clean keys of blocks < j and the noisy keys of its
@@ -135,7 +137,6 @@ def teacher_forcing_mask(causal: BlockCausal, frames: int, tokens_per_frame: int
     if causal.resolve_backend(device) == "sdpa":
         idx = torch.arange(2 * length, device=device)
         return mask_mod(None, None, idx[:, None], idx[None, :])
-    from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(mask_mod, None, None, 2 * length, 2 * length, device=device, _compile=False)
 
@@ -149,7 +150,7 @@ class KVCache:
     refresh at t = 0) and forgets anything after k + n. The block's queries attend to the cached frames in the window
     [k + n - W, k) plus the sink frames, followed by the block's own keys/values.
 
-    Gradient semantics (reference bug B22, spec reference-algorithms.md §13): keys/values are stored DETACHED. The
+    Gradient semantics (reference bug B22, docs/algorithms.md, 'Reference bugs'): keys/values are stored DETACHED. The
     current block attends to the detached earlier frames concatenated with its own *live* keys/values, so a loss on
     a block back-propagates through that block's own K/V projections but never into earlier blocks' forward passes.
     Cross-attention keys/values are cached (detached) on the first call and reused while grad is disabled; with

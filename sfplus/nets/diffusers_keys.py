@@ -1,4 +1,5 @@
-"""Wan-original <-> diffusers `WanTransformer3DModel` state-dict key map (spec wan-architecture.md §7.3).
+"""Wan-original <-> diffusers `WanTransformer3DModel` state-dict key map (docs/wan_architecture.md, 'diffusers DiT
+keys').
 
 Pure renames (no tensor changes). Whole-name rules are matched with anchored regexes, so the traps of substring
 converters (the norm2/norm3 swap, `cross_attn.k` inside `cross_attn.k_img`) cannot occur.

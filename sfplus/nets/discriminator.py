@@ -1,4 +1,5 @@
-"""GAN discriminator head on top of a critic WanDiT's hidden states (reference §5.3, without its bugs).
+"""GAN discriminator head on top of a critic WanDiT's hidden states (docs/algorithms.md, 'GAN term (DMD2)', without
+the reference's bugs).
 
 Register tokens read the critic's token stream after a few selected blocks: for each selected block one
 :class:`GanAttentionBlock` lets that block's register tokens cross-attend to the block's output hidden states
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sfplus.nets.attention import attention
-from sfplus.nets.wan import _linear  # weight dtype (the critic's hidden states are fp32, the head may be bf16)
+from sfplus.nets.wan import run_linear  # weight dtype (the critic's hidden states are fp32, the head may be bf16)
 
 __all__ = ["DiscriminatorHead", "GanAttentionBlock"]
 
@@ -57,15 +58,15 @@ class GanAttentionBlock(nn.Module):
         tokens = tokens.float()
         kv_in = F.layer_norm(hidden.float(), self.norm3.normalized_shape, self.norm3.weight.float(),
                              self.norm3.bias.float(), self.eps)
-        q = _rms(self.norm_q, _linear(self.q, tokens)).unflatten(-1, (self.num_heads, -1))
-        k = _rms(self.norm_k, _linear(self.k, kv_in)).unflatten(-1, (self.num_heads, -1))
-        v = _linear(self.v, kv_in).unflatten(-1, (self.num_heads, -1))
+        q = _rms(self.norm_q, run_linear(self.q, tokens)).unflatten(-1, (self.num_heads, -1))
+        k = _rms(self.norm_k, run_linear(self.k, kv_in)).unflatten(-1, (self.num_heads, -1))
+        v = run_linear(self.v, kv_in).unflatten(-1, (self.num_heads, -1))
         dtype = v.dtype
         out = attention(q.to(dtype), k.to(dtype), v)  # [B, n, heads, head_dim]
-        tokens = tokens + _linear(self.o, out.flatten(2)).float()
+        tokens = tokens + run_linear(self.o, out.flatten(2)).float()
         h = F.layer_norm(tokens, self.norm2.normalized_shape, self.norm2.weight.float(), self.norm2.bias.float(),
                          self.eps)
-        h = _linear(self.ffn[2], self.ffn[1](_linear(self.ffn[0], h)))
+        h = run_linear(self.ffn[2], self.ffn[1](run_linear(self.ffn[0], h)))
         return tokens + h.float()
 
 
@@ -151,5 +152,5 @@ class DiscriminatorHead(nn.Module):
         flat = torch.cat(outs, dim=1).flatten(1)  # [B, n_tok * dim] float32
         ln, fc1, act, fc2 = self.cls_pred_branch
         flat = F.layer_norm(flat, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
-        logits = _linear(fc2, act(_linear(fc1, flat))).float()
+        logits = run_linear(fc2, act(run_linear(fc1, flat))).float()
         return logits.squeeze(-1) if self.num_classes == 1 else logits

@@ -34,7 +34,7 @@ class Fp8Linear(nn.Module):
     Buffers: `qweight` [out, in] float8_e4m3fn, `weight_scale` [1, out] fp32, `bias` [out] bf16 or None.
     """
 
-    input_dtype = torch.bfloat16  # what `sfplus.nets.wan._linear` casts activations to before the call
+    input_dtype = torch.bfloat16  # what `sfplus.nets.wan.run_linear` casts activations to before the call
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()

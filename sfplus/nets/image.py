@@ -1,16 +1,17 @@
 """Frozen CLIP image encoder for Wan2.1 I2V: ViT-H/14 vision tower through transformers.
 
-Wan conditions I2V on the output of the 31st of the 32 ViT blocks (``use_31_block=True``): CLS + 16x16 patch
-tokens, no final LayerNorm, no projection -> ``[B, 257, 1280]`` (spec §6.1). This module drops the last block
-of a ``transformers.CLIPVisionModel`` and returns its ``last_hidden_state``, which is exactly HF's
+Wan conditions I2V on the output of the 31st of the 32 ViT blocks (``use_31_block=True``): CLS + 16x16 patch tokens, no
+final LayerNorm, no projection -> ``[B, 257, 1280]`` (docs/wan_architecture.md, 'CLIP image encoder'). This module drops
+the last block of a ``transformers.CLIPVisionModel`` and returns its ``last_hidden_state``, which is exactly HF's
 ``hidden_states[-2]`` of the full tower, without computing the block nobody uses.
 
-Weights: the ``visual.*`` part of Wan's open-clip ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``
-through the key map of spec §6.3 (the XLM-RoBERTa text tower and ``log_scale`` are ignored), or an HF folder
-(e.g. the ``image_encoder/`` of the ``-Diffusers`` repos, which holds laion's ViT-H/14 rather than Wan's file).
+Weights: the ``visual.*`` part of Wan's open-clip ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`` through
+the key map of docs/wan_architecture.md, 'CLIP key map' (the XLM-RoBERTa text tower and ``log_scale`` are ignored), or
+an HF folder (e.g. the ``image_encoder/`` of the ``-Diffusers`` repos, which holds laion's ViT-H/14 rather than Wan's
+file).
 
-Preprocessing follows Wan, not ``CLIPImageProcessor``: images in [-1, 1] are squashed (no crop) to 224x224
-with bicubic interpolation, mapped to [0, 1] and normalised with the CLIP mean/std (spec §6.2).
+Preprocessing follows Wan, not ``CLIPImageProcessor``: images in [-1, 1] are squashed (no crop) to 224x224 with bicubic
+interpolation, mapped to [0, 1] and normalised with the CLIP mean/std (docs/wan_architecture.md, 'CLIP preprocessing').
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sfplus.nets.text import EncoderCheckpointError, _dtype_kwarg, check_keys, read_state_dict
+from sfplus.nets.text import EncoderCheckpointError, check_keys, hf_dtype_kwarg, read_state_dict
 
 __all__ = [
     "CLIP_MEAN",
@@ -41,7 +42,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # --------------------------------------------------------------------------------------------------------------
-# Wan open-clip visual <-> HF CLIPVisionModel key map (spec §6.3)
+# Wan open-clip visual <-> HF CLIPVisionModel key map (docs/wan_architecture.md, 'CLIP key map')
 # --------------------------------------------------------------------------------------------------------------
 
 # Per-block renames (after "visual.transformer.{i}." / "vision_model.encoder.layers.{i}."), except to_qkv.
@@ -152,7 +153,8 @@ def hf_clip_to_wan(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def clip_vit_h14_config():
-    """``CLIPVisionConfig`` of the ViT-H/14 tower in Wan's open-clip file (all 32 blocks; spec §6.3)."""
+    """``CLIPVisionConfig`` of the ViT-H/14 tower in Wan's open-clip file (all 32 blocks)."""
+    # local: transformers model classes load on first use; only the Wan I2V encoder needs them
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
@@ -176,6 +178,7 @@ def clip_vision_config_from_wan(
     The head count is not visible in the shapes (the fused qkv is [3D, D]); Wan's ViT-H/14 uses 16 heads of
     80, the default. For the real file this equals ``clip_vit_h14_config()``.
     """
+    # local: transformers model classes load on first use; only the Wan I2V encoder needs them
     from transformers import CLIPVisionConfig
 
     needed = ["visual.patch_embedding.weight", "visual.pos_embedding", "visual.transformer.0.mlp.0.weight"]
@@ -205,7 +208,7 @@ def clip_vision_config_from_wan(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Preprocessing (spec §6.2)
+# Preprocessing (docs/wan_architecture.md, 'CLIP preprocessing')
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -292,9 +295,10 @@ class ClipImageEncoder(nn.Module):
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"{path} is a folder but has no config.json (expected an HF CLIP model)")
+            # local: transformers model classes load on first use (~20 ms); only the Wan I2V encoder needs them
             from transformers import CLIPVisionModel
 
-            model = CLIPVisionModel.from_pretrained(str(path), **_dtype_kwarg(dtype))
+            model = CLIPVisionModel.from_pretrained(str(path), **hf_dtype_kwarg(dtype))
             return cls(model, autocast_dtype=autocast_dtype).to(device)
         sd = read_state_dict(path, keep=lambda k: k.startswith("visual."))
         if not sd:
@@ -318,6 +322,7 @@ class ClipImageEncoder(nn.Module):
         """Build from Wan's open-clip state dict (non-``visual.`` keys ignored). ``config`` (of the full tower)
         defaults to the one read off the shapes with 16 heads (ViT-H/14). Built on the meta device: no random
         init, no extra copy."""
+        # local: transformers model classes load on first use (~20 ms); only the Wan I2V encoder needs them
         from transformers import CLIPVisionModel
 
         visual = {k: v for k, v in sd.items() if k.startswith("visual.")}

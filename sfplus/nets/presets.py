@@ -1,4 +1,4 @@
-"""Named WanDiT architectures (spec wan-architecture.md §1) and `build_dit`."""
+"""Named WanDiT architectures (docs/wan_architecture.md, 'Configurations') and `build_dit`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""3D rotary position embedding of Wan2.1 (spec wan-architecture.md §2.3), in real arithmetic.
+"""3D rotary position embedding of Wan2.1 (docs/wan_architecture.md, '3D RoPE'), in real arithmetic.
 
 Each attention head of size d splits its d/2 adjacent channel pairs (2i, 2i+1) into three groups with their own
 frequency bases: frame axis t_dim = d - 4·(d//6) channels, height and width 2·(d//6) channels each (44/42/42 for

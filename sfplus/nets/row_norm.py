@@ -22,7 +22,7 @@ from torch import Tensor
 @functools.cache
 def _triton():
     try:
-        import triton
+        import triton  # local: triton is optional (CUDA only); None without it
         import triton.language as tl
     except ImportError:
         return None

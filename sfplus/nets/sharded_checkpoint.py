@@ -11,8 +11,10 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from sfplus.nets.checkpoints import _MODULE_PREFIXES, CheckpointError, _clean_key
+from sfplus.nets.state_dicts import MODULE_PREFIXES, CheckpointError, clean_key
 
 LIGHTNING_META = "meta.pt"  # Lightning's non-tensor part of a sharded checkpoint
 _DCP_CONTAINERS = ("state_dict.", "model.")  # ModelParallelStrategy / FSDPStrategy top-level names
@@ -29,8 +31,6 @@ def read_sharded_checkpoint(path: Path, which: str) -> dict[str, torch.Tensor]:
     Reads the chosen sub-module alone: a training checkpoint also holds the other copy of the generator, the critic
     and the optimizer states (several times the generator), which a full consolidation would pull into memory.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = dcp.FileSystemReader(str(path))
     try:
@@ -41,8 +41,8 @@ def read_sharded_checkpoint(path: Path, which: str) -> dict[str, torch.Tensor]:
     container = next((c for c in _DCP_CONTAINERS if any(k.startswith(c) for k in tensors)), "")
     if container == "model." and not (path / LIGHTNING_META).is_file():
         container = ""  # not Lightning's FSDP layout: "model." may be the DiT prefix itself
-    names = {k: _clean_key(k[len(container):]) for k in tensors if k.startswith(container)}
-    for prefix in _MODULE_PREFIXES[which]:
+    names = {k: clean_key(k[len(container):]) for k in tensors if k.startswith(container)}
+    for prefix in MODULE_PREFIXES[which]:
         chosen = {raw: name[len(prefix):] for raw, name in names.items() if name.startswith(prefix)}
         if chosen:
             break

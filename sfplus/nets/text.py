@@ -2,9 +2,10 @@
 
 ``UMT5TextEncoder``: Wan2.1's text encoder, the umt5-xxl encoder, run through transformers'
 ``UMT5EncoderModel``. It loads either Wan's own ``models_t5_umt5-xxl-enc-bf16.pth`` (renamed key by key,
-spec §5.3) or a Hugging Face folder (the ``text_encoder/`` of the ``-Diffusers`` repos). Prompts are cleaned
-like Wan does (§5.2), tokenised to 512 tokens, encoded with the padding mask, and rows past each prompt's true
-length are zeroed: the output is always ``[B, 512, 4096]``, which is what the DiT's cross-attention expects.
+docs/wan_architecture.md, 'T5 key map') or a Hugging Face folder (the ``text_encoder/`` of the ``-Diffusers``
+repos). Prompts are cleaned like Wan does (docs/wan_architecture.md, 'Prompt cleaning'), tokenised to 512 tokens,
+encoded with the padding mask, and rows past each prompt's true length are zeroed: the output is always ``[B, 512,
+4096]``, which is what the DiT's cross-attention expects.
 
 ``ToyTextEncoder``: a deterministic, download-free stand-in for the built-in toy task.
 
@@ -24,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import Tensor, nn
 
 from sfplus.file_checks import DamagedFileError, open_safetensors, torch_load
@@ -99,7 +102,7 @@ def check_keys(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Wan T5 <-> HF UMT5 key map (spec §5.3)
+# Wan T5 <-> HF UMT5 key map (docs/wan_architecture.md, 'T5 key map')
 # --------------------------------------------------------------------------------------------------------------
 
 # Per-block renames, Wan suffix -> HF suffix (both after the block index).
@@ -163,7 +166,8 @@ def hf_t5_to_wan(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def umt5_xxl_config():
-    """``UMT5Config`` of Wan2.1's text encoder (umt5-xxl, encoder only; spec §5.3)."""
+    """``UMT5Config`` of Wan2.1's text encoder (umt5-xxl, encoder only; docs/wan_architecture.md, 'T5 text encoder')."""
+    # local: transformers model classes load on first use; only the Wan text encoder needs them
     from transformers import UMT5Config
 
     return UMT5Config(
@@ -188,6 +192,7 @@ def umt5_config_from_wan(sd: Mapping[str, Tensor], *, source: str = "Wan T5 stat
     is visible in the shapes (the bias table is [buckets, heads]); those three are fixed in Wan's T5.
     For the real file this equals ``umt5_xxl_config()``.
     """
+    # local: transformers model classes load on first use; only the Wan text encoder needs them
     from transformers import UMT5Config
 
     needed = [
@@ -221,7 +226,7 @@ def umt5_config_from_wan(sd: Mapping[str, Tensor], *, source: str = "Wan T5 stat
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Prompt cleaning (spec §5.2) without ftfy
+# Prompt cleaning (docs/wan_architecture.md, 'Prompt cleaning') without ftfy
 # --------------------------------------------------------------------------------------------------------------
 
 # The parts of ``ftfy.fix_text`` (default config) that are plain character tables, reproduced so cleaning is
@@ -308,6 +313,7 @@ def _check_prompts(prompts) -> list[str]:
 
 def load_tokenizer(path: str | os.PathLike):
     """``AutoTokenizer`` from a local folder in the google/umt5-xxl layout (spiece.model / tokenizer.json)."""
+    # local: transformers' tokenizers load on first use; only the Wan text encoder needs them
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -321,10 +327,9 @@ def load_tokenizer(path: str | os.PathLike):
         ) from e
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    # transformers renamed from_pretrained's ``torch_dtype`` to ``dtype`` in 4.56.
-    import transformers
-    from packaging.version import Version
+def hf_dtype_kwarg(dtype: torch.dtype) -> dict:
+    """The keyword that sets the dtype in transformers' ``from_pretrained`` (``dtype`` since 4.56, ``torch_dtype``
+    before), as ``{name: dtype}``."""
 
     name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     return {name: dtype}
@@ -376,9 +381,10 @@ class UMT5TextEncoder(nn.Module):
         if weights.is_dir():
             if not (weights / "config.json").is_file():
                 raise FileNotFoundError(f"{weights} is a folder but has no config.json (expected an HF UMT5 model)")
+            # local: loads transformers' modeling code (~120 ms); only the Wan text encoder needs it
             from transformers import UMT5EncoderModel
 
-            model = UMT5EncoderModel.from_pretrained(str(weights), **_dtype_kwarg(dtype))
+            model = UMT5EncoderModel.from_pretrained(str(weights), **hf_dtype_kwarg(dtype))
             return cls(model, tok, max_len).to(device)
         sd = read_state_dict(weights)
         return cls.from_wan_state_dict(sd, tok, dtype=dtype, device=device, max_len=max_len, source=str(weights))
@@ -400,6 +406,7 @@ class UMT5TextEncoder(nn.Module):
         The model is created on the meta device and takes the given tensors as its parameters (no random
         init, no copy of a memory-mapped file until ``dtype``/``device`` ask for one).
         """
+        # local: loads transformers' modeling code (~120 ms); only the Wan text encoder needs it
         from transformers import UMT5EncoderModel
 
         config = umt5_config_from_wan(sd, source=source) if config is None else copy.deepcopy(config)

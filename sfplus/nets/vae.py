@@ -2,10 +2,10 @@
 
 `WanVAE()` with default arguments is the published Wan2.1 VAE: its `state_dict()` has exactly the keys and
 shapes of `Wan2.1_VAE.pth` (194 tensors, 126,892,531 parameters), so the file loads with `strict=True`
-(spec wan-architecture.md §4). Smaller configurations (base `dim`, `z_dim`, `dim_mult`, `num_res_blocks`,
+(docs/wan_architecture.md, 'VAE'). Smaller configurations (base `dim`, `z_dim`, `dim_mult`, `num_res_blocks`,
 `temporal_downsample`) build tiny same-class models for tests.
 
-Conventions (spec §4.4–§4.6):
+Conventions (docs/wan_architecture.md, 'Chunked causal processing', 'Latent normalisation'):
 - pixels [B, 3, T, H, W] in [-1, 1], T = 1 + s·k (s = temporal stride, 4 for Wan2.1), H and W multiples of the
   spatial stride (8 for Wan2.1);
 - latents [B, z_dim, 1 + k, H/8, W/8], normalised per channel with the published mean/std — the DiT only ever
@@ -31,7 +31,8 @@ from sfplus.file_checks import DamagedFileError, load_safetensors, torch_load
 from sfplus.nets.vae_blocks import CausalCache, CausalConv3d, Decoder3d, Encoder3d, RMSNorm
 from sfplus.nets.vae_keys import diffusers_vae_to_wan, is_diffusers_vae_state_dict
 
-# Per-channel statistics of Wan2.1 VAE posterior means (channel order 0..15), spec §4.5.
+# Per-channel statistics of Wan2.1 VAE posterior means (channel order 0..15), docs/wan_architecture.md, 'Latent
+# normalisation'.
 WAN21_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,

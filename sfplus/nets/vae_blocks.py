@@ -1,6 +1,6 @@
 """Building blocks of the Wan2.1 video VAE (causal 3D convolutions with a chunk-to-chunk feature cache).
 
-Module and parameter names follow the original `Wan2.1_VAE.pth` exactly (spec wan-architecture.md §4.2–§4.3):
+Module and parameter names follow the original `Wan2.1_VAE.pth` exactly (docs/wan_architecture.md, 'Layout'):
 `residual.{0,2,3,6}`, `shortcut`, `resample.1`, `time_conv`, `norm`, `to_qkv`, `proj`, `head.{0,2}`, ...
 Sequential indices of parameter-free layers (SiLU, Dropout, ZeroPad2d, Upsample) are kept so that the
 parameterised layers land on the published indices.
@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from sfplus.nets import row_norm
 
 # Frames of history a 3-tap causal temporal convolution needs from the previous chunk.
 CACHE_T = 2
@@ -331,17 +333,13 @@ def _conv_after_norm_silu(layers: nn.Sequential, norm_at: int) -> int | None:
 
 
 def _fused_norm_ok(x: Tensor) -> bool:
-    from sfplus.nets import row_norm
-
     return x.ndim == 5 and _channels_innermost(x) and row_norm.available(x)
 
 
 def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: Tensor, cache: CausalCache | None) -> Tensor:
     """conv(SiLU(norm(x))) with the norm written into the convolution's joined input (one pass, no copy)."""
-    from sfplus.nets.row_norm import rms_norm_silu_into
-
     joined, tail = conv.joined_buffer(x, cache)
-    rms_norm_silu_into(x, norm.gamma, tail, silu=True)
+    row_norm.rms_norm_silu_into(x, norm.gamma, tail, silu=True)
     return conv.forward_joined(joined, cache)
 
 

@@ -1,8 +1,8 @@
 """Key maps between the original Wan2.1 VAE (`Wan2.1_VAE.pth`, = WanVAE) and diffusers `AutoencoderKLWan`.
 
-Spec wan-architecture.md §4.7. Tensors are only renamed, never reshaped. The decoder's flat `upsamples.N` list
-becomes `up_blocks.b.{resnets.j, upsamplers.0}` in diffusers; the grouping is read off the keys themselves
-(a Resample ends a block), so the maps work for any WanVAE configuration diffusers can express (no decoder
+See docs/wan_architecture.md, 'diffusers VAE keys'. Tensors are only renamed, never reshaped. The decoder's flat
+`upsamples.N` list becomes `up_blocks.b.{resnets.j, upsamplers.0}` in diffusers; the grouping is read off the keys
+themselves (a Resample ends a block), so the maps work for any WanVAE configuration diffusers can express (no decoder
 attention blocks).
 """
 

@@ -1,7 +1,8 @@
-"""WanDiT: the Wan2.1 diffusion transformer (spec wan-architecture.md §2, §3).
+"""WanDiT: the Wan2.1 diffusion transformer (docs/wan_architecture.md, 'DiT', 'Causal DiT').
 
-Parameter names are exactly those of the original Wan checkpoints (§2.10), so a `diffusion_pytorch_model*.safetensors`
-state dict loads with `strict=True` and no key map (diffusers names: `sfplus.nets.diffusers_keys`).
+Parameter names are exactly those of the original Wan checkpoints (docs/wan_architecture.md, 'State dict'), so a
+`diffusion_pytorch_model*.safetensors` state dict loads with `strict=True` and no key map (diffusers names:
+`sfplus.nets.diffusers_keys`).
 
 Numerics follow official Wan, independent of autocast: the time embedding and projection, the modulation adds,
 `norm·(1+scale)+shift`, the gated residual adds and the whole head run in float32; LayerNorm/RMSNorm normalise in
@@ -34,7 +35,8 @@ __all__ = ["WanConfig", "WanDiT", "sinusoidal_embedding"]
 
 @dataclass
 class WanConfig:
-    """Architecture of a Wan2.1 DiT (defaults = the common Wan2.1 values, §1)."""
+    """Architecture of a Wan2.1 DiT (defaults = the common Wan2.1 values, docs/wan_architecture.md,
+    'Configurations')."""
 
     dim: int
     """Hidden size of the token stream."""
@@ -107,7 +109,7 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=1).float()
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def run_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """Run a Linear in its weight dtype; under autocast, in autocast's. Layers that quantise their own input
     (`sfplus.nets.fp8.Fp8Linear`) name the dtype they take as `input_dtype`.
 
@@ -192,15 +194,15 @@ class SelfAttention(nn.Module):
         With `kv_step`, x holds only the current block's tokens; its keys/values are written (detached) into the
         cache and the queries attend to the cached earlier frames plus the block's own live keys/values.
         """
-        v = _split_heads(_linear(self.v, x), self.num_heads)
-        q = _split_heads(self.norm_q(_linear(self.q, x)), self.num_heads)
-        k = _split_heads(self.norm_k(_linear(self.k, x)), self.num_heads)
+        v = _split_heads(run_linear(self.v, x), self.num_heads)
+        q = _split_heads(self.norm_q(run_linear(self.q, x)), self.num_heads)
+        k = _split_heads(self.norm_k(run_linear(self.k, x)), self.num_heads)
         q = apply_rope(q, cos, sin).to(v.dtype)
         k = apply_rope(k, cos, sin).to(v.dtype)
         if kv_step is not None:
             k, v = kv_step.update(layer, k, v)
         out = attention(q, k, v, block_mask=block_mask, attn_mask=attn_mask)
-        return _linear(self.o, out.flatten(2))
+        return run_linear(self.o, out.flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -224,25 +226,25 @@ class CrossAttention(nn.Module):
     def context_kv(self, context: torch.Tensor, context_img: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """Keys/values of the (embedded) context: (k, v) or (k, v, k_img, v_img), each [B, Lc, heads, head_dim]."""
         kv = (
-            _split_heads(self.norm_k(_linear(self.k, context)), self.num_heads),
-            _split_heads(_linear(self.v, context), self.num_heads),
+            _split_heads(self.norm_k(run_linear(self.k, context)), self.num_heads),
+            _split_heads(run_linear(self.v, context), self.num_heads),
         )
         if self.has_image:
             if context_img is None:
                 raise ValueError("I2V cross-attention needs image context (clip_fea)")
             kv += (
-                _split_heads(self.norm_k_img(_linear(self.k_img, context_img)), self.num_heads),
-                _split_heads(_linear(self.v_img, context_img), self.num_heads),
+                _split_heads(self.norm_k_img(run_linear(self.k_img, context_img)), self.num_heads),
+                _split_heads(run_linear(self.v_img, context_img), self.num_heads),
             )
         return kv
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """x [B, L, dim], kv from `context_kv` -> [B, L, dim] (weight dtype)."""
-        q = _split_heads(self.norm_q(_linear(self.q, x)), self.num_heads)
+        q = _split_heads(self.norm_q(run_linear(self.q, x)), self.num_heads)
         out = attention(q, kv[0], kv[1])
         if self.has_image:
             out = out + attention(q, kv[2], kv[3])
-        return _linear(self.o, out.flatten(2))
+        return run_linear(self.o, out.flatten(2))
 
 
 class CrossContext:
@@ -312,7 +314,7 @@ class WanBlock(nn.Module):
             context_kv = context_kv.kv(self.cross_attn, layer)
         x = x + self.cross_attn(self.norm3(x), context_kv)
         h = modulate(self.norm2(x), shift_ff, scale_ff)
-        y = _linear(self.ffn[2], self.ffn[1](_linear(self.ffn[0], h)))
+        y = run_linear(self.ffn[2], self.ffn[1](run_linear(self.ffn[0], h)))
         return x + gated(y, gate_ff)
 
 
@@ -348,7 +350,7 @@ class MLPProj(nn.Module):
         ln = lambda m, h: F.layer_norm(h.float(), m.normalized_shape, m.weight.float(), m.bias.float(), m.eps)  # noqa: E731
         with torch.autocast(clip_fea.device.type, enabled=False):
             h = ln(ln0, clip_fea)
-        h = _linear(fc2, act(_linear(fc1, h)))
+        h = run_linear(fc2, act(run_linear(fc1, h)))
         with torch.autocast(clip_fea.device.type, enabled=False):
             return ln(ln4, h)
 
@@ -374,7 +376,8 @@ class WanDiT(nn.Module):
     # ------------------------------------------------------------------ init and helpers
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every parameter as official Wan trains from scratch (§2.10); also valid after `to_empty`.
+        """Initialise every parameter as official Wan trains from scratch (docs/wan_architecture.md, 'State dict');
+        also valid after `to_empty`.
 
         xavier_uniform on Linears (bias 0), xavier on the flattened patch-embedding weight, N(0, 0.02) on the text
         and time embedding Linears, zero head.head weight, modulation ~ randn/sqrt(dim), norms to 1/0. The
@@ -415,7 +418,7 @@ class WanDiT(nn.Module):
         if context.shape[1] < cfg.text_len:  # padded rows are attended (official Wan), so pad before the MLP
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         lin1, act, lin2 = self.text_embedding
-        return _linear(lin2, act(_linear(lin1, context)))
+        return run_linear(lin2, act(run_linear(lin1, context)))
 
     def time_embed(self, t: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B] or [B, frames] (0..1000) -> e [B, Tf, dim], e0 [B, Tf, 6, dim] float32 (Tf = 1 or frames)."""

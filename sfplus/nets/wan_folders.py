@@ -1,4 +1,5 @@
-"""DiT weights from model folders (spec wan-architecture.md §2.10, §7): Wan-AI repos and diffusers transformers.
+"""DiT weights from model folders (docs/wan_architecture.md, 'State dict', 'Weight files'): Wan-AI repos and diffusers
+transformers.
 
 Folders understood (the DiT only; VAE / T5 / CLIP / tokenizer files next to it are ignored):
 
@@ -31,8 +32,9 @@ import torch
 from torch import nn
 
 from sfplus.file_checks import load_safetensors, open_safetensors, torch_load_mapping
-from sfplus.nets.checkpoints import CheckpointError, _clean_key, check_state_dict, read_dit_state_dict
 from sfplus.nets.diffusers_keys import KeyMapError, diffusers_key_to_wan
+from sfplus.nets.presets import PRESETS
+from sfplus.nets.state_dicts import CheckpointError, check_state_dict, clean_key, read_file_state_dict
 
 __all__ = [
     "WeightFiles",
@@ -72,7 +74,7 @@ class WeightFiles:
 
     def wan_key(self, key: str) -> str | None:
         """Stored key -> Wan-original key (None: a tensor the model does not use, e.g. ``attn2.norm_added_q``)."""
-        key = _clean_key(key)[len(self.prefix):]
+        key = clean_key(key)[len(self.prefix):]
         if self.layout == "diffusers":
             if re.fullmatch(r"blocks\.\d+\.attn2\.norm_added_q\.weight", key):
                 return None
@@ -167,7 +169,7 @@ def locate_weights(path: str | os.PathLike) -> WeightFiles:
     if not p.exists():
         raise CheckpointError(f"{p} does not exist")
     if p.is_file():
-        if p.suffix != ".safetensors":  # pickles may be training files: read_dit_state_dict handles those
+        if p.suffix != ".safetensors":  # pickles may be training files: read_file_state_dict handles those
             raise CheckpointError(f"{p} is not a .safetensors file or a model folder")
         root, files = p.parent, (p,)
     else:
@@ -175,7 +177,7 @@ def locate_weights(path: str | os.PathLike) -> WeightFiles:
         if (p / "transformer").is_dir() and not any(p.glob(f"{WEIGHTS_NAME}*")):
             root = p / "transformer"  # a diffusers pipeline repo (model_index.json, transformer/, vae/, ...)
         files = _weight_files(root)
-    keys = [_clean_key(k) for f in files for k in _file_keys(f)]
+    keys = [clean_key(k) for f in files for k in _file_keys(f)]
     if not keys:
         raise CheckpointError(f"{', '.join(map(str, files))} hold no tensors")
     prefix = _shared_prefix(keys)
@@ -255,7 +257,8 @@ def load_folder_into(
     """Load DiT weights into ``model`` (strictly), one file at a time; works for a model built on the meta device.
 
     path: a Wan-AI / diffusers folder or a ``.safetensors`` file (read file by file); any other source
-        :func:`read_dit_state_dict` understands (Lightning ``.ckpt``, Self-Forcing ``.pt``, picked by ``which``)
+        :func:`sfplus.nets.state_dicts.read_file_state_dict` understands (Lightning ``.ckpt``, Self-Forcing ``.pt``,
+        picked by ``which``)
         is read whole, then assigned the same way.
     device: where the tensors go; default: the model's device (CPU for a model on meta).
     Every tensor takes the dtype of the model's parameter it replaces (build the model in the dtype you want).
@@ -271,7 +274,7 @@ def load_folder_into(
         check_state_dict(model, {k: torch.empty(s, device="meta") for k, s in folder_shapes(wf).items()}, source)
         shards: Iterator[dict[str, torch.Tensor]] = iter_folder_shards(wf, device)
     else:  # Lightning / Self-Forcing training files: one read (their layout needs the whole pickle)
-        sd = read_dit_state_dict(p, which=which)  # type: ignore[arg-type]
+        sd = read_file_state_dict(p, which=which)  # type: ignore[arg-type]
         check_state_dict(model, sd, source)
         shards = iter([{k: v.to(device) for k, v in sd.items()}])
 
@@ -303,7 +306,7 @@ def load_folder_into(
 
 # ------------------------------------------------------------------------------------------------ preset detection
 def _arch_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict:
-    """Architecture fields readable from Wan-original tensor shapes (§2.10)."""
+    """Architecture fields readable from Wan-original tensor shapes (docs/wan_architecture.md, 'State dict')."""
     need = ("patch_embedding.weight", "blocks.0.ffn.0.weight", "text_embedding.0.weight", "head.head.weight")
     absent = [k for k in need if k not in shapes]
     if absent:
@@ -345,8 +348,6 @@ def _arch_from_config(cfg: dict, source: str) -> dict:
 
 
 def _match_preset(arch: dict, source: str) -> str:
-    from sfplus.nets.presets import PRESETS
-
     hits = [
         name for name, cfg in PRESETS.items()
         if all((getattr(cfg, k) if k != "patch_size" else tuple(cfg.patch_size)) == v for k, v in arch.items())
@@ -364,7 +365,7 @@ def _match_preset(arch: dict, source: str) -> str:
 
 
 def _wan_shapes(sd: Mapping[str, object]) -> dict[str, tuple[int, ...]]:
-    keys = [_clean_key(k) for k in sd]
+    keys = [clean_key(k) for k in sd]
     prefix = _shared_prefix(keys)
     diffusers = any(_DIFFUSERS_KEY.match(k[len(prefix):]) for k in keys)
     shapes = {}
@@ -399,4 +400,4 @@ def detect_preset(folder_or_sd: str | os.PathLike | Mapping[str, object]) -> str
         return _match_preset(_arch_from_shapes(folder_shapes(wf)), str(p))
     if p.suffix == ".safetensors":
         return _match_preset(_arch_from_shapes(folder_shapes(p)), str(p))
-    return _match_preset(_arch_from_shapes(_wan_shapes(read_dit_state_dict(p))), str(p))
+    return _match_preset(_arch_from_shapes(_wan_shapes(read_file_state_dict(p))), str(p))

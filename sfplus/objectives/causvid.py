@@ -1,4 +1,4 @@
-"""CausVid generator step: one generator call on data-simulated noisy inputs, reference §5.2.
+"""CausVid generator step: one generator call on data-simulated noisy inputs, docs/algorithms.md, 'CausVid'.
 
 CausVid trains the few-step causal generator with DMD (:mod:`sfplus.objectives.dmd`, score timesteps from the
 full range, no ``ts_schedule``) on a *single* generator step whose input is simulated from clean data latents:
@@ -7,13 +7,13 @@ every causal block picks one of the few-step timesteps ``t_k`` (constant within 
 video per step and gathers; each frame uses exactly one of those copies, so one noise tensor is the same
 distribution and is what we draw.
 
-Teacher forcing (the generator sees clean context instead of its own noisy inputs for earlier blocks) is one
-parallel WanDiT call on ``[clean frames ; noisy frames]`` (``clean_x=``, spec §1.1): clean tokens block-causal among
-themselves, noisy block j attending to clean blocks < j and to itself, both halves at the same RoPE frame positions.
-As in the reference, the loss on block j reaches the weights also through the clean context's keys and values.
-With a local attention window (which that mask does not model) it runs block by block through the KV cache instead:
-the same forward values, but the cache holds the clean keys/values detached (:class:`sfplus.nets.causal.KVCache`), so
-there the loss reaches the weights through block j's own forward only.
+Teacher forcing (the generator sees clean context instead of its own noisy inputs for earlier blocks) is one parallel
+WanDiT call on ``[clean frames ; noisy frames]`` (``clean_x=``, docs/wan_architecture.md, 'Teacher-forcing mode'): clean
+tokens block-causal among themselves, noisy block j attending to clean blocks < j and to itself, both halves at the same
+RoPE frame positions. As in the reference, the loss on block j reaches the weights also through the clean context's keys
+and values. With a local attention window (which that mask does not model) it runs block by block through the KV cache
+instead: the same forward values, but the cache holds the clean keys/values detached
+(:class:`sfplus.nets.causal.KVCache`), so there the loss reaches the weights through block j's own forward only.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def causvid_generator_output(
     *,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The generator's x0 prediction [B, C, F, H, W] (fp32, with grad) on simulated inputs (reference §5.2).
+    """The generator's x0 prediction [B, C, F, H, W] (fp32, with grad) on simulated inputs (docs/algorithms.md,
+    'CausVid').
 
     net: the generator (a WanDiT, or any flow net accepting ``causal=``; teacher forcing needs a WanDiT-like net
         with ``.config`` and ``kv_cache=``/``frame_offset=``).

@@ -1,4 +1,5 @@
-"""Flow-matching diffusion loss (teacher training, fine-tuning, teacher forcing), reference §5.5."""
+"""Flow-matching diffusion loss (teacher training, fine-tuning, teacher forcing),
+docs/algorithms.md, 'Causal diffusion (teacher forcing)'."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Distribution Matching Distillation (DMD / DMD2), reference §4.
+"""Distribution Matching Distillation (DMD / DMD2), docs/algorithms.md, 'DMD'.
 
 Pure functions of tensors and nets. Given a generated sample ``x`` (carrying grad to the generator):
 
@@ -86,7 +86,7 @@ def dmd_generator_loss(x: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor |
 def critic_flow_loss(
     fake: FlowNet, x_gen: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: Cond
 ) -> torch.Tensor:
-    """Fake-score loss (reference §4.5, flow type): ``mean((v_fake - (eps - x_gen))^2)``.
+    """Fake-score loss (docs/algorithms.md, 'DMD', critic): ``mean((v_fake - (eps - x_gen))^2)``.
 
     ``x_gen`` is detached; the fake score sees the conditional prompt only.
     """

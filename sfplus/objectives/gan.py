@@ -1,4 +1,5 @@
-"""Adversarial (GAN) terms on a critic WanDiT + :class:`sfplus.nets.discriminator.DiscriminatorHead`, reference §5.3.
+"""Adversarial (GAN) terms on a critic WanDiT + :class:`sfplus.nets.discriminator.DiscriminatorHead`,
+docs/algorithms.md, 'GAN term (DMD2)'.
 
 The discriminator ``D`` is the critic's trunk read after a few blocks by the head. Real (data) and fake (generated)
 latents are noised to the same score timestep ``t`` (and, in the critic step, with the same ``eps``) before ``D``.

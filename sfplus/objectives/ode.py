@@ -1,4 +1,5 @@
-"""ODE regression: initialise a few-step (causal) generator on teacher ODE trajectories, reference §5.4.
+"""ODE regression: initialise a few-step (causal) generator on teacher ODE trajectories, docs/algorithms.md, 'ODE
+regression'.
 
 Data per sample: a teacher trajectory ``[K, C, F, H, W]`` of snapshots at the (warped) step timesteps, ordered
 noisiest → clean; the last snapshot is the clean end at t = 0. Each causal block picks one snapshot index ``k``
@@ -77,7 +78,8 @@ def ode_regression_loss(
     generator: RandomSource = None,
     i2v_first_frame: bool = False,
 ) -> torch.Tensor:
-    """ODE-regression loss (reference §5.4): ``mean over frames with t != 0 of (x0_pred - x_clean)^2``.
+    """ODE-regression loss (docs/algorithms.md, 'ODE regression'): ``mean over frames with t != 0 of (x0_pred -
+    x_clean)^2``.
 
     net: the generator, a flow net ``net(x, t [B, F], **cond[, causal=...]) -> v``; called once with
         ``causal=causal`` when given (parallel block-causal mode), else with full attention.

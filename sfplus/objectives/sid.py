@@ -1,7 +1,8 @@
-"""Score identity Distillation (SiD) generator loss, reference §5.1.
+"""Score identity Distillation (SiD) generator loss, docs/algorithms.md, 'SiD'.
 
-Given a generated sample ``x`` (carrying grad to the generator), noise it to ``x_t`` *with* the graph, and let the
-fake score ``f`` and the CFG real score ``r = r_c + s (r_c - r_u)`` (DMD's convention, §4.3) denoise it:
+Given a generated sample ``x`` (carrying grad to the generator), noise it to ``x_t`` *with* the graph, and let the fake
+score ``f`` and the CFG real score ``r = r_c + s (r_c - r_u)`` (DMD's convention, docs/algorithms.md, 'CFG conventions')
+denoise it:
 
     L = mean( nan_to_num( (r - f) * ((r - x) - alpha (r - f)) / sg(mean_{C,F,H,W} |x - r|) ) )
 
@@ -11,7 +12,7 @@ through both score networks' inputs. The score networks' *parameters* are on tha
 reference does with ``zero_grad(set_to_none=True)``.
 
 The loss needs only ``x``, so it works for any generator (bidirectional or block-causal rollouts alike); the
-reference's SiD cannot run at all (§13 B6). The critic (fake score) loss is DMD's
+reference's SiD cannot run at all (B6 in docs/algorithms.md, 'Reference bugs'). The critic (fake score) loss is DMD's
 :func:`sfplus.objectives.dmd.critic_flow_loss`.
 """
 
@@ -71,7 +72,8 @@ def sid_generator_loss(
     alpha: float = 1.0,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SiD generator loss (reference §5.1); differentiable w.r.t. ``x`` (directly and through both score nets).
+    """SiD generator loss (docs/algorithms.md, 'SiD'); differentiable w.r.t. ``x`` (directly and through both score
+    nets).
 
     Args:
         x: generated clean sample [B, C, F, H, W] (with the generator's graph).

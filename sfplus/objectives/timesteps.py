@@ -1,4 +1,5 @@
-"""Per-block timestep sampling for causal objectives (ODE regression, CausVid, diffusion forcing), reference §3.2.
+"""Per-block timestep sampling for causal objectives (ODE regression, CausVid, diffusion forcing),
+docs/algorithms.md, 'Per-block timesteps'.
 
 A causal video is cut into blocks of ``frames_per_block`` frames (with ``independent_first_frame`` frame 0 is a
 block of its own); every frame of a block shares one noise level, different blocks draw independently. This is the
@@ -106,7 +107,8 @@ def block_training_timesteps(
     """Continuous per-block diffusion-forcing timesteps [B, F] (float32, constant inside each block).
 
     Per block ``sigma ~ U(0, 1]`` pushed through the shift, times 1000 — the continuous counterpart of the
-    reference's per-block index into the shifted 1000-point grid (§5.5), with ``sigma > 0`` always.
+    reference's per-block index into the shifted 1000-point grid (docs/algorithms.md, 'Per-block timesteps'), with
+    ``sigma > 0`` always.
     """
     n_blocks = len(block_ranges(frames, frames_per_block=frames_per_block,
                                 independent_first_frame=independent_first_frame))

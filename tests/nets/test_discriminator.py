@@ -1,4 +1,5 @@
-"""DiscriminatorHead on WanDiT hidden states (reference §5.3) and WanDiT's `return_hidden` option."""
+"""DiscriminatorHead on WanDiT hidden states (docs/algorithms.md, 'GAN term (DMD2)') and WanDiT's `return_hidden`
+option."""
 
 import pytest
 import torch

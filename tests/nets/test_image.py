@@ -80,7 +80,7 @@ def test_key_map_matches_wan_layout_and_inverts(hf_model, wan_sd):
                 "visual.post_norm.bias", "visual.head"}  # fmt: skip
     expected |= {f"visual.transformer.{i}.{s}" for i in range(3) for s in per_block}
     assert {k for k in wan_sd if k.startswith("visual.")} == expected
-    # Shapes and the q, k, v order of the fused projection (spec §6.3).
+    # Shapes and the q, k, v order of the fused projection (docs/wan_architecture.md, 'CLIP key map').
     assert wan_sd["visual.cls_embedding"].shape == (1, 1, 32)
     assert wan_sd["visual.pos_embedding"].shape == (1, 5, 32)
     qkv = wan_sd["visual.transformer.1.attn.to_qkv.weight"]
@@ -181,7 +181,8 @@ def test_bad_inputs_and_frozen_mode(hf_model):
 
 
 def test_real_vit_h14_layout_on_meta():
-    # Wan's visual tower (spec §6.1): 632,076,800 parameters with the 1280x1024 head; 31 of 32 blocks are used.
+    # Wan's visual tower (docs/wan_architecture.md, 'CLIP image encoder'): 632,076,800 parameters with the 1280x1024
+    # head; 31 of 32 blocks are used.
     with torch.device("meta"):
         model = CLIPVisionModel(clip_vit_h14_config())
     wan = hf_clip_to_wan(model.state_dict())

@@ -115,7 +115,7 @@ def test_key_map_matches_wan_layout_and_inverts(hf_model, wan_sd):
         }  # fmt: skip
     assert set(wan_sd) == expected  # 1 + 10 per block + 1 (the real file: 242 = 2 + 24 * 10)
     hf_sd = hf_model.state_dict()
-    # The GELU branch is HF's wi_0, the linear branch wi_1 (spec §5.3).
+    # The GELU branch is HF's wi_0, the linear branch wi_1 (docs/wan_architecture.md, 'T5 key map').
     ffn = "encoder.block.1.layer.1.DenseReluDense"
     assert torch.equal(wan_sd["blocks.1.ffn.gate.0.weight"], hf_sd[f"{ffn}.wi_0.weight"])
     assert torch.equal(wan_sd["blocks.1.ffn.fc1.weight"], hf_sd[f"{ffn}.wi_1.weight"])
@@ -288,7 +288,8 @@ def test_toy_encoder_values_are_pinned_and_truncated():
 
 
 def test_real_umt5_xxl_layout_on_meta():
-    # The real file's layout (spec §5.1/§5.3): 242 Wan keys, 5,680,910,336 parameters; nothing is allocated.
+    # The real file's layout (docs/wan_architecture.md, 'T5 text encoder'): 242 Wan keys, 5,680,910,336 parameters;
+    # nothing is allocated.
     with torch.device("meta"):
         model = UMT5EncoderModel(umt5_xxl_config())
     wan = hf_t5_to_wan(model.state_dict())

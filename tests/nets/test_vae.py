@@ -83,7 +83,7 @@ def test_default_config_has_the_published_wan21_layout():
     assert sum(p.numel() for p in vae.decoder.parameters()) == 73_295_331
     assert sum(isinstance(m, CausalConv3d) for m in vae.encoder.modules()) == 26
     assert sum(isinstance(m, CausalConv3d) for m in vae.decoder.modules()) == 33
-    expected = {  # spec wan-architecture.md §4.3
+    expected = {  # docs/wan_architecture.md, 'Layout'
         "encoder.conv1.weight": (96, 3, 3, 3, 3),
         "encoder.downsamples.0.residual.0.gamma": (96, 1, 1, 1),
         "encoder.downsamples.0.residual.2.weight": (96, 96, 3, 3, 3),

@@ -26,7 +26,7 @@ def _inputs(b=2, f=3, h=4, w=6, c=16, text_len=5, text_dim=16, seed=1):
 
 
 def _expected_keys(num_layers: int, image: bool) -> set[str]:
-    """Wan-original state-dict keys, written out from spec §2.10."""
+    """Wan-original state-dict keys, written out from docs/wan_architecture.md, 'State dict'."""
     keys = {"patch_embedding.weight", "patch_embedding.bias", "time_projection.1.weight", "time_projection.1.bias",
             "head.modulation", "head.head.weight", "head.head.bias"}
     keys |= {f"{m}.{i}.{p}" for m in ("text_embedding", "time_embedding") for i in (0, 2) for p in ("weight", "bias")}
@@ -233,10 +233,10 @@ def test_linears_under_autocast_leave_bf16_activations_to_autocast(monkeypatch):
         out, grads = run()
     upcasts = counter.upcasts  # the rest are wanted: fp32 norms, the fp32 residual stream, fp32 grads
 
-    def upcasting_linear(layer, h):  # what _linear did before: cast to the weight dtype, then autocast casts back
+    def upcasting_linear(layer, h):  # what run_linear did before: cast to the weight dtype, then autocast casts back
         return layer(h.to(layer.weight.dtype))
 
-    monkeypatch.setattr(wan, "_linear", upcasting_linear)
+    monkeypatch.setattr(wan, "run_linear", upcasting_linear)
     counter = _CountCasts()
     with counter:
         old_out, old_grads = run()

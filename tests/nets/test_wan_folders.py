@@ -187,7 +187,8 @@ def test_detect_preset_from_shapes(name):
 def test_detect_preset_from_config_and_errors(tmp_path, tiny):
     _, sd = tiny
     save_file(sd, str(tmp_path / f"{W}.safetensors"))
-    # the Wan-AI I2V config.json as published (spec §1): config wins over the (here tiny) tensors
+    # the Wan-AI I2V config.json as published (docs/wan_architecture.md, 'Configurations'): config wins over the (here
+    # tiny) tensors
     official = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 5120, "eps": 1e-06,
                 "ffn_dim": 13824, "freq_dim": 256, "in_dim": 36, "model_type": "i2v", "num_heads": 40,
                 "num_layers": 40, "out_dim": 16, "text_len": 512}

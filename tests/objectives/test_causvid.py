@@ -1,4 +1,5 @@
-"""sfplus.objectives.causvid: simulated generator inputs and the (teacher-forced) generator step (spec §5.2)."""
+"""sfplus.objectives.causvid: simulated generator inputs and the (teacher-forced) generator step (docs/algorithms.md,
+'CausVid')."""
 
 import pytest
 import torch

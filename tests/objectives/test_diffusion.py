@@ -1,4 +1,5 @@
-"""sfplus.objectives.diffusion: flow matching loss and the reference's bell weighting (spec §2.1, §5.5)."""
+"""sfplus.objectives.diffusion: flow matching loss and the reference's bell weighting (docs/algorithms.md, 'Flow
+matching')."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""sfplus.objectives.dmd against hand-computed values (spec §4.3–§4.5)."""
+"""sfplus.objectives.dmd against hand-computed values (docs/algorithms.md, 'DMD')."""
 
 import pytest
 import torch

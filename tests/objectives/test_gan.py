@@ -1,4 +1,5 @@
-"""sfplus.objectives.gan: loss signs and values, finite-difference R1/R2, critic/generator terms (spec §5.3)."""
+"""sfplus.objectives.gan: loss signs and values, finite-difference R1/R2, critic/generator terms (docs/algorithms.md,
+'GAN term (DMD2)')."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""sfplus.objectives.ode: ODE-regression inputs and loss (spec §5.4)."""
+"""sfplus.objectives.ode: ODE-regression inputs and loss (docs/algorithms.md, 'ODE regression')."""
 
 import pytest
 import torch

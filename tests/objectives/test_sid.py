@@ -1,4 +1,4 @@
-"""sfplus.objectives.sid against a hand computation and its analytic gradient (spec §5.1)."""
+"""sfplus.objectives.sid against a hand computation and its analytic gradient (docs/algorithms.md, 'SiD')."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""sfplus.objectives.timesteps: per-block step indices (reference §3.2 non-uniform `_get_timestep`)."""
+"""sfplus.objectives.timesteps: per-block step indices (docs/algorithms.md, 'Per-block timesteps')."""
 
 import pytest
 import torch
