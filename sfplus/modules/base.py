@@ -3,7 +3,7 @@ checkpoints without frozen nets, seekable data position, and batch generation.
 
 Counters (``iteration`` = critic updates, ``generator_steps``, ``critic_steps``, ``batches_seen``) are the
 module's own and are saved in checkpoints; ``trainer.global_step`` counts every optimizer update
-(lightning-notes §2.1).
+(it counts ``optimizer.step()`` calls over all optimizers).
 
 Randomness is explicit and resumable without saved RNG state: per-sample streams seeded from
 ``(seed, update index, purpose, global row)`` (sfplus.noise), or ``(seed, update index)`` for values all ranks must
@@ -276,8 +276,9 @@ class RecipeModule(L.LightningModule):
         return self.conditioner.image_condition(images.to(self.device))
 
     def with_image(self, batch: dict, cond: Cond, uncond: Cond | None = None) -> tuple[Cond, Cond | None]:
-        """cond (and uncond) with the batch's I2V entries added (the same image for both CFG branches, §6.5);
-        unchanged for text-to-video. Training generates at ``video_shape``: the images must match it."""
+        """cond (and uncond) with the batch's I2V entries added (the same image for both CFG branches,
+        docs/algorithms.md, 'I2V conditioning in the recipes'); unchanged for text-to-video. Training generates at
+        ``video_shape``: the images must match it."""
         image = self.image_condition(batch)
         if image is None:
             return cond, uncond
@@ -375,7 +376,8 @@ class RecipeModule(L.LightningModule):
         return latents, to_uint8_video(self.conditioner.decode(latents))
 
 
-def _default_toy_conditioner() -> Conditioner:
+def default_toy_conditioner() -> Conditioner:
+    """The built-in toy task's conditioner (hashed-word text encoder, identity codec): a recipe's default."""
     from sfplus.conditioning import ToyConditioner
 
     return ToyConditioner()

@@ -9,7 +9,7 @@ from torch import nn
 
 from sfplus.conditioning import Cond, Conditioner
 from sfplus.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
-from sfplus.modules.base import SingleNetModule, _default_toy_conditioner
+from sfplus.modules.base import SingleNetModule, default_toy_conditioner
 from sfplus.modules.groups import Scale
 from sfplus.noise import SampleNoise
 from sfplus.objectives.diffusion import flow_matching_loss
@@ -32,9 +32,11 @@ class DiffusionModule(SingleNetModule):
         sampler: ``euler`` or ``unipc`` (Wan's default solver); sample_steps, sample_shift, guidance_scale: the
             multi-step CFG sampler used by ``predict`` (Wan's CFG convention ``v_u + g (v_c - v_u)``).
         seed: base seed of training noise; predict_seed: base seed of generated videos.
-        causal: train a block-causal model (reference §5.5, diffusion forcing): ``{frames_per_block,
-            independent_first_frame}``; every block gets its own timestep and attends to earlier blocks only.
-            Sampled block by block with clean context (`sfplus.causal_diffusion`, reference §6.6).
+        causal: train a block-causal model (docs/algorithms.md, 'Causal diffusion (teacher forcing)'):
+            ``{frames_per_block, independent_first_frame}``; every block gets its own timestep and attends to
+            earlier blocks only.
+            Sampled block by block with clean context (`sfplus.causal_diffusion`, docs/algorithms.md, 'Causal
+            diffusion sampler').
         frame_timestep_prob: bidirectional training only: the fraction of samples that draw an independent
             timestep per latent frame instead of one per clip (diffusion-forcing-style noise levels). Frames then
             see less-noisy neighbours, which teaches the net to carry content across frames; sampling still
@@ -71,7 +73,7 @@ class DiffusionModule(SingleNetModule):
         noise_augmentation_max_timestep: int = 0,
         frame_timestep_prob: float = 0.0,
     ) -> None:
-        super().__init__(net, net_overrides, conditioner or _default_toy_conditioner(), seed, scale)
+        super().__init__(net, net_overrides, conditioner or default_toy_conditioner(), seed, scale)
         self.causal = None
         if causal is not None:
             from sfplus.nets.causal import BlockCausal
@@ -150,7 +152,8 @@ class DiffusionModule(SingleNetModule):
         if not self.teacher_forcing:
             v = self.model(x_t, t, **cond, causal=self.causal).float()
             return ((v - target) ** 2).mean()
-        # Noise augmentation of the clean context re-uses eps (reference §5.5 step 3).
+        # Noise augmentation of the clean context re-uses eps (as the reference does; docs/algorithms.md, 'Causal
+        # diffusion (teacher forcing)').
         aug = noise.rand() * self.noise_augmentation_max_timestep
         t_aug = aug.view(b, 1).expand(b, frames).float().to(self.device)
         context = add_noise(latents, eps, t_aug) if self.noise_augmentation_max_timestep > 0 else latents
@@ -162,8 +165,9 @@ class DiffusionModule(SingleNetModule):
     ) -> torch.Tensor:
         net = self.model_ema if self.ema_started else self.model
         if self.causal is not None:
-            # Block by block with clean context through the KV caches (reference §6.6): what a teacher-forced
-            # model was trained on; all frames at once under the causal mask would give it noisy context.
+            # Block by block with clean context through the KV caches (docs/algorithms.md, 'Causal diffusion
+            # sampler'): what a teacher-forced model was trained on; all frames at once under the causal mask
+            # would give it noisy context.
             from sfplus.causal_diffusion import causal_diffusion_sample
 
             c = self.causal

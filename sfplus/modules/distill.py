@@ -9,7 +9,7 @@ from torch import nn
 
 from sfplus.conditioning import Cond, Conditioner
 from sfplus.flow import score_timesteps_from_raw, warp_timesteps
-from sfplus.modules.base import RecipeModule, _default_toy_conditioner
+from sfplus.modules.base import RecipeModule, default_toy_conditioner
 from sfplus.modules.distill_parts import (
     BidirectionalRollout,
     CausVidStep,
@@ -30,12 +30,14 @@ from sfplus.sampling import few_step_sample
 class DistillModule(RecipeModule):
     """Score distillation: few-step generator ← frozen teacher (CFG), with a fake-score critic.
 
-    Objectives (``distribution_loss``): ``dmd`` (reference §4), ``sid`` (§5.1; runs, unlike the reference's),
-    ``causvid`` (§5.2: DMD on one generator step from data-simulated inputs; needs ``latents`` in the batch).
-    ``gan`` adds DMD2's adversarial term (§5.3) on critic features (needs ``latents`` in the batch).
-    Generators (``generator_type``): ``bidirectional`` (the 14B path, §6.2) or ``causal`` (Self-Forcing: a
-    chunk-wise rollout with a KV cache, §6.1; cache K/V are stored detached, so each block's loss reaches the
-    weights only through that block's exit step — the clean stop-gradient reading of §13 B22).
+    Objectives (``distribution_loss``): ``dmd``, ``sid`` (runs, unlike the reference's),
+    ``causvid`` (DMD on one generator step from data-simulated inputs; needs ``latents`` in the batch).
+    ``gan`` adds DMD2's adversarial term on critic features (needs ``latents`` in the batch).
+    Generators (``generator_type``): ``bidirectional`` (the 14B path) or ``causal`` (Self-Forcing: a
+    chunk-wise rollout with a KV cache; cache K/V are stored detached, so each block's loss reaches the
+    weights only through that block's exit step — the clean stop-gradient reading of the reference's B22).
+    The equations of each are in docs/algorithms.md ('DMD', 'SiD', 'CausVid', 'GAN term (DMD2)', 'Backward
+    simulation (bidirectional rollout)', 'Causal rollout (Self-Forcing)', 'Reference bugs').
 
     Args:
         net: DiT preset of the generator and critic (and of the teacher unless ``teacher_net`` is given).
@@ -52,7 +54,8 @@ class DistillModule(RecipeModule):
         real_guidance_scale: teacher CFG in the reference's convention (effective Wan scale = this + 1).
         fake_guidance_scale: CFG of the fake score (0: none).
         min_score_timestep: lower bound of the raw score timestep.
-        ts_schedule / ts_schedule_max: bound the score timestep by the exit step's noise levels (reference §4.2).
+        ts_schedule / ts_schedule_max: bound the score timestep by the exit step's noise levels
+            (docs/algorithms.md, 'Score timesteps').
         dfake_gen_update_ratio: a generator update every this many iterations.
         generator_lr, critic_lr, betas, critic_betas, weight_decay: AdamW settings (reference defaults).
         max_grad_norm_generator, max_grad_norm_critic: per-optimizer clipping.
@@ -62,12 +65,13 @@ class DistillModule(RecipeModule):
         frames_per_block, independent_first_frame: the causal generator's blocks.
         same_step_across_blocks: one exit step for all blocks (else one per block); last_step_only: always exit
             at the last step.
-        context_noise: timestep of the clean-context cache refresh (0 = exactly clean, §13 B4).
+        context_noise: timestep of the clean-context cache refresh (0 = exactly clean: B4 in docs/algorithms.md,
+            'Reference bugs').
         local_window_frames, sink_frames: rolling KV cache for long causal sampling.
         max_rollout_frames: causal training rollouts of a random length up to this many latent frames (whole blocks,
             shared by all ranks); beyond ``video_shape``'s frames only the last ones are scored, with their first
             frame replaced by the codec re-encoding of the last decoded frame before them and excluded from the
-            generator loss (reference §3.3 steps 6–7). None: rollouts of exactly ``video_shape``'s frames.
+            generator loss (docs/algorithms.md, 'Long rollouts'). None: rollouts of exactly ``video_shape``'s frames.
         distribution_loss: ``dmd``, ``sid`` or ``causvid``; sid_alpha: SiD's alpha.
         teacher_forcing: CausVid with clean context (causal generators).
         gan: DMD2's GAN term (:class:`sfplus.modules.groups.GAN`; None: off). During its warm-up's critic updates
@@ -123,7 +127,7 @@ class DistillModule(RecipeModule):
         predict_seed: int = 0,
         scale: Scale = Scale(),
     ) -> None:
-        super().__init__(net, net_overrides, conditioner or _default_toy_conditioner(), seed, scale)
+        super().__init__(net, net_overrides, conditioner or default_toy_conditioner(), seed, scale)
         if dfake_gen_update_ratio < 1:
             raise ValueError(f"dfake_gen_update_ratio must be >= 1, got {dfake_gen_update_ratio}")
         self.teacher_checkpoint = teacher_checkpoint
@@ -278,7 +282,8 @@ class DistillModule(RecipeModule):
             self._critic_update(cond, real)
 
     def _score_timesteps(self, f: int, rollout, noise: SampleNoise) -> torch.Tensor:
-        """Score timesteps [B, F] (reference §4.2): raw integer in [min, max), shift, clamp to [20, 980]."""
+        """Score timesteps [B, F] (docs/algorithms.md, 'Score timesteps'): raw integer in [min, max), shift,
+        clamp to [20, 980]."""
         from sfplus.flow import unwarp_timestep
 
         min_t, max_t = self.min_score_timestep, 1000
@@ -301,9 +306,9 @@ class DistillModule(RecipeModule):
         return self.rollout(self.generator, cond, noise, self, kind=kind, grad=grad, real=real), noise
 
     def _last_window(self, video: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last ``frames`` of a long rollout as the score nets see them (reference §3.3 steps 6–7): its first
-        frame is replaced by the re-encoding of the last pixel frame decoded before the window; the generator loss
-        skips the first block. Returns (video [B, C, frames, H, W], mask of the same shape)."""
+        """The last ``frames`` of a long rollout as the score nets see them (docs/algorithms.md, 'Long rollouts'):
+        its first frame is replaced by the re-encoding of the last pixel frame decoded before the window; the
+        generator loss skips the first block. Returns (video [B, C, frames, H, W], mask of the same shape)."""
         with torch.no_grad():
             earlier = self.conditioner.decode(video[:, :, : video.shape[2] - frames + 1].detach())
             first = self.conditioner.encode_video(earlier[:, :, -1:]).to(video.dtype)

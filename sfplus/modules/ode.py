@@ -1,4 +1,5 @@
-"""ODE-regression initialisation of a causal few-step generator from teacher ODE trajectories (reference §5.4)."""
+"""ODE-regression initialisation of a causal few-step generator from teacher ODE trajectories
+(docs/algorithms.md, 'ODE regression')."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from sfplus.conditioning import Cond, Conditioner
 from sfplus.flow import warp_timesteps
-from sfplus.modules.base import SingleNetModule, _default_toy_conditioner
+from sfplus.modules.base import SingleNetModule, default_toy_conditioner
 from sfplus.modules.groups import Scale
 from sfplus.noise import SampleNoise
 from sfplus.objectives.ode import ode_regression_loss
@@ -83,7 +84,7 @@ class ODEInitModule(SingleNetModule):
         predict_seed: int = 0,
         scale: Scale = Scale(),
     ) -> None:
-        super().__init__(net, net_overrides, conditioner or _default_toy_conditioner(), seed, scale)
+        super().__init__(net, net_overrides, conditioner or default_toy_conditioner(), seed, scale)
         steps = [float(s) for s in (denoising_steps or [1000, 750, 500, 250]) if s > 0]
         self.timesteps = warp_timesteps(steps, timestep_shift) if warp_denoising_steps else steps
         self.unwarped_steps, self.timestep_shift = steps, timestep_shift
