@@ -23,8 +23,12 @@ from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 import sfplus.callbacks  # noqa: F401
 import sfplus.conditioning  # noqa: F401
 import sfplus.datamodules  # noqa: F401
+from sfplus.known_warnings import silence_known_warnings
 from sfplus.modules import DiffusionModule, DistillModule  # noqa: F401
 from sfplus.parallel import close_process_group
+
+# The `sfplus` command silences a few benign library messages, each by its exact text (see sfplus/known_warnings.py).
+silence_known_warnings()
 
 
 # Configs may interpolate, e.g. `critic_betas: ${model.init_args.betas}`. In "omegaconf+" mode OmegaConf resolves
