@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="train the toy teacher first (configs/toy/teacher.yaml) and distil that one")
     args = parser.parse_args(argv)
 
-    # The toy nets are tiny: one thread per process is as fast as two on an idle 2-core machine and much faster on
-    # a busy one (intra-op threads wait on each other). A value the user set is kept.
+    # One intra-op thread per process: the toy nets are tiny, and two threads that wait on each other collapse when
+    # another process wants the cores. Measured on 2 cores (DMD, 200 updates): nearly idle, 2 threads 14 s and 1
+    # thread 19-20 s; busy (load ~6), 2 threads 13x slower than idle, 1 thread ~1.5x. A value the user set is kept.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for name in ("toy-teacher", "toy-dmd", "toy-eval") if args.train_teacher else ("toy-dmd", "toy-eval"):
         shutil.rmtree(RUNS / name, ignore_errors=True)
