@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     # One intra-op thread per process: the toy nets are tiny, and two threads that wait on each other collapse when
-    # another process wants the cores. Measured on 2 cores (DMD, 200 updates): nearly idle, 2 threads 14 s and 1
-    # thread 19-20 s; busy (load ~6), 2 threads 13x slower than idle, 1 thread ~1.5x. A value the user set is kept.
+    # another process wants the cores. Measured on 2 cores: DMD, 200 updates, nearly idle: 2 threads 14 s, 1 thread
+    # 19-20 s, but 2 threads 183 s once another job started; the toy teacher at load ~6: 2 threads 1.4 updates/s,
+    # 1 thread 10.6 updates/s. A value the user set is kept.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for name in ("toy-teacher", "toy-dmd", "toy-eval") if args.train_teacher else ("toy-dmd", "toy-eval"):
         shutil.rmtree(RUNS / name, ignore_errors=True)
