@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     n = 4 if args.train_teacher else 3
     print("sfplus toy demo: distil a video diffusion teacher (a tiny Wan2.1-architecture DiT, 40 sampling steps) "
           "into a 4-step generator with DMD, generate MP4s, and score both on the toy metrics.\n"
-          + (f"Teacher: trained here first (configs/toy/teacher.yaml). " if args.train_teacher else
+          + ("Teacher: trained here first (configs/toy/teacher.yaml). " if args.train_teacher else
              f"Teacher: the shipped one, {SHIPPED_TEACHER} (`make demo-full` retrains it). ")
-          + ("About 12-16 minutes on 2 CPU cores." if args.train_teacher else "About 3-4 minutes on 2 CPU cores."),
+          + ("About 13 minutes on 2 CPU cores." if args.train_teacher else "About 2.5 minutes on 2 CPU cores."),
           flush=True)
     start = time.perf_counter()
     times: dict[str, float] = {}
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     dmd = ["fit", "--config", "configs/toy/dmd.yaml"]
     if args.train_teacher:
         dmd += ["--model.init_args.teacher_checkpoint", TRAINED_TEACHER]
-    times["distil"] = stage(f"{i}/{n}", "Distil with DMD",
-                            "a 4-step student learns to match the teacher's 40-step samples (~1.5-3 min)", dmd, env)
+    times["distil"] = stage(f"{i}/{n}", "Distil with DMD", "a 4-step student learns to match the teacher's "
+                            "40-step samples, 900 updates (~2 min)", dmd, env)
     i += 1
     times["generate"] = stage(f"{i}/{n}", "Generate MP4s", "the student writes 2 videos per toy prompt (~10 s)", [
         "predict", "--config", "configs/toy/dmd.yaml", "--ckpt_path", STUDENT], env)
