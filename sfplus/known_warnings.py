@@ -79,6 +79,7 @@ def unexpected_eval_modules(module: nn.Module) -> list[str]:
 
 def excuse_frozen_eval_modules(module: nn.Module) -> None:
     """Silence Lightning's "Found N module(s) in eval mode" for this run when every such module belongs to a frozen
-    net (:func:`unexpected_eval_modules` is empty); otherwise Lightning's warning shows as usual."""
-    if not unexpected_eval_modules(module):
-        warnings.filterwarnings("ignore", message=EVAL_MODE_AT_FIT_START)
+    net (:func:`unexpected_eval_modules` is empty); otherwise Lightning's warning shows as usual, also when an
+    earlier fit in the same process was excused (the newest filter comes first)."""
+    action = "default" if unexpected_eval_modules(module) else "ignore"
+    warnings.filterwarnings(action, message=EVAL_MODE_AT_FIT_START)

@@ -13,8 +13,8 @@ from torch import nn
 
 from sfplus.callbacks import ProgressLog
 from sfplus.callbacks.progress import format_duration
-from sfplus.known_warnings import (CUSTOM_PREDICT_SAMPLER, LIGHTNING_TIPS, silence_known_warnings,
-                                   unexpected_eval_modules)
+from sfplus.known_warnings import (CUSTOM_PREDICT_SAMPLER, LIGHTNING_TIPS, excuse_frozen_eval_modules,
+                                   silence_known_warnings, unexpected_eval_modules)
 
 
 class _Tiny(L.LightningModule):
@@ -97,3 +97,20 @@ def test_known_messages_are_silenced_and_others_are_not():
     finally:
         logger.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["GPU available: False, used: False"]
+
+
+def test_the_eval_mode_warning_is_excused_per_run():
+    frozen = nn.Module()
+    frozen.trainable = nn.Linear(2, 2)
+    frozen.teacher = nn.Linear(2, 2).requires_grad_(False).eval()
+    careless = nn.Module()
+    careless.trainable = nn.Linear(2, 2).eval()
+    message = "Found 1 module(s) in eval mode at the start of training. This may lead to unexpected behavior"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        excuse_frozen_eval_modules(frozen)
+        warnings.warn(message, PossibleUserWarning)
+        assert caught == []
+        excuse_frozen_eval_modules(careless)  # a later fit in the same process with a real problem
+        warnings.warn(message, PossibleUserWarning)
+    assert [str(w.message) for w in caught] == [message]
