@@ -38,7 +38,7 @@ class ProgressLog(Callback):
         stream: where to print (default: stdout).
     """
 
-    def __init__(self, every_s: float = 5.0, when: str = "not_tty", stream: TextIO | None = None) -> None:
+    def __init__(self, every_s: float = 10.0, when: str = "not_tty", stream: TextIO | None = None) -> None:
         if when not in ("not_tty", "always", "never"):
             raise ValueError(f"ProgressLog.when must be 'not_tty', 'always' or 'never', got {when!r}")
         self.every_s, self.when, self.stream = float(every_s), when, stream

@@ -33,7 +33,7 @@ STUDENT = "runs/toy-dmd/checkpoints/last.ckpt"
 
 
 def stage(number: str, title: str, what: str, args: list[str], env: dict[str, str]) -> float:
-    print(f"\n[{number}] {title}\n      {what}\n$ sfplus {' '.join(args)}", flush=True)
+    print(f"\n[{number}] {title}: {what}\n$ sfplus {' '.join(args)}", flush=True)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "sfplus", *args], cwd=ROOT, check=True, env=env)
     took = time.perf_counter() - start
