@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
           "into a 4-step generator with DMD, generate MP4s, and score both on the toy metrics.\n"
           + ("Teacher: trained here first (configs/toy/teacher.yaml). " if args.train_teacher else
              f"Teacher: the shipped one, {SHIPPED_TEACHER} (`make demo-full` retrains it). ")
-          + ("About 13 minutes on 2 CPU cores." if args.train_teacher else "About 2.5 minutes on 2 CPU cores."),
+          + ("About 13 minutes on 2 CPU cores." if args.train_teacher else "About 2-2.5 minutes on 2 CPU cores."),
           flush=True)
     start = time.perf_counter()
     times: dict[str, float] = {}
