@@ -46,9 +46,13 @@ from sfplus.cli_errors import (
     summarize_parse_error,
 )
 from sfplus.disk_full import DiskFullError
+from sfplus.known_warnings import silence_known_warnings
 from sfplus.modules import DiffusionModule, DistillModule  # noqa: F401
 from sfplus.parallel import close_process_group
 from sfplus.resume import DiscardOldCheckpoints, checkpoint_folders, resolve_ckpt_path
+
+# The `sfplus` command silences a few benign library messages, each by its exact text (see sfplus/known_warnings.py).
+silence_known_warnings()
 
 # Configs may interpolate, e.g. `critic_betas: ${model.init_args.betas}`. In "omegaconf+" mode OmegaConf resolves
 # `${...}` once every config file and command-line value is merged, so overriding the source on the command line

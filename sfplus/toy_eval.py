@@ -11,6 +11,7 @@ Prints a table and writes it as JSON (atomically) next to the outputs.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,23 @@ METRIC_KEYS = ("prompt_accuracy", "colour_accuracy", "direction_accuracy", "shar
 
 
 def _checkpoint_info(path: str) -> dict[str, Any]:
+    """The ``sfplus`` entry (net preset, latent shape, sampler) of a Lightning checkpoint, or of the JSON sidecar of
+    a ``.safetensors`` teacher (``assets/toy_teacher/toy_teacher.json`` beside the shipped toy teacher)."""
     p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if p.suffix == ".safetensors":
+        sidecar = p.with_suffix(".json")
+        if not sidecar.is_file():
+            raise CheckpointError(f"{p} needs its sidecar {sidecar} (net preset, latent shape and sampler), as "
+                                  "assets/toy_teacher/toy_teacher.json")
+        try:
+            info = json.loads(sidecar.read_text(encoding="utf-8")).get("sfplus")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{sidecar} is not valid JSON: {err}") from None
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{sidecar} has no 'sfplus' entry")
+        return info
     ckpt = torch_load_mapping(p, "checkpoint", CheckpointError)  # one-line errors for damaged files
     info = ckpt.get("sfplus")
     if not isinstance(info, dict) or "net" not in info:
@@ -48,9 +65,12 @@ def _net(path: str, which: str, info: dict) -> torch.nn.Module:
     return net.eval()
 
 
-def _generate(fn, prompts: list[str], seeds: list[int], shape: list[int], cond_fn, batch_size: int) -> torch.Tensor:
+def _generate(fn, prompts: list[str], seeds: list[int], shape: list[int], cond_fn, batch_size: int,
+              report=None) -> torch.Tensor:
     out = []
     for i in range(0, len(prompts), batch_size):
+        if report is not None:
+            report(i)
         chunk = prompts[i : i + batch_size]
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s))
                              for s in seeds[i : i + batch_size]])
@@ -74,11 +94,15 @@ def evaluate(
     frames: int = 4,
     height: int = 16,
     width: int = 16,
+    progress_every_s: float = 5.0,
 ) -> dict[str, dict[str, float]]:
     """Score the teacher (full and few steps) and, if given, the student (raw and EMA); returns the table.
 
     The clips (frames, size) and the toy codec come from the teacher checkpoint's latent shape; ``frames``,
-    ``height`` and ``width`` are used only for a checkpoint without one.
+    ``height`` and ``width`` are used only for a checkpoint without one. The teacher is a Lightning checkpoint or a
+    ``.safetensors`` file with its JSON sidecar (the shipped ``assets/toy_teacher/toy_teacher.safetensors``).
+    A progress line is printed after each row and at most every ``progress_every_s`` seconds within one (negative:
+    none).
     """
     t_info = _checkpoint_info(teacher)
     # Both checkpoints and the output folder are checked before minutes of sampling, not after.
@@ -106,13 +130,25 @@ def evaluate(
 
     rows: dict[str, dict[str, float]] = {}
     teacher_net = _net(teacher, "ema", t_info)
+    last_line = [time.perf_counter()]
 
     def add_row(name: str, fn) -> None:
         start = time.perf_counter()
-        videos = conditioner.decode(_generate(fn, prompts, seeds, shape, cond_fn, batch_size))
+
+        def report(done: int) -> None:  # a line every few seconds, with this row's ETA
+            now = time.perf_counter()
+            if done and progress_every_s >= 0 and now - last_line[0] >= progress_every_s:
+                last_line[0] = now
+                eta = (now - start) / done * (len(prompts) - done)
+                print(f"toy-eval: {name}: {done}/{len(prompts)} videos, ETA {eta:.0f} s", flush=True)
+
+        videos = conditioner.decode(_generate(fn, prompts, seeds, shape, cond_fn, batch_size, report))
         metrics = toy_metrics(videos, prompts, reference, spec)
         metrics["seconds"] = time.perf_counter() - start
         rows[name] = metrics
+        if progress_every_s >= 0:
+            last_line[0] = time.perf_counter()
+            print(f"toy-eval: {name}: {len(prompts)} videos in {metrics['seconds']:.1f} s", flush=True)
 
     add_row(f"teacher {teacher_steps} steps + CFG", lambda n, c, u, g: teacher_sample(
         teacher_net, n, c, u, num_steps=teacher_steps, shift=shift, guidance_scale=guidance_scale))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP_FOLDERS = ("sfplus", "callbacks", "datamodules", "configs", "tools", "tests", "docs", ".ci")
+TOP_FOLDERS = ("sfplus", "callbacks", "datamodules", "configs", "tools", "tests", "docs", "assets", ".ci")
 FILE_KINDS = ("py", "md", "yaml", "sbatch", "diff", "sh", "toml")
 # Files that runs write, named in docs as outputs: not repository files.
 RUN_OUTPUTS = {"config.yaml"}

@@ -107,7 +107,15 @@ class RecipeModule(L.LightningModule):
             self.load_initial_weights()
             self._weights_pending = False
 
+    def configure_callbacks(self):
+        from sfplus.callbacks.progress import default_callbacks
+
+        return default_callbacks(self.trainer)  # progress lines when stdout is not a terminal
+
     def on_fit_start(self) -> None:
+        from sfplus.known_warnings import excuse_frozen_eval_modules
+
+        excuse_frozen_eval_modules(self)  # the frozen nets are in eval mode on purpose
         if self.fp8:
             raise ValueError("scale.fp8 is for predict only: FP8 linears have no backward; train without it")
         self._load_pending()
