@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sfplus.datamodules.prompts import PromptSourceError, read_text_file
-from sfplus.datamodules.samplers import EpochBatchSampler, EvenSplitSampler
+from sfplus.datamodules.samplers import EpochBatchSampler, EvenSplitSampler, WorkerStart, worker_context
 from sfplus.i2v import check_image, load_image, resize_image, wan_i2v_size
 
 __all__ = ["IMAGE_SUFFIXES", "ImagePair", "ImagePromptDataModule", "ImagePromptDataset", "collate_images",
@@ -220,6 +220,8 @@ class ImagePromptDataModule(L.LightningDataModule):
         seed: order of training batches.
         batches_per_epoch: training batches per epoch on each rank (default: one pass).
         num_workers: DataLoader workers (image decoding and resizing run there).
+        worker_start_method: how workers start: ``forkserver`` (default; a fork of the training process can
+            deadlock on its communication threads' locks), ``spawn`` or ``fork``.
     """
 
     def __init__(
@@ -235,8 +237,10 @@ class ImagePromptDataModule(L.LightningDataModule):
         seed: int = 0,
         batches_per_epoch: int | None = None,
         num_workers: int = 0,
+        worker_start_method: WorkerStart = "forkserver",
     ) -> None:
         super().__init__()
+        self.worker_context = worker_context(num_workers, worker_start_method)
         if rounding not in ("nearest", "wan"):
             raise ValueError(f"rounding must be 'nearest' or 'wan', got {rounding!r}")
         self.path, self.batch_size, self.num_samples = path, batch_size, num_samples
@@ -262,9 +266,10 @@ class ImagePromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset(1)
         sampler = EpochBatchSampler(len(ds), self.batch_size, seed=self.seed, batches_per_epoch=self.batches_per_epoch)
-        return DataLoader(ds, batch_sampler=sampler, collate_fn=collate_images, num_workers=self.num_workers)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=collate_images, num_workers=self.num_workers,
+                          multiprocessing_context=self.worker_context)
 
     def predict_dataloader(self) -> DataLoader:
         ds = self.dataset(self.num_samples)
         return DataLoader(ds, batch_sampler=EvenSplitSampler(len(ds), self.batch_size), collate_fn=collate_images,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, multiprocessing_context=self.worker_context)

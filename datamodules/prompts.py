@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from sfplus.datamodules.samplers import EpochBatchSampler, EvenSplitSampler
+from sfplus.datamodules.samplers import EpochBatchSampler, EvenSplitSampler, WorkerStart, worker_context
 
 
 class PromptSourceError(ValueError):
@@ -125,6 +125,8 @@ class PromptDataModule(L.LightningDataModule):
         batches_per_epoch: training batches per epoch on each rank (default: one pass).
         deduplicate: drop repeated prompts.
         num_workers: DataLoader workers.
+        worker_start_method: how workers start: ``forkserver`` (default; a fork of the training process can
+            deadlock on its communication threads' locks), ``spawn`` or ``fork``.
     """
 
     def __init__(
@@ -137,8 +139,10 @@ class PromptDataModule(L.LightningDataModule):
         batches_per_epoch: int | None = None,
         deduplicate: bool = False,
         num_workers: int = 0,
+        worker_start_method: WorkerStart = "forkserver",
     ) -> None:
         super().__init__()
+        self.worker_context = worker_context(num_workers, worker_start_method)
         self.path, self.extended_path = path, extended_path
         self.batch_size, self.num_samples, self.seed = batch_size, num_samples, seed
         self.batches_per_epoch, self.deduplicate, self.num_workers = batches_per_epoch, deduplicate, num_workers
@@ -178,11 +182,12 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = PromptDataset(self.prompts(), 1, self._extended)
         sampler = EpochBatchSampler(len(ds), self.batch_size, seed=self.seed, batches_per_epoch=self.batches_per_epoch)
-        return DataLoader(ds, batch_sampler=sampler, collate_fn=collate_prompts, num_workers=self.num_workers)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=collate_prompts, num_workers=self.num_workers,
+                          multiprocessing_context=self.worker_context)
 
     def predict_dataloader(self) -> DataLoader:
         ds = PromptDataset(self.prompts(), self.num_samples, self._extended)
         return DataLoader(
             ds, batch_sampler=EvenSplitSampler(len(ds), self.batch_size), collate_fn=collate_prompts,
-            num_workers=self.num_workers,
+            num_workers=self.num_workers, multiprocessing_context=self.worker_context,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 from torch.utils.data import Sampler
@@ -162,3 +163,23 @@ class EvenSplitSampler(Sampler[list[int]]):
         mine += [-1] * (total - len(mine))
         for b in range(len(self)):
             yield mine[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+#: How DataLoader workers start (``worker_start_method`` of the data modules; see :func:`worker_context`).
+WorkerStart = Literal["forkserver", "spawn", "fork"]
+
+
+def worker_context(num_workers: int, start_method: WorkerStart = "forkserver") -> str | None:
+    """The ``multiprocessing_context`` for a DataLoader with ``num_workers`` workers.
+
+    ``forkserver`` by default: forking a training process copies it mid-flight, threads and all (gloo / NCCL
+    progress threads, the TensorBoard writer, BLAS pools), and a child can deadlock inside ``fork`` on a lock one of
+    those threads held — seen here as a 2-rank gloo run whose worker never started, its peer waiting in an
+    all-gather forever. A fork server is a fresh single-threaded process that forks the workers instead (each
+    starts in about a second; the dataset is pickled to it). None without workers.
+    """
+    if num_workers <= 0:
+        return None
+    if start_method not in ("forkserver", "spawn", "fork"):
+        raise ValueError(f"worker_start_method must be forkserver, spawn or fork, got {start_method!r}")
+    return start_method

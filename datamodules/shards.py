@@ -34,7 +34,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sfplus.datamodules.samplers import EpochBatchSampler
+from sfplus.datamodules.samplers import EpochBatchSampler, WorkerStart, worker_context
 from sfplus.datamodules.shard_format import (
     EXT_FIRST_FRAME,
     EXT_LATENT,
@@ -224,6 +224,8 @@ class LatentShardDataModule(L.LightningDataModule):
             ODE training can skip ``latents`` (the trajectory's last entry is the clean latent).
         dtype: dtype of latents and trajectories in the batch (``float32``, ``bfloat16``, ``float16``).
         num_workers: DataLoader worker processes per rank (each reads whole batches).
+        worker_start_method: how workers start: ``forkserver`` (default; a fork of the training process can
+            deadlock on its communication threads' locks), ``spawn`` or ``fork``.
         pin_memory: pin batches for faster host-to-GPU copies.
         rank, world_size: explicit split; default: the trainer's (or torch.distributed's) rank and world size.
     """
@@ -240,8 +242,10 @@ class LatentShardDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        worker_start_method: WorkerStart = "forkserver",
     ) -> None:
         super().__init__()
+        self.worker_context = worker_context(num_workers, worker_start_method)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
         if (rank is None) != (world_size is None):
@@ -290,6 +294,7 @@ class LatentShardDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            multiprocessing_context=self.worker_context,
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

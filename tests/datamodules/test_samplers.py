@@ -129,3 +129,16 @@ def test_even_split_empty_and_bad_batch():
     assert list(EvenSplitSampler(0, 2, rank=0, world_size=2)) == []
     with pytest.raises(ValueError):
         EvenSplitSampler(5, 0)
+
+
+def test_workers_start_from_a_fork_server_by_default():
+    """Forking a training process with communication threads can deadlock the child: workers come from a fork
+    server unless the data module says otherwise; no workers, no context."""
+    from sfplus.datamodules import LatentShardDataModule, PromptDataModule
+    from sfplus.datamodules.samplers import worker_context
+
+    assert worker_context(0) is None and worker_context(2) == "forkserver" and worker_context(2, "spawn") == "spawn"
+    with pytest.raises(ValueError, match="worker_start_method"):
+        worker_context(2, "thread")
+    assert PromptDataModule("p.txt", num_workers=2).worker_context == "forkserver"
+    assert LatentShardDataModule("shards", num_workers=2, worker_start_method="fork").worker_context == "fork"

@@ -122,7 +122,9 @@ def _rank_main(rank: int, root: str, init: str, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    dm = LatentShardDataModule(root, batch_size=2, seed=3, num_workers=1)
+    # The ranks are forked from pytest: a forked process must not reuse its parent's fork server (multiprocessing
+    # waits on workers that are not its children), so these workers fork too.
+    dm = LatentShardDataModule(root, batch_size=2, seed=3, num_workers=1, worker_start_method="fork")
     result = {}
     for epoch in (0, 1):
         loader = dm.train_dataloader()
