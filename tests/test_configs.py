@@ -56,7 +56,8 @@ def test_14b_dmd_recipes_carry_the_reference_hyper_parameters(name, guidance, it
     assert (m["generator_type"], m["distribution_loss"]) == ("bidirectional", "dmd")
     assert (m["generator_lr"], m["critic_lr"], m["weight_decay"]) == (2e-6, 4e-7, 0.01)
     assert m["betas"] == m["critic_betas"] == [0.0, 0.999]
-    assert (m["dfake_gen_update_ratio"], m["real_guidance_scale"], m["timestep_shift"]) == (5, guidance, 5.0)
+    # Wan's CFG convention: the reference's real_guidance_scale + 1 (5 -> 6 for T2V, 6 -> 7 for I2V).
+    assert (m["dfake_gen_update_ratio"], m["guidance_scale"], m["timestep_shift"]) == (5, guidance + 1, 5.0)
     assert (m["denoising_steps"], m["warp_denoising_steps"]) == ([1000, 750, 500, 250], True)
     assert m["max_grad_norm_generator"] == m["max_grad_norm_critic"] == 10.0
     assert m["scale"] == {"activation_checkpointing": True, "param_dtype": "bf16", "frozen_dtype": "bf16"}

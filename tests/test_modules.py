@@ -286,3 +286,11 @@ def test_frame_timestep_prob_draws_per_frame_timesteps_for_that_fraction():
         DiffusionModule(net="tiny", net_overrides=TINY, frame_timestep_prob=1.5)
     with pytest.raises(ValueError, match="bidirectional"):
         DiffusionModule(net="tiny", net_overrides=TINY, frame_timestep_prob=0.5, causal={"frames_per_block": 1})
+
+
+def test_reference_cfg_names_are_refused_with_the_wan_value():
+    """One CFG convention (Wan's): a config written with the reference's names gets the value to write instead."""
+    with pytest.raises(ValueError, match=r"set guidance_scale: 6\.0 for real_guidance_scale: 5\.0"):
+        DistillModule(net="tiny", real_guidance_scale=5.0)
+    with pytest.raises(ValueError, match=r"set critic_guidance_scale: 1\.0 for fake_guidance_scale: 0\.0"):
+        DistillModule(net="tiny", fake_guidance_scale=0.0)

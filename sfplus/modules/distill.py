@@ -51,8 +51,11 @@ class DistillModule(RecipeModule):
         denoising_steps: the generator's steps before warping (reference ``denoising_step_list``).
         warp_denoising_steps: map the steps through ``timestep_shift`` ([1000,750,500,250] → [1000,937.5,833.3,625]).
         timestep_shift: shift of the score timesteps and of the step warp (5.0 in every reference config).
-        real_guidance_scale: teacher CFG in the reference's convention (effective Wan scale = this + 1).
-        fake_guidance_scale: CFG of the fake score (0: none).
+        guidance_scale: the teacher's (real score's) CFG scale in Wan's convention, ``u + g (c - u)``: 4.0 is the
+            reference's ``real_guidance_scale: 3.0`` (docs/algorithms.md, 'CFG conventions').
+        critic_guidance_scale: CFG of the critic (fake score), same convention (1.0: none; the reference's
+            ``fake_guidance_scale`` + 1).
+        real_guidance_scale, fake_guidance_scale: the reference's names; refused with the conversion to use.
         min_score_timestep: lower bound of the raw score timestep.
         ts_schedule / ts_schedule_max: bound the score timestep by the exit step's noise levels
             (docs/algorithms.md, 'Score timesteps').
@@ -95,8 +98,8 @@ class DistillModule(RecipeModule):
         denoising_steps: list[float] | None = None,
         warp_denoising_steps: bool = True,
         timestep_shift: float = 5.0,
-        real_guidance_scale: float = 3.0,
-        fake_guidance_scale: float = 0.0,
+        guidance_scale: float = 4.0,
+        critic_guidance_scale: float = 1.0,
         min_score_timestep: int = 0,
         ts_schedule: bool = False,
         ts_schedule_max: bool = False,
@@ -123,6 +126,8 @@ class DistillModule(RecipeModule):
         sid_alpha: float = 1.0,
         teacher_forcing: bool = False,
         gan: GAN | None = None,
+        real_guidance_scale: float | None = None,
+        fake_guidance_scale: float | None = None,
         seed: int = 0,
         predict_seed: int = 0,
         scale: Scale = Scale(),
@@ -138,7 +143,12 @@ class DistillModule(RecipeModule):
         self.timesteps = warp_timesteps(steps, timestep_shift) if warp_denoising_steps else [float(s) for s in steps]
         self.unwarped_steps = steps
         self.timestep_shift = timestep_shift
-        self.real_guidance_scale, self.fake_guidance_scale = real_guidance_scale, fake_guidance_scale
+        for old, new, value in (("real_guidance_scale", "guidance_scale", real_guidance_scale),
+                                ("fake_guidance_scale", "critic_guidance_scale", fake_guidance_scale)):
+            if value is not None:
+                raise ValueError(f"{old} (the reference's CFG convention, c + s (c - u)) is now {new} in Wan's "
+                                 f"convention, u + g (c - u): set {new}: {value + 1} for {old}: {value}")
+        self.guidance_scale, self.critic_guidance_scale = guidance_scale, critic_guidance_scale
         self.min_score_timestep = min_score_timestep
         self.ts_schedule, self.ts_schedule_max = ts_schedule, ts_schedule_max
         self.ratio = dfake_gen_update_ratio
@@ -167,8 +177,8 @@ class DistillModule(RecipeModule):
             raise ValueError("teacher_forcing applies to distribution_loss=causvid with a causal generator")
         self.needs_real_latents = distribution_loss == "causvid" or self.gan is not None
         self.rollout = self._build_rollout()
-        self.objective = (SiDObjective(real_guidance_scale, sid_alpha) if distribution_loss == "sid"
-                          else DMDObjective(real_guidance_scale, fake_guidance_scale))
+        self.objective = (SiDObjective(guidance_scale, sid_alpha) if distribution_loss == "sid"
+                          else DMDObjective(guidance_scale, critic_guidance_scale))
 
     def _build_rollout(self):
         """The generator's training sample (sfplus.modules.distill_parts), from the recipe's settings."""

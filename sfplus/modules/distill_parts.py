@@ -140,26 +140,29 @@ class CausVidStep:
 class DMDObjective:
     """Distribution matching: the generator follows the difference of the fake and the real (CFG) scores.
 
-    ``real_guidance_scale`` is in the reference's convention (Wan's CFG scale minus 1)."""
+    Scales in Wan's convention (``u + g (c - u)``); the objective functions take the reference's ``c + s (c - u)``,
+    ``s = g - 1`` — converted here, the one place (docs/algorithms.md, 'CFG conventions')."""
 
-    real_guidance_scale: float
-    fake_guidance_scale: float = 0.0
+    guidance_scale: float
+    critic_guidance_scale: float = 1.0
 
     def generator_loss(self, x, t, eps, *, fake, real, cond: Cond, uncond: Cond,
                        mask: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         kl = dmd_kl_grad(x, t, eps, fake=fake, real=real, cond=cond, uncond=uncond,
-                         real_guidance_scale=self.real_guidance_scale, fake_guidance_scale=self.fake_guidance_scale)
+                         real_guidance_scale=self.guidance_scale - 1,
+                         fake_guidance_scale=self.critic_guidance_scale - 1)
         return dmd_generator_loss(x, kl.grad, mask), {"dmd_gradient_norm": kl.gradient_norm}
 
 
 @dataclass(frozen=True)
 class SiDObjective:
-    """Score identity distillation (``alpha``: SiD's weighting of the fake-score term)."""
+    """Score identity distillation (``alpha``: SiD's weighting of the fake-score term); ``guidance_scale`` in Wan's
+    convention, converted as in :class:`DMDObjective`."""
 
-    real_guidance_scale: float
+    guidance_scale: float
     alpha: float = 1.0
 
     def generator_loss(self, x, t, eps, *, fake, real, cond: Cond, uncond: Cond,
                        mask: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         return sid_generator_loss(x, t, eps, fake=fake, real=real, cond=cond, uncond=uncond,
-                                  real_guidance_scale=self.real_guidance_scale, alpha=self.alpha, mask=mask)
+                                  real_guidance_scale=self.guidance_scale - 1, alpha=self.alpha, mask=mask)
