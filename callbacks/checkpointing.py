@@ -256,10 +256,7 @@ def save_trainer_checkpoint(trainer: L.Trainer, final: str | os.PathLike) -> Pat
     strategy = trainer.strategy
     final = Path(strategy.broadcast(str(final)))  # one path for all ranks
     return atomic_save(
-        # Lightning's save-time weights_only=False means "the whole resumable state" (optimizers, loops, callbacks),
-        # and saying so silences its notice on every save. Loading is a different matter: sfplus always loads with
-        # torch.load(weights_only=True).
-        lambda tmp: trainer.save_checkpoint(tmp, weights_only=False),
+        lambda tmp: trainer.save_checkpoint(tmp),  # the whole resumable state (Lightning's default)
         final,
         is_rank_zero=trainer.is_global_zero,
         barrier=lambda: strategy.barrier("sfplus.atomic_save"),

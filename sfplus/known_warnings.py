@@ -27,6 +27,10 @@ PYTREE_LEAFSPEC = "`isinstance(treespec, LeafSpec)` is deprecated"
 # so Lightning's `drop_last=False` injection, which it cannot do for a custom batch sampler, is not needed.
 CUSTOM_PREDICT_SAMPLER = "You are using a custom batch sampler `EvenSplitSampler` for prediction"
 
+# Lightning notes on every save that it writes the whole resumable state (optimizers, loops, callbacks) by
+# default: what AtomicCheckpoint wants. (Checkpoints are always loaded with torch.load(weights_only=True).)
+SAVE_DEFAULT_NOTE = "`weights_only` was not set, defaulting to `False`."
+
 # Lightning warns about every module in eval mode when fit starts; see :func:`excuse_frozen_eval_modules`.
 EVAL_MODE_AT_FIT_START = r"Found \d+ module\(s\) in eval mode at the start of training"
 
@@ -45,9 +49,11 @@ def silence_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=re.escape(PYTREE_LEAFSPEC), category=FutureWarning,
                             module=r"lightning\.pytorch\.utilities\._pytree")
     warnings.filterwarnings("ignore", message=re.escape(CUSTOM_PREDICT_SAMPLER))
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # rank_zero_info's logger
-    if not any(isinstance(f, _DropMessage) and f.start == LIGHTNING_TIPS for f in logger.filters):
-        logger.addFilter(_DropMessage(LIGHTNING_TIPS))
+    for name, start in (("lightning.pytorch.utilities.rank_zero", LIGHTNING_TIPS),  # rank_zero_info's logger
+                        ("lightning.pytorch.trainer.connectors.checkpoint_connector", SAVE_DEFAULT_NOTE)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropMessage(start))
 
 
 def unexpected_eval_modules(module: nn.Module) -> list[str]:

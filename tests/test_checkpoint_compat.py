@@ -5,7 +5,7 @@ today's DistillModule and its EMA generator reads back for export.
 Made with (session 6, lightning 2.6.6, torch 2.13): tiny preset with ``TINY`` overrides, ``ToyConditioner(16, 8)``,
 teacher ``write_tiny_teacher``, ``generator_type="causal"``, ``frames_per_block=1``, ``video_shape=[3, 2, 4, 4]``,
 ``dfake_gen_update_ratio=2``, ``gan={"blocks": [0, 1]}``, ``seed=1``, EMA(decay=0.5), 3 updates on 4 random latent
-samples, ``trainer.save_checkpoint(path, weights_only=False)``. A change that renames a state-dict key, drops a
+samples, ``trainer.save_checkpoint(path)`` (the whole resumable state). A change that renames a state-dict key, drops a
 counter or reshapes a net fails here: keep old checkpoints loading (or convert them) rather than regenerating this.
 """
 

@@ -16,6 +16,7 @@ from sfplus.callbacks.progress import format_duration
 from sfplus.known_warnings import (
     CUSTOM_PREDICT_SAMPLER,
     LIGHTNING_TIPS,
+    SAVE_DEFAULT_NOTE,
     excuse_frozen_eval_modules,
     silence_known_warnings,
     unexpected_eval_modules,
@@ -102,6 +103,18 @@ def test_known_messages_are_silenced_and_others_are_not():
     finally:
         logger.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["GPU available: False, used: False"]
+
+    saver = logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector")
+    saved = []
+    handler = logging.Handler()
+    handler.emit = saved.append
+    saver.addHandler(handler)
+    try:
+        saver.info(SAVE_DEFAULT_NOTE)
+        saver.info("Restoring states from the checkpoint path at last.ckpt")
+    finally:
+        saver.removeHandler(handler)
+    assert [r.getMessage() for r in saved] == ["Restoring states from the checkpoint path at last.ckpt"]
 
 
 def test_the_eval_mode_warning_is_excused_per_run():
