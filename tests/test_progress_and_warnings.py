@@ -92,29 +92,28 @@ def test_known_messages_are_silenced_and_others_are_not():
         warnings.warn("You are using a custom batch sampler `Other` for prediction.", PossibleUserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["You are using a custom batch sampler `Other` for prediction."]
 
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    tips = _kept("lightning.pytorch.utilities.rank_zero",
+                 LIGHTNING_TIPS + "logging and experiment tracking, try installing litlogger",
+                 "GPU available: False, used: False")
+    assert tips == ["GPU available: False, used: False"]
+    saves = _kept("lightning.pytorch.trainer.connectors.checkpoint_connector", SAVE_DEFAULT_NOTE,
+                  "Restoring states from the checkpoint path at last.ckpt")
+    assert saves == ["Restoring states from the checkpoint path at last.ckpt"]
+
+
+def _kept(logger_name: str, *messages: str) -> list[str]:
+    """The ``messages`` logged at INFO through ``logger_name`` that reach a handler (the filters let through)."""
+    logger = logging.getLogger(logger_name)
     records = []
     handler = logging.Handler()
     handler.emit = records.append
     logger.addHandler(handler)
     try:
-        logger.info(LIGHTNING_TIPS + "logging and experiment tracking, try installing litlogger")
-        logger.info("GPU available: False, used: False")
+        for message in messages:
+            logger.info(message)
     finally:
         logger.removeHandler(handler)
-    assert [r.getMessage() for r in records] == ["GPU available: False, used: False"]
-
-    saver = logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector")
-    saved = []
-    handler = logging.Handler()
-    handler.emit = saved.append
-    saver.addHandler(handler)
-    try:
-        saver.info(SAVE_DEFAULT_NOTE)
-        saver.info("Restoring states from the checkpoint path at last.ckpt")
-    finally:
-        saver.removeHandler(handler)
-    assert [r.getMessage() for r in saved] == ["Restoring states from the checkpoint path at last.ckpt"]
+    return [r.getMessage() for r in records]
 
 
 def test_the_eval_mode_warning_is_excused_per_run():
