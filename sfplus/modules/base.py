@@ -24,7 +24,7 @@ from sfplus.modules.contract import OutputIndex
 from sfplus.modules.groups import Scale, as_group
 from sfplus.nets.checkpoints import CheckpointError
 from sfplus.noise import SampleNoise, stable_seed
-from sfplus.parallel import copy_weights, parallelize
+from sfplus.parallel import copy_weights, parallelize, settle_mixed_precision
 
 
 def sample_seed(base_seed: int, index: int, sample: int) -> int:
@@ -58,6 +58,7 @@ class RecipeModule(L.LightningModule):
         self.accumulate = scale.accumulate_grad_batches
         self._micro = 0  # micro-batch index inside the current (accumulated) update
         self._weights_pending = False
+        self._sharded_trainable: list[nn.Module] = []  # set by prepare_nets
         self.conditioner = conditioner
         self.seed = seed
         self.iteration = 0
@@ -119,10 +120,8 @@ class RecipeModule(L.LightningModule):
         if self.fp8:
             raise ValueError("scale.fp8 is for predict only: FP8 linears have no backward; train without it")
         self._load_pending()
-        from sfplus.parallel import settle_mixed_precision
-
         # Before any update freezes a net (see settle_mixed_precision): FSDP2 fixes gradient dtypes at first use.
-        for net in getattr(self, "_sharded_trainable", []):
+        for net in self._sharded_trainable:
             settle_mixed_precision(net)
 
     def on_predict_start(self) -> None:
