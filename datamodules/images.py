@@ -7,7 +7,8 @@ Sources (``path``):
 * a ``.json`` file holding a list of ``{"image": path, "prompt": str}`` objects, or a ``.jsonl`` file with one such
   object per line; relative image paths are resolved against the file's folder.
 
-Each image is read as RGB in [-1, 1] and resized the way Wan does (:func:`sfplus.i2v.wan_i2v_size`: aspect ratio
+Each image is read as RGB in [-1, 1] and resized the way Wan does (:func:`sfplus.conditioning.i2v.wan_i2v_size`:
+aspect ratio
 kept, pixel budget ``max_area``, sizes a multiple of VAE stride × patch), or — with ``size: [H, W]`` — resized to
 cover that size and centre-cropped to it (one size for every image, so batches of several images and training
 at a fixed latent shape work).
@@ -28,9 +29,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from sfplus.conditioning.i2v import check_image, load_image, resize_image, wan_i2v_size
 from sfplus.datamodules.prompts import PromptSourceError, read_text_file
 from sfplus.datamodules.samplers import EpochBatchSampler, EvenSplitSampler, WorkerStart, worker_context
-from sfplus.i2v import check_image, load_image, resize_image, wan_i2v_size
 
 __all__ = ["IMAGE_SUFFIXES", "ImagePair", "ImagePromptDataModule", "ImagePromptDataset", "collate_images",
            "read_image_pairs"]
@@ -142,7 +143,7 @@ class ImagePromptDataset(Dataset):
     Args:
         pairs: the (image, prompt) pairs.
         num_samples: videos per pair.
-        max_area, rounding, spatial_stride, patch: Wan's size rule (:func:`sfplus.i2v.wan_i2v_size`).
+        max_area, rounding, spatial_stride, patch: Wan's size rule (:func:`sfplus.conditioning.i2v.wan_i2v_size`).
         size: fixed (H, W) instead (cover + centre crop).
     """
 
@@ -215,7 +216,7 @@ class ImagePromptDataModule(L.LightningDataModule):
         size: fixed ``[H, W]`` (cover + centre crop) instead of Wan's rule; training needs the generator's size
             (``[480, 832]`` for the 21×60×104 latent shape).
         rounding: ``nearest`` (a 480×832 image stays 480×832) or ``wan`` (official Wan's float floor, which sends
-            it to 464×832); see :func:`sfplus.i2v.wan_i2v_size`.
+            it to 464×832); see :func:`sfplus.conditioning.i2v.wan_i2v_size`.
         spatial_stride, patch: VAE stride and DiT patch (8 and 2 for Wan2.1).
         seed: order of training batches.
         batches_per_epoch: training batches per epoch on each rank (default: one pass).

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from sfplus.datamodules.prompts import PromptDataset, collate_prompts
 from sfplus.datamodules.samplers import EpochBatchSampler, EvenSplitSampler
 from sfplus.nets.codec import latent_shape, toy_codec
-from sfplus.toy_videos import ToyVideoDataset, ToyVideoSpec, toy_prompts
+from sfplus.toy.videos import ToyVideoDataset, ToyVideoSpec, toy_prompts
 
 
 class _ToyTrainSet(Dataset):

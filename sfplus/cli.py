@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 
 # Imported so that class names (not only class paths) work in configs.
 import sfplus.callbacks  # noqa: F401
-import sfplus.conditioning  # noqa: F401
+import sfplus.conditioning.conditioner  # noqa: F401
 import sfplus.datamodules  # noqa: F401
 from sfplus.callbacks import Preemption
 from sfplus.cli_errors import (
@@ -191,9 +191,11 @@ def refuse_fsdp_strategy(strategy: Any) -> None:
 
 def _tool_commands() -> dict[str, Callable]:
     # local: only the extra subcommands need these (they pull in export / planning / toy evaluation code)
-    from sfplus import export, plan, toy_eval
+    from sfplus import plan
+    from sfplus.toy import evaluation
+    from sfplus.weights import export
 
-    return {"toy-eval": toy_eval.main, "export": export.main, "plan": plan.main}
+    return {"toy-eval": evaluation.main, "export": export.main, "plan": plan.main}
 
 
 def _fail(message: object, details: str | None = None) -> None:

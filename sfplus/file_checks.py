@@ -2,7 +2,7 @@
 
 The readers here wrap ``torch.load`` (always ``weights_only=True``: a pickle that refers to Python code is refused,
 never run), safetensors and YAML configs. Each raises ``error`` (a ``ValueError``; callers pass their own
-subclass, e.g. :class:`sfplus.nets.checkpoints.CheckpointError`) with a one-line message of the form
+subclass, e.g. :class:`sfplus.weights.checkpoints.CheckpointError`) with a one-line message of the form
 ``<what> <path> <what is wrong>``, which ``sfplus``'s command line prints as ``sfplus: error: ...``.
 
 What is recognised before anything is parsed: a missing path, a folder where a file is expected, an empty file, an

@@ -12,9 +12,12 @@ bugs', B5); the continuous relation reproduces the grid values exactly and is th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+
+from sfplus.conditioning.conditioner import Cond
+from sfplus.noise import SampleNoise
 
 NUM_TRAIN_TIMESTEPS = 1000.0
 
@@ -141,3 +144,25 @@ def training_weight(t: torch.Tensor, shift: float) -> torch.Tensor:
     y_min, y_sum = y_grid.min(), (y_grid - y_grid.min()).sum()
     y = torch.exp(-2 * ((t.double() - 500) / 1000) ** 2)
     return ((y - y_min) * 1000 / y_sum).to(t.dtype)
+
+
+# A flow-predicting net: net(x [B,C,F,H,W], t [B] | [B,F], **cond) -> v [B,C,F,H,W].
+FlowNet = Callable[..., torch.Tensor]
+
+
+def predict_x0(net: FlowNet, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """x0 estimate (fp32) of ``net`` at ``(x_t, t)``."""
+    return flow_to_x0(x_t, net(x_t, t, **cond), t)
+
+
+def timestep_tensor(value: float, x: torch.Tensor) -> torch.Tensor:
+    """A ``[B, F]`` timestep tensor filled with ``value`` for video ``x`` [B, C, F, H, W]."""
+    return torch.full((x.shape[0], x.shape[2]), float(value), device=x.device, dtype=torch.float32)
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | SampleNoise | None) -> torch.Tensor:
+    """Gaussian noise like ``x`` from ``generator`` (a torch generator, or per-sample streams), in ``x``'s dtype."""
+    if isinstance(generator, SampleNoise):
+        return generator.randn_like(x)
+    dev = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32).to(x.device, x.dtype)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from sfplus.conditioning import Cond, Conditioner
+from sfplus.conditioning.conditioner import Cond, Conditioner
 from sfplus.datamodules.shard_format import Sample, write_sample_file
 from sfplus.flow import warp_timesteps
-from sfplus.sampling import euler_cfg_states
+from sfplus.sampling.samplers import euler_cfg_states
 
 REFERENCE_KEEP = (1000.0, 750.0, 500.0, 250.0, 0.0)  # unshifted; at shift 8 → [1000, 960, 888.9, 727.3, 0]
 

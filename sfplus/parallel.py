@@ -25,9 +25,9 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from sfplus.nets.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
-from sfplus.nets.sharded_checkpoint import is_sharded_checkpoint
-from sfplus.nets.wan_folders import folder_shapes, iter_folder_shards, locate_weights
+from sfplus.weights.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
+from sfplus.weights.sharded_checkpoint import is_sharded_checkpoint
+from sfplus.weights.wan_folders import folder_shapes, iter_folder_shards, locate_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -166,7 +166,7 @@ def _set_state(net: nn.Module, sd: dict[str, torch.Tensor], strict: bool) -> Non
 def load_weights(net: nn.Module, source: str | os.PathLike | dict[str, torch.Tensor], which: str = "ema") -> nn.Module:
     """Load weights into ``net`` strictly: keys and shapes are checked first, then copied file by file.
 
-    ``source`` is a path that :func:`sfplus.nets.checkpoints.read_dit_state_dict` understands (Wan/diffusers
+    ``source`` is a path that :func:`sfplus.weights.checkpoints.read_dit_state_dict` understands (Wan/diffusers
     folders are streamed file by file), or a state dict. Works for sharded (DTensor) and plain nets.
     """
 

@@ -57,10 +57,10 @@ def write_tiny_wan_folder(root: Path) -> Path:
     """
     import transformers
 
+    from sfplus.conditioning.wan import CLIP_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE
     from sfplus.nets.image import hf_clip_to_wan
     from sfplus.nets.text import hf_t5_to_wan
     from sfplus.nets.vae import WanVAE
-    from sfplus.wan_conditioning import CLIP_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE
 
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

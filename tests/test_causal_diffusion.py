@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sfplus.causal_diffusion import causal_diffusion_sample
+from sfplus.flow import timestep_tensor
 from sfplus.nets.causal import BlockCausal
-from sfplus.sampling import euler_sigmas, teacher_sample, timestep_tensor
-from sfplus.unipc import unipc_sample
+from sfplus.sampling.causal_diffusion import causal_diffusion_sample
+from sfplus.sampling.samplers import euler_sigmas, teacher_sample
+from sfplus.sampling.unipc import unipc_sample
 
 B, C, H, W = 2, 16, 4, 4  # the tiny preset: 16 latent channels, patch 1x2x2
 G = 2.5

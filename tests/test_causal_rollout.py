@@ -1,13 +1,13 @@
-"""sfplus.causal_rollout: Self-Forcing rollout through the KV cache (docs/algorithms.md, 'Causal rollout
+"""sfplus.rollout.causal: Self-Forcing rollout through the KV cache (docs/algorithms.md, 'Causal rollout
 (Self-Forcing)'; reference bugs B1, B4, B22)."""
 
 import pytest
 import torch
 
-from sfplus.causal_rollout import CausalLayoutError, block_layout, causal_rollout, new_kv_cache
 from sfplus.flow import flow_to_x0
 from sfplus.nets.causal import BlockCausal
 from sfplus.nets.presets import build_dit
+from sfplus.rollout.causal import CausalLayoutError, block_layout, causal_rollout, new_kv_cache
 
 STEPS = [1000.0, 937.5, 1000.0 * 5 / 6, 625.0]
 B, C, H, W = 2, 16, 4, 4

@@ -17,11 +17,11 @@ import lightning as L
 import torch
 
 from sfplus.callbacks import EMA
-from sfplus.conditioning import ToyConditioner
+from sfplus.conditioning.conditioner import ToyConditioner
 from sfplus.datamodules import LatentShardDataModule
 from sfplus.datamodules.shard_format import Sample, write_shards
 from sfplus.modules import DistillModule
-from sfplus.nets.checkpoints import read_dit_state_dict
+from sfplus.weights.checkpoints import read_dit_state_dict
 from tests.helpers import TINY, write_tiny_teacher
 
 OLD = Path(__file__).parent / "data" / "distill_causal_gan_session6.ckpt"

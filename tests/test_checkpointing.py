@@ -21,7 +21,7 @@ from sfplus.callbacks.checkpointing import (
     recover,
     resume_path,
 )
-from sfplus.conditioning import ToyConditioner
+from sfplus.conditioning.conditioner import ToyConditioner
 from sfplus.datamodules import PromptDataModule
 from sfplus.modules import DistillModule
 from tests.helpers import TINY, write_tiny_teacher

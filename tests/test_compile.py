@@ -10,7 +10,7 @@ import torch
 from sfplus.nets.presets import build_dit, get_config
 from sfplus.nets.wan import WanDiT
 from sfplus.parallel import compile_blocks
-from sfplus.streaming import causal_sample
+from sfplus.sampling.streaming import causal_sample
 
 STEPS = [1000.0, 750.0, 500.0, 250.0]
 

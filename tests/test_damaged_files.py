@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from sfplus.cli import main
-from sfplus.nets.checkpoints import CheckpointError, read_dit_state_dict
 from sfplus.nets.text import EncoderCheckpointError, read_state_dict
 from sfplus.nets.vae import VAEWeightsError, read_vae_state_dict
+from sfplus.weights.checkpoints import CheckpointError, read_dit_state_dict
 from tests.helpers import cli_error_line, write_run_config, write_tiny_teacher
 
 
@@ -125,8 +125,8 @@ def test_damaged_image_is_named_at_setup(tmp_path, capsys):
     data = (folder / "a.png").read_bytes()
     (folder / "b.png").write_bytes(data[: len(data) // 2])
     (folder / "b.txt").write_text("a blue square")
+    from sfplus.conditioning.i2v import ImageReadError
     from sfplus.datamodules import ImagePromptDataModule
-    from sfplus.i2v import ImageReadError
 
     with pytest.raises(ImageReadError, match=f"image {folder / 'b.png'} is damaged or not an image"):
         ImagePromptDataModule(str(folder), size=[16, 16]).setup("predict")

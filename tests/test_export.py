@@ -1,4 +1,4 @@
-"""`sfplus.export`: Lightning checkpoints (file and torch.distributed.checkpoint directory) and Self-Forcing files
+"""`sfplus export`: Lightning checkpoints (file and torch.distributed.checkpoint directory) and Self-Forcing files
 exported to Wan-original / diffusers safetensors; read back and compared tensor by tensor (tiny preset, CPU)."""
 
 import importlib.util
@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from sfplus.export import export_generator, main
-from sfplus.nets.checkpoints import CheckpointError, read_dit_state_dict
-from sfplus.nets.diffusers_keys import wan_to_diffusers
 from sfplus.nets.presets import build_dit
-from sfplus.nets.wan_folders import detect_preset, read_folder_state_dict
+from sfplus.weights.checkpoints import CheckpointError, read_dit_state_dict
+from sfplus.weights.diffusers_keys import wan_to_diffusers
+from sfplus.weights.export import export_generator, main
+from sfplus.weights.wan_folders import detect_preset, read_folder_state_dict
 
 W = "diffusion_pytorch_model"
 

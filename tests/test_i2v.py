@@ -1,10 +1,10 @@
-"""sfplus.i2v: Wan I2V conditioning (docs/wan_architecture.md, 'I2V conditioning'), batched."""
+"""sfplus.conditioning.i2v: Wan I2V conditioning (docs/wan_architecture.md, 'I2V conditioning'), batched."""
 
 import numpy as np
 import pytest
 import torch
 
-from sfplus.i2v import ImageReadError, i2v_condition, i2v_mask, load_image, resize_image, wan_i2v_size
+from sfplus.conditioning.i2v import ImageReadError, i2v_condition, i2v_mask, load_image, resize_image, wan_i2v_size
 from sfplus.nets.codec import VideoShapeError, WanVAECodec
 from sfplus.nets.vae import WanVAE
 

@@ -17,7 +17,7 @@ def _frames(*sites):
 
 TORCH = ("/venv/lib/python3.11/site-packages/torch/nn/functional.py", 10, "linear")
 WAN = ("/repo/sfplus/nets/wan.py", 301, "forward")
-ROLL = ("/repo/sfplus/rollout.py", 40, "bidirectional_rollout")
+ROLL = ("/repo/sfplus/rollout/bidirectional.py", 40, "bidirectional_rollout")
 
 
 def test_peak_and_live_blocks():
@@ -36,7 +36,8 @@ def test_peak_and_live_blocks():
     assert sorted(b["addr"] for b in live) == [2, 3, 4]
     assert old == 980
     rows = memory_peak.group_blocks(live)
-    assert rows == [("sfplus/rollout.py:40 bidirectional_rollout", 250, 2), ("sfplus/nets/wan.py:301 forward", 30, 1)]
+    assert rows == [("sfplus/rollout/bidirectional.py:40 bidirectional_rollout", 250, 2),
+                    ("sfplus/nets/wan.py:301 forward", 30, 1)]
 
 
 def test_peak_before_any_allocation_is_the_starting_memory():

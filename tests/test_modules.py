@@ -11,11 +11,11 @@ import yaml
 from safetensors.torch import save_file
 
 from sfplus.callbacks import EMA
-from sfplus.conditioning import ToyConditioner
+from sfplus.conditioning.conditioner import ToyConditioner
 from sfplus.datamodules import PromptDataModule, ToyDataModule
 from sfplus.modules import DiffusionModule, DistillModule
-from sfplus.nets.checkpoints import CheckpointError
 from sfplus.nets.presets import build_dit
+from sfplus.weights.checkpoints import CheckpointError
 from tests.helpers import TINY, write_tiny_teacher
 
 SHAPE = [3, 2, 4, 4]

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from sfplus.callbacks import EMA
-from sfplus.conditioning import ToyConditioner
+from sfplus.conditioning.conditioner import ToyConditioner
 from sfplus.datamodules import LatentShardDataModule
 from sfplus.datamodules.shard_format import Sample, write_shards
 from sfplus.flow import warp_timesteps
 from sfplus.modules.ode import ODEInitModule, ODETimestepsError
-from sfplus.nets.checkpoints import read_dit_state_dict
+from sfplus.weights.checkpoints import read_dit_state_dict
 
 TINY = {"in_dim": 3, "out_dim": 3}
 SHAPE = (3, 4, 4, 4)  # C, F, H, W
@@ -99,7 +99,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
 
 def test_predict_is_the_causal_sampler_at_the_trajectory_steps(tmp_path):
     from sfplus.noise import SampleNoise
-    from sfplus.streaming import causal_sample
+    from sfplus.sampling.streaming import causal_sample
 
     m = module()
     m.configure_model()

@@ -14,7 +14,7 @@ import torch
 from sfplus.callbacks import EMA
 from sfplus.callbacks.checkpointing import AtomicCheckpoint, resume_path
 from sfplus.callbacks.preemption import Preemption, agree_on_code, slurm_job_id
-from sfplus.conditioning import ToyConditioner
+from sfplus.conditioning.conditioner import ToyConditioner
 from sfplus.datamodules import PromptDataModule
 from sfplus.modules import DistillModule
 from tests.helpers import TINY, write_tiny_teacher

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sfplus.callbacks import EMA
-from sfplus.conditioning import ToyConditioner
+from sfplus.conditioning.conditioner import ToyConditioner
 from sfplus.datamodules import PromptDataModule, ToyDataModule
 from sfplus.modules import DistillModule
 from tests.helpers import TINY, write_tiny_teacher
@@ -95,7 +95,7 @@ def test_unknown_gan_option_is_named(teacher_file):
 def test_causal_predict_matches_streaming_sampler(tmp_path, teacher_file):
     module, _ = fit(tmp_path, teacher_file, steps=2, data="prompts", generator_type="causal", frames_per_block=2)
     from sfplus.noise import SampleNoise
-    from sfplus.streaming import causal_sample
+    from sfplus.sampling.streaming import causal_sample
 
     cond = module.conditioner.text(["a red square moving left"])
     noise = torch.randn(1, 3, 4, 4, 4, generator=torch.Generator().manual_seed(0))

@@ -1,12 +1,12 @@
-"""sfplus.rollout: backward simulation with a gradient through the exit step only (docs/algorithms.md, 'Backward
-simulation (bidirectional rollout)')."""
+"""sfplus.rollout.bidirectional: backward simulation with a gradient through the exit step only (docs/algorithms.md,
+'Backward simulation (bidirectional rollout)')."""
 
 import pytest
 import torch
 from torch import nn
 
-from sfplus.rollout import bidirectional_rollout
-from sfplus.sampling import few_step_sample
+from sfplus.rollout.bidirectional import bidirectional_rollout
+from sfplus.sampling.samplers import few_step_sample
 
 SHAPE = (2, 3, 4, 5, 6)  # [B, C, F, H, W]
 STEPS = [1000.0, 937.5, 1000.0 * 5 / 6, 625.0]

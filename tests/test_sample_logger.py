@@ -28,7 +28,7 @@ def test_samples_reach_tensorboard_and_match_batch_generation(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from sfplus.callbacks import SampleLogger
-    from sfplus.conditioning import ToyConditioner
+    from sfplus.conditioning.conditioner import ToyConditioner
     from sfplus.datamodules import PromptDataModule
     from sfplus.modules import DistillModule
     from tests.helpers import TINY, write_tiny_teacher

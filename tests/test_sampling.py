@@ -1,10 +1,10 @@
-"""sfplus.sampling: few-step sampler (docs/algorithms.md, 'Few-step sampler': every step runs) and the CFG Euler
-teacher sampler."""
+"""sfplus.sampling.samplers: few-step sampler (docs/algorithms.md, 'Few-step sampler': every step runs) and the CFG
+Euler teacher sampler."""
 
 import pytest
 import torch
 
-from sfplus.sampling import euler_sigmas, few_step_sample, teacher_sample
+from sfplus.sampling.samplers import euler_sigmas, few_step_sample, teacher_sample
 
 SHAPE = (2, 3, 4, 5, 6)  # [B, C, F, H, W]
 STEPS = [1000.0, 937.5, 1000.0 * 5 / 6, 625.0]

@@ -1,15 +1,15 @@
-"""sfplus.streaming: causal few-step generation block by block, and block-by-block decoding (docs/algorithms.md,
-'Causal few-step sampler')."""
+"""sfplus.sampling.streaming: causal few-step generation block by block, and block-by-block decoding
+(docs/algorithms.md, 'Causal few-step sampler')."""
 
 import pytest
 import torch
 
-from sfplus.causal_rollout import CausalLayoutError, causal_rollout
 from sfplus.flow import flow_to_x0
 from sfplus.nets.causal import BlockCausal
 from sfplus.nets.codec import IdentityCodec, WanVAECodec
 from sfplus.nets.vae import WanVAE
-from sfplus.streaming import causal_generate, causal_sample, stream_video
+from sfplus.rollout.causal import CausalLayoutError, causal_rollout
+from sfplus.sampling.streaming import causal_generate, causal_sample, stream_video
 
 STEPS = [1000.0, 937.5, 1000.0 * 5 / 6, 625.0]
 B, C, H, W = 2, 16, 4, 4

@@ -9,7 +9,7 @@ import pytest
 
 from sfplus.callbacks import EMA
 from sfplus.cli import main
-from sfplus.conditioning import ToyConditioner
+from sfplus.conditioning.conditioner import ToyConditioner
 from sfplus.datamodules import PromptDataModule, ToyDataModule
 from sfplus.modules import DiffusionModule, DistillModule
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfplus.nets.checkpoints import load_dit_weights
 from sfplus.nets.presets import build_dit
-from sfplus.toy_eval import evaluate
+from sfplus.toy.evaluation import evaluate
+from sfplus.weights.checkpoints import load_dit_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "assets" / "toy_teacher" / "toy_teacher.safetensors"

@@ -1,10 +1,10 @@
-"""sfplus.unipc: UniPC (bh2) flow sampler — parity with diffusers' UniPCMultistepScheduler, exactness, call counts."""
+"""sfplus.sampling.unipc: UniPC (bh2) flow sampler: parity with diffusers' UniPCMultistepScheduler, exactness."""
 
 import numpy as np
 import pytest
 import torch
 
-from sfplus.unipc import FlowUniPC, unipc_sample, unipc_sigmas
+from sfplus.sampling.unipc import FlowUniPC, unipc_sample, unipc_sigmas
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -9,12 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfplus.i2v import i2v_condition
-from sfplus.nets.codec import WanVAECodec
-from sfplus.nets.image import ClipImageEncoder
-from sfplus.nets.text import UMT5TextEncoder
-from sfplus.nets.vae import load_wan_vae
-from sfplus.wan_conditioning import (
+from sfplus.conditioning.i2v import i2v_condition
+from sfplus.conditioning.wan import (
     CLIP_FILE,
     T5_FILE,
     TOKENIZER_DIR,
@@ -24,6 +20,10 @@ from sfplus.wan_conditioning import (
     WanConditioner,
     resolve_wan_files,
 )
+from sfplus.nets.codec import WanVAECodec
+from sfplus.nets.image import ClipImageEncoder
+from sfplus.nets.text import UMT5TextEncoder
+from sfplus.nets.vae import load_wan_vae
 from tests.helpers import TINY_VAE as VAE_CFG
 from tests.helpers import write_tiny_wan_folder
 
@@ -191,7 +191,7 @@ def test_cli_fit_and_predict_with_a_wan_folder(wan_dir, tmp_path, capsys):
                                    "init_args": {"output_dir": str(tmp_path / "videos")}}]},
         "model": {"class_path": "sfplus.modules.DistillModule", "init_args": {
             "net": "tiny", "net_overrides": {"in_dim": 16, "out_dim": 16, "text_dim": 32, "text_len": 512},
-            "conditioner": {"class_path": "sfplus.wan_conditioning.WanConditioner", "init_args": {
+            "conditioner": {"class_path": "sfplus.conditioning.WanConditioner", "init_args": {
                 "model_dir": str(wan_dir), "text_dtype": "fp32", "vae_config": {**VAE_CFG, "dim_mult": [1, 2, 4, 4],
                 "temporal_downsample": [False, True, True]}}},
             "video_shape": [16, 2, 2, 2], "dfake_gen_update_ratio": 2}},

@@ -442,7 +442,7 @@ class Bench:
                    variants=variants)
 
     def _w_pipe14b(self) -> dict:
-        from sfplus.sampling import few_step_sample
+        from sfplus.sampling.samplers import few_step_sample
 
         s, dev = self.sizes, self.device
         self.keep(f"dit:{s.large}", "vae")
@@ -475,7 +475,7 @@ class Bench:
                    note="few_step_sample (every step runs) + WanVAE.decode; host syncs between the two phases")
 
     def _w_causal13b(self) -> dict:
-        from sfplus.streaming import causal_generate, stream_video
+        from sfplus.sampling.streaming import causal_generate, stream_video
 
         s, dev = self.sizes, self.device
         self.keep(f"dit:{s.small}", "vae")
@@ -548,9 +548,9 @@ class Bench:
         return self._w_train13b(causal=True)
 
     def _w_train13b(self, causal: bool = False) -> dict:
-        from sfplus import rollout
         from sfplus.objectives.dmd import critic_flow_loss, dmd_generator_loss, dmd_kl_grad
         from sfplus.parallel import apply_activation_checkpointing
+        from sfplus.rollout import bidirectional as rollout
 
         s, dev = self.sizes, self.device
         self.keep()
@@ -587,7 +587,7 @@ class Bench:
         def bidirectional_rollout(net, noise, timesteps, cond, exit_index, rng, grad):
             if not causal:
                 return rollout.bidirectional_rollout(net, noise, timesteps, cond, exit_index, rng, grad=grad)
-            from sfplus.causal_rollout import causal_rollout
+            from sfplus.rollout.causal import causal_rollout
 
             fpb = 3 if noise.shape[2] % 3 == 0 else 1
             return causal_rollout(net, noise, timesteps, cond, frames_per_block=fpb, exit_indices=exit_index,

@@ -111,10 +111,10 @@ def _random_wan_folder(folder: Path, i2v: bool, tiny: bool, device: torch.device
     """T5 (+ tokenizer), VAE and, for I2V, CLIP in Wan's published file names and key layouts, random weights."""
     import transformers
 
+    from sfplus.conditioning.wan import CLIP_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE
     from sfplus.nets.image import clip_vit_h14_config, hf_clip_to_wan
     from sfplus.nets.text import hf_t5_to_wan, umt5_xxl_config
     from sfplus.nets.vae import WanVAE
-    from sfplus.wan_conditioning import CLIP_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE
 
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / T5_FILE).exists():

@@ -51,7 +51,7 @@ def _ints(text: str) -> list[int]:
 def build_teacher(path: str, preset: str | None, overrides: dict, device: torch.device, dtype: torch.dtype):
     """The frozen teacher DiT: built on the meta device, weights assigned from ``path`` (strict)."""
     from sfplus.nets.presets import build_dit
-    from sfplus.nets.wan_folders import detect_preset, load_folder_into
+    from sfplus.weights.wan_folders import detect_preset, load_folder_into
 
     if not Path(path).exists():
         raise FileNotFoundError(f"--teacher {path} does not exist")
@@ -63,7 +63,7 @@ def build_teacher(path: str, preset: str | None, overrides: dict, device: torch.
 
 
 def build_conditioner(args, net, device: torch.device):
-    from sfplus.conditioning import Conditioner, ToyConditioner
+    from sfplus.conditioning.conditioner import Conditioner, ToyConditioner
     from sfplus.nets.codec import IdentityCodec
 
     if args.toy_text:

@@ -38,9 +38,9 @@ def git(*args: str) -> str:
 
 
 def main() -> None:
-    from sfplus.export import export_generator
-    from sfplus.toy_eval import evaluate
+    from sfplus.toy.evaluation import evaluate
     from sfplus.video_io import write_json_atomic
+    from sfplus.weights.export import export_generator
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="runs/toy-teacher/checkpoints/last.ckpt", help="the trained teacher")

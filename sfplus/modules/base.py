@@ -19,12 +19,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from sfplus.conditioning import Cond, Conditioner
+from sfplus.conditioning.conditioner import Cond, Conditioner
 from sfplus.modules.contract import OutputIndex
 from sfplus.modules.groups import Scale, as_group
-from sfplus.nets.checkpoints import CheckpointError
 from sfplus.noise import SampleNoise, stable_seed
 from sfplus.parallel import copy_weights, parallelize, settle_mixed_precision
+from sfplus.weights.checkpoints import CheckpointError
 
 
 def sample_seed(base_seed: int, index: int, sample: int) -> int:
@@ -277,7 +277,7 @@ class RecipeModule(L.LightningModule):
                            "'first_frame' (LatentShardDataModule) nor 'image' (ImagePromptDataModule)")
         if not hasattr(self.conditioner, "image_condition"):
             raise ValueError(f"{type(self.conditioner).__name__} cannot encode images: use "
-                             "sfplus.wan_conditioning.WanConditioner with i2v: true")
+                             "sfplus.conditioning.WanConditioner with i2v: true")
         if rows is not None:
             images = images[rows]
         return self.conditioner.image_condition(images.to(self.device))
@@ -385,7 +385,7 @@ class RecipeModule(L.LightningModule):
 
 def default_toy_conditioner() -> Conditioner:
     """The built-in toy task's conditioner (hashed-word text encoder, identity codec): a recipe's default."""
-    from sfplus.conditioning import ToyConditioner
+    from sfplus.conditioning.conditioner import ToyConditioner
 
     return ToyConditioner()
 

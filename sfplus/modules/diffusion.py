@@ -7,13 +7,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from sfplus.conditioning import Cond, Conditioner
+from sfplus.conditioning.conditioner import Cond, Conditioner
 from sfplus.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
 from sfplus.modules.base import SingleNetModule, default_toy_conditioner
 from sfplus.modules.groups import Scale
 from sfplus.noise import SampleNoise
 from sfplus.objectives.diffusion import flow_matching_loss
-from sfplus.sampling import teacher_sample
+from sfplus.sampling.samplers import teacher_sample
 
 
 class DiffusionModule(SingleNetModule):
@@ -35,7 +35,7 @@ class DiffusionModule(SingleNetModule):
         causal: train a block-causal model (docs/algorithms.md, 'Causal diffusion (teacher forcing)'):
             ``{frames_per_block, independent_first_frame}``; every block gets its own timestep and attends to
             earlier blocks only.
-            Sampled block by block with clean context (`sfplus.causal_diffusion`, docs/algorithms.md, 'Causal
+            Sampled block by block with clean context (`sfplus.sampling.causal_diffusion`, docs/algorithms.md, 'Causal
             diffusion sampler').
         frame_timestep_prob: bidirectional training only: the fraction of samples that draw an independent
             timestep per latent frame instead of one per clip (diffusion-forcing-style noise levels). Frames then
@@ -168,7 +168,7 @@ class DiffusionModule(SingleNetModule):
             # Block by block with clean context through the KV caches (docs/algorithms.md, 'Causal diffusion
             # sampler'): what a teacher-forced model was trained on; all frames at once under the causal mask
             # would give it noisy context.
-            from sfplus.causal_diffusion import causal_diffusion_sample
+            from sfplus.sampling.causal_diffusion import causal_diffusion_sample
 
             c = self.causal
             return causal_diffusion_sample(
@@ -177,7 +177,7 @@ class DiffusionModule(SingleNetModule):
                 sink_frames=c.sink_frames, num_steps=self.sample_steps, shift=self.sample_shift,
                 guidance_scale=self.guidance_scale, sampler=self.sampler)
         if self.sampler == "unipc":
-            from sfplus.unipc import unipc_sample
+            from sfplus.sampling.unipc import unipc_sample
 
             return unipc_sample(net, noise, cond, uncond, num_steps=self.sample_steps, shift=self.sample_shift,
                                 guidance_scale=self.guidance_scale)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from sfplus.conditioning import Cond, Conditioner
+from sfplus.conditioning.conditioner import Cond, Conditioner
 from sfplus.flow import score_timesteps_from_raw, warp_timesteps
 from sfplus.modules.base import RecipeModule, default_toy_conditioner
 from sfplus.modules.distill_parts import (
@@ -23,8 +23,8 @@ from sfplus.noise import SampleNoise, stable_seed
 from sfplus.objectives.dmd import critic_flow_loss
 from sfplus.objectives.gan import gan_critic_loss, gan_generator_term
 from sfplus.parallel import copy_weights
-from sfplus.rollout import Rollout
-from sfplus.sampling import few_step_sample
+from sfplus.rollout.bidirectional import Rollout
+from sfplus.sampling.samplers import few_step_sample
 
 
 class DistillModule(RecipeModule):
@@ -401,7 +401,7 @@ class DistillModule(RecipeModule):
         self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator
     ) -> torch.Tensor:
         if self.generator_type == "causal":
-            from sfplus.streaming import causal_sample
+            from sfplus.sampling.streaming import causal_sample
 
             return causal_sample(
                 self.sampling_net(), noise, self.timesteps, cond, frames_per_block=self.frames_per_block,

@@ -20,14 +20,14 @@ from typing import Protocol
 
 import torch
 
-from sfplus.causal_rollout import block_layout, causal_rollout
-from sfplus.conditioning import Cond
+from sfplus.conditioning.conditioner import Cond
 from sfplus.nets.causal import BlockCausal
 from sfplus.noise import SampleNoise
 from sfplus.objectives.causvid import causvid_generator_output
 from sfplus.objectives.dmd import dmd_generator_loss, dmd_kl_grad
 from sfplus.objectives.sid import sid_generator_loss
-from sfplus.rollout import Rollout, bidirectional_rollout
+from sfplus.rollout.bidirectional import Rollout, bidirectional_rollout
+from sfplus.rollout.causal import block_layout, causal_rollout
 
 
 class SharedDraws(Protocol):

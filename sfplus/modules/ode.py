@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sfplus.conditioning import Cond, Conditioner
+from sfplus.conditioning.conditioner import Cond, Conditioner
 from sfplus.flow import warp_timesteps
 from sfplus.modules.base import SingleNetModule, default_toy_conditioner
 from sfplus.modules.groups import Scale
@@ -33,7 +33,7 @@ class ODEInitModule(SingleNetModule):
     The snapshot timesteps are the steps the generator learns, so they must equal this module's ``timesteps``
     (``denoising_steps`` warped at ``timestep_shift``; the reference recipe: [1000, 750, 500, 250] at shift 8 →
     [1000, 960, 888.9, 727.3]); a mismatch is an :class:`ODETimestepsError` naming both. ``predict`` samples
-    with those steps (causal, KV cache; :func:`sfplus.streaming.causal_sample`).
+    with those steps (causal, KV cache; :func:`sfplus.sampling.streaming.causal_sample`).
 
     The net lives in ``model`` and its EMA in ``model_ema`` (as in DiffusionModule), so
     ``read_dit_state_dict(ckpt, which="ema")`` — ``sfplus export``, or the next recipe's ``generator_checkpoint``
@@ -160,7 +160,7 @@ class ODEInitModule(SingleNetModule):
     def sample(
         self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator
     ) -> torch.Tensor:
-        from sfplus.streaming import causal_sample
+        from sfplus.sampling.streaming import causal_sample
 
         return causal_sample(
             self.sampling_net(), noise, self.timesteps, cond, frames_per_block=self.frames_per_block,

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from sfplus.file_checks import DamagedFileError, load_safetensors, torch_load
 from sfplus.nets.vae_blocks import CausalCache, CausalConv3d, Decoder3d, Encoder3d, RMSNorm
-from sfplus.nets.vae_keys import diffusers_vae_to_wan, is_diffusers_vae_state_dict
+from sfplus.weights.vae_keys import diffusers_vae_to_wan, is_diffusers_vae_state_dict
 
 # Per-channel statistics of Wan2.1 VAE posterior means (channel order 0..15), docs/wan_architecture.md, 'Latent
 # normalisation'.

@@ -2,7 +2,7 @@
 
 Parameter names are exactly those of the original Wan checkpoints (docs/wan_architecture.md, 'State dict'), so a
 `diffusion_pytorch_model*.safetensors` state dict loads with `strict=True` and no key map (diffusers names:
-`sfplus.nets.diffusers_keys`).
+`sfplus.weights.diffusers_keys`).
 
 Numerics follow official Wan, independent of autocast: the time embedding and projection, the modulation adds,
 `norm·(1+scale)+shift`, the gated residual adds and the whole head run in float32; LayerNorm/RMSNorm normalise in

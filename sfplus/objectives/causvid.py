@@ -22,11 +22,10 @@ from collections.abc import Sequence
 
 import torch
 
-from sfplus.conditioning import Cond
-from sfplus.flow import add_noise
+from sfplus.conditioning.conditioner import Cond
+from sfplus.flow import FlowNet, add_noise, predict_x0, randn_like
 from sfplus.nets.causal import BlockCausal, KVCache
 from sfplus.objectives.timesteps import RandomSource, block_ranges, block_step_indices
-from sfplus.sampling import FlowNet, predict_x0, randn_like
 
 
 def simulate_generator_inputs(

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from sfplus.conditioning import Cond
-from sfplus.flow import add_noise, training_weight
-from sfplus.sampling import FlowNet
+from sfplus.conditioning.conditioner import Cond
+from sfplus.flow import FlowNet, add_noise, training_weight
 
 
 def flow_matching_loss(

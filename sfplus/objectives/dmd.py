@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sfplus.conditioning import Cond
-from sfplus.flow import add_noise, x0_to_flow
-from sfplus.sampling import FlowNet, predict_x0
+from sfplus.conditioning.conditioner import Cond
+from sfplus.flow import FlowNet, add_noise, predict_x0, x0_to_flow
 
 
 @dataclass

@@ -21,10 +21,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from sfplus.conditioning import Cond
-from sfplus.flow import add_noise
+from sfplus.conditioning.conditioner import Cond
+from sfplus.flow import add_noise, randn_like
 from sfplus.nets.discriminator import DiscriminatorHead
-from sfplus.sampling import randn_like
 
 
 def discriminator_logits(

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
-from sfplus.conditioning import Cond
+from sfplus.conditioning.conditioner import Cond
+from sfplus.flow import FlowNet, predict_x0
 from sfplus.nets.causal import BlockCausal
 from sfplus.objectives.timesteps import RandomSource, block_step_indices, gather_steps
-from sfplus.sampling import FlowNet, predict_x0
 
 
 def _check_layout(causal: BlockCausal | None, frames_per_block: int, independent_first_frame: bool) -> None:

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from sfplus.conditioning import Cond
-from sfplus.flow import add_noise
+from sfplus.conditioning.conditioner import Cond
+from sfplus.flow import FlowNet, add_noise, predict_x0
 from sfplus.objectives.dmd import real_score_cfg
-from sfplus.sampling import FlowNet, predict_x0
 
 
 def sid_loss_from_scores(

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from sfplus.conditioning.i2v import ImageReadError, load_image, resize_image, wan_i2v_size
 from sfplus.datamodules.images import ImagePromptDataModule, ImagePromptDataset, collate_images, read_image_pairs
 from sfplus.datamodules.prompts import PromptSourceError
-from sfplus.i2v import ImageReadError, load_image, resize_image, wan_i2v_size
 
 PIL = pytest.importorskip("PIL.Image")
 

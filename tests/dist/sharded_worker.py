@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from sfplus.callbacks import EMA
-from sfplus.conditioning import ToyConditioner
+from sfplus.conditioning.conditioner import ToyConditioner
 from sfplus.datamodules import LatentShardDataModule, PromptDataModule
 from sfplus.modules import DistillModule
 from sfplus.nets.presets import build_dit

@@ -18,7 +18,7 @@ from sfplus.nets.vae import (
     load_wan_vae,
 )
 from sfplus.nets.vae_blocks import CausalConv3d, RMSNorm
-from sfplus.nets.vae_keys import VAEKeyError, diffusers_vae_to_wan, wan_vae_to_diffusers
+from sfplus.weights.vae_keys import VAEKeyError, diffusers_vae_to_wan, wan_vae_to_diffusers
 from tests.row_norm_checks import check_kernel_into_view, fused_and_plain_decode, torch_norm_silu_into
 
 

@@ -6,8 +6,8 @@ Checks the key map (both directions, full real configs on meta) and fp32 numeric
 import pytest
 import torch
 
-from sfplus.nets.diffusers_keys import KeyMapError, diffusers_to_wan, wan_to_diffusers
 from sfplus.nets.presets import build_dit
+from sfplus.weights.diffusers_keys import KeyMapError, diffusers_to_wan, wan_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 WanTransformer3DModel = diffusers.WanTransformer3DModel

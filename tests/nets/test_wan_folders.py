@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sfplus.export import diffusers_config_json, wan_config_json
-from sfplus.nets.checkpoints import CheckpointError, read_dit_state_dict
-from sfplus.nets.diffusers_keys import wan_to_diffusers
 from sfplus.nets.presets import build_dit
-from sfplus.nets.wan_folders import (
+from sfplus.weights.checkpoints import CheckpointError, read_dit_state_dict
+from sfplus.weights.diffusers_keys import wan_to_diffusers
+from sfplus.weights.export import diffusers_config_json, wan_config_json
+from sfplus.weights.wan_folders import (
     detect_preset,
     folder_shapes,
     load_folder_into,

@@ -4,12 +4,11 @@
 import pytest
 import torch
 
-from sfplus.flow import add_noise
+from sfplus.flow import add_noise, predict_x0
 from sfplus.nets.causal import BlockCausal
 from sfplus.nets.presets import build_dit
 from sfplus.objectives.causvid import causvid_generator_output, simulate_generator_inputs
 from sfplus.objectives.timesteps import block_ranges
-from sfplus.sampling import predict_x0
 
 STEPS = [1000.0, 937.5, 833.33, 625.0]
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from sfplus.flow import predict_x0
 from sfplus.nets.causal import BlockCausal
 from sfplus.nets.presets import build_dit
 from sfplus.objectives.sid import sid_generator_loss, sid_loss_from_scores
-from sfplus.sampling import predict_x0
 
 SHAPE = (2, 3, 4, 2, 2)  # [B, C, F, H, W]
 A_FAKE, A_REAL, G, ALPHA = 0.3, -0.4, 2.5, 1.2

@@ -244,9 +244,9 @@ def _tiny_teacher():
 
 
 def test_teacher_trajectory_snapshots_at_warped_steps():
-    from sfplus.conditioning import ToyConditioner
+    from sfplus.conditioning.conditioner import ToyConditioner
     from sfplus.ode_pairs import TrajectoryError, snapshot_indices, snapshot_timesteps, teacher_trajectory
-    from sfplus.sampling import teacher_sample
+    from sfplus.sampling.samplers import teacher_sample
 
     net, cond_fn = _tiny_teacher(), ToyConditioner(text_dim=16, text_len=8)
     noise = torch.randn(2, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0))

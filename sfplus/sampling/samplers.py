@@ -7,33 +7,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from sfplus.conditioning import Cond
-from sfplus.flow import add_noise, flow_to_x0, shift_sigma
-from sfplus.noise import SampleNoise
-
-FlowNet = Callable[..., torch.Tensor]
-
-
-def predict_x0(net: FlowNet, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    """x0 estimate (fp32) of ``net`` at ``(x_t, t)``."""
-    return flow_to_x0(x_t, net(x_t, t, **cond), t)
-
-
-def timestep_tensor(value: float, x: torch.Tensor) -> torch.Tensor:
-    """A ``[B, F]`` timestep tensor filled with ``value`` for video ``x`` [B, C, F, H, W]."""
-    return torch.full((x.shape[0], x.shape[2]), float(value), device=x.device, dtype=torch.float32)
-
-
-def randn_like(x: torch.Tensor, generator: torch.Generator | SampleNoise | None) -> torch.Tensor:
-    """Gaussian noise like ``x`` from ``generator`` (a torch generator, or per-sample streams), in ``x``'s dtype."""
-    if isinstance(generator, SampleNoise):
-        return generator.randn_like(x)
-    dev = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32).to(x.device, x.dtype)
+from sfplus.conditioning.conditioner import Cond
+from sfplus.flow import FlowNet, add_noise, predict_x0, randn_like, shift_sigma, timestep_tensor
 
 
 @torch.no_grad()

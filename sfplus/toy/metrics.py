@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .toy_videos import ToySpecError, ToyVideoSpec, parse_toy_prompt, shape_mask
+from sfplus.toy.videos import ToySpecError, ToyVideoSpec, parse_toy_prompt, shape_mask
 
 # Thresholds as fractions of the smallest palette-to-background distance `ref` (2.0 for the default spec):
 # a pixel is foreground above FG_THRESHOLD*ref; below DEAD_ZONE*ref it counts as background (tolerates

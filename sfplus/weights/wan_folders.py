@@ -9,7 +9,7 @@ Folders understood (the DiT only; VAE / T5 / CLIP / tokenizer files next to it a
   a folder holding exactly one other ``*.safetensors`` file (a lightx2v / ComfyUI download) works too;
 * a diffusers repo (its ``transformer/`` subfolder is used) or a transformer folder itself, recognised by
   ``config.json`` ``_class_name == "WanTransformer3DModel"`` or by diffusers key names; keys are renamed with
-  :func:`sfplus.nets.diffusers_keys.diffusers_to_wan`.
+  :func:`sfplus.weights.diffusers_keys.diffusers_to_wan`.
 
 Keys are always returned in Wan-original names (what ``WanDiT`` uses): FSDP / compile infixes and a prefix shared by
 every key (``model.``, ``diffusion_model.``, ``model.diffusion_model.``) are removed.
@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from sfplus.file_checks import load_safetensors, open_safetensors, torch_load_mapping
-from sfplus.nets.diffusers_keys import KeyMapError, diffusers_key_to_wan
 from sfplus.nets.presets import PRESETS
-from sfplus.nets.state_dicts import CheckpointError, check_state_dict, clean_key, read_file_state_dict
+from sfplus.weights.diffusers_keys import KeyMapError, diffusers_key_to_wan
+from sfplus.weights.state_dicts import CheckpointError, check_state_dict, clean_key, read_file_state_dict
 
 __all__ = [
     "WeightFiles",
@@ -257,7 +257,7 @@ def load_folder_into(
     """Load DiT weights into ``model`` (strictly), one file at a time; works for a model built on the meta device.
 
     path: a Wan-AI / diffusers folder or a ``.safetensors`` file (read file by file); any other source
-        :func:`sfplus.nets.state_dicts.read_file_state_dict` understands (Lightning ``.ckpt``, Self-Forcing ``.pt``,
+        :func:`sfplus.weights.state_dicts.read_file_state_dict` understands (Lightning ``.ckpt``, Self-Forcing ``.pt``,
         picked by ``which``)
         is read whole, then assigned the same way.
     device: where the tensors go; default: the model's device (CPU for a model on meta).

@@ -3,7 +3,7 @@
 Every clip shows one filled shape of one saturated colour on a plain dark background, moving in a straight
 line at a constant integer speed, e.g. the prompt "a red square moving left". Integer positions keep every
 pixel exactly background or exactly shape colour, so a perfect generator is perfectly crisp and the toy
-metrics (``sfplus.toy_metrics``) can tell blurry, mixed or wrong outputs from good ones.
+metrics (``sfplus.toy.metrics``) can tell blurry, mixed or wrong outputs from good ones.
 
 Videos are float tensors ``[3, F, H, W]`` in ``[-1, 1]`` (channels RGB), the layout the identity codec
 passes straight through as a latent ``[C, F, H, W]``.

@@ -20,10 +20,10 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from sfplus.causal_rollout import CallCounter, prepare_causal_generation, run_causal_blocks
-from sfplus.conditioning import Cond
+from sfplus.conditioning.conditioner import Cond
+from sfplus.flow import FlowNet
 from sfplus.nets.codec import VideoCodec
-from sfplus.sampling import FlowNet
+from sfplus.rollout.causal import CallCounter, prepare_causal_generation, run_causal_blocks
 
 __all__ = ["causal_generate", "causal_sample", "stream_video"]
 
@@ -51,7 +51,7 @@ def causal_generate(
             F may exceed the training length).
         timesteps: the warped few-step list, e.g. [1000, 937.5, 833.33, 625] (a trailing 0 is ignored).
         cond: {"context", optional "clip_fea", optional "y" [B, C_y, F0 + F, H, W]}.
-        frames_per_block, independent_first_frame: the block layout (`sfplus.causal_rollout.block_layout`).
+        frames_per_block, independent_first_frame: the block layout (`sfplus.rollout.causal.block_layout`).
         generator: source of the re-noising (and context) noise.
         initial_latent: [B, C, F0, H, W] given leading frames (I2V first frame, video extension), written to the
             cache first.

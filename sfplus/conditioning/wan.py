@@ -1,6 +1,6 @@
 """The frozen side of the real Wan2.1 models: UMT5 text encoder, Wan VAE and (I2V) CLIP image encoder.
 
-``WanConditioner`` is a :class:`sfplus.conditioning.Conditioner` built from a Wan model folder as published
+``WanConditioner`` is a :class:`sfplus.conditioning.conditioner.Conditioner` built from a Wan model folder as published
 (docs/wan_architecture.md, 'Wan-AI repos') or from explicit paths:
 
     Wan2.1-T2V-14B/                                   Wan2.1-I2V-14B-480P/
@@ -13,7 +13,7 @@ when the conditioner is built (a missing file is named before any GPU work start
 on first use, straight onto the device the LightningModule was moved to, so no full CPU copy is made first.
 
 ``image_condition(images)`` gives the I2V entries ``clip_fea`` and ``y`` for a batch of first frames
-(:func:`sfplus.i2v.i2v_condition`); the recipes add them to both cond and uncond
+(:func:`sfplus.conditioning.i2v.i2v_condition`); the recipes add them to both cond and uncond
 (docs/algorithms.md, 'I2V conditioning in the recipes').
 """
 
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sfplus.conditioning import Cond, Conditioner
-from sfplus.i2v import i2v_condition
+from sfplus.conditioning.conditioner import Cond, Conditioner
+from sfplus.conditioning.i2v import i2v_condition
 from sfplus.nets.codec import WanVAECodec
 from sfplus.nets.image import ClipImageEncoder
 from sfplus.nets.text import UMT5TextEncoder

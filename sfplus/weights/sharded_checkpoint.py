@@ -14,7 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from sfplus.nets.state_dicts import MODULE_PREFIXES, CheckpointError, clean_key
+from sfplus.weights.state_dicts import MODULE_PREFIXES, CheckpointError, clean_key
 
 LIGHTNING_META = "meta.pt"  # Lightning's non-tensor part of a sharded checkpoint
 _DCP_CONTAINERS = ("state_dict.", "model.")  # ModelParallelStrategy / FSDPStrategy top-level names

@@ -1,7 +1,7 @@
 """Single weight files and the key / shape checks every DiT reader shares (a leaf: imports no other weight reader).
 
-:mod:`sfplus.nets.checkpoints` (any source), :mod:`sfplus.nets.wan_folders` (model folders) and
-:mod:`sfplus.nets.sharded_checkpoint` (``torch.distributed.checkpoint`` directories) all build on this module, so
+:mod:`sfplus.weights.checkpoints` (any source), :mod:`sfplus.weights.wan_folders` (model folders) and
+:mod:`sfplus.weights.sharded_checkpoint` (``torch.distributed.checkpoint`` directories) all build on this module, so
 none of them needs another.
 
 Files understood by :func:`read_file_state_dict`:

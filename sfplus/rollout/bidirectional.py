@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sfplus.conditioning import Cond
-from sfplus.flow import add_noise
-from sfplus.sampling import FlowNet, predict_x0, randn_like, timestep_tensor
+from sfplus.conditioning.conditioner import Cond
+from sfplus.flow import FlowNet, add_noise, predict_x0, randn_like, timestep_tensor
 
 
 @dataclass

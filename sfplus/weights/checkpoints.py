@@ -2,14 +2,15 @@
 
 Sources understood:
 
-* a directory: a sharded Lightning checkpoint (:mod:`sfplus.nets.sharded_checkpoint`) or a Wan-AI / diffusers
-  model folder (:mod:`sfplus.nets.wan_folders`);
-* a single file (:func:`sfplus.nets.state_dicts.read_file_state_dict`): a Lightning ``.ckpt`` of an sfplus module
+* a directory: a sharded Lightning checkpoint (:mod:`sfplus.weights.sharded_checkpoint`) or a Wan-AI / diffusers
+  model folder (:mod:`sfplus.weights.wan_folders`);
+* a single file (:func:`sfplus.weights.state_dicts.read_file_state_dict`): a Lightning ``.ckpt`` of an sfplus module
   (the sub-module picked by ``which``: ``ema`` → ``generator_ema.`` / ``model_ema.``, ``model`` → ``generator.`` /
   ``model.``), a ``.safetensors`` file in Wan-original layout, a Self-Forcing / Self-Forcing-Plus ``.pt`` training
   file, or a plain ``.pt``/``.pth`` state dict.
 
-``CheckpointError`` and ``check_state_dict`` live in the leaf :mod:`sfplus.nets.state_dicts` and are re-exported here.
+``CheckpointError`` and ``check_state_dict`` live in the leaf :mod:`sfplus.weights.state_dicts` and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sfplus.nets import sharded_checkpoint, wan_folders
-from sfplus.nets.state_dicts import CheckpointError, Which, check_state_dict, read_file_state_dict
+from sfplus.weights import sharded_checkpoint, wan_folders
+from sfplus.weights.state_dicts import CheckpointError, Which, check_state_dict, read_file_state_dict
 
 __all__ = ["CheckpointError", "Which", "check_state_dict", "load_dit_weights", "read_dit_state_dict"]
 

@@ -20,16 +20,16 @@ import torch
 from jsonargparse import CLI
 
 from sfplus.cli_errors import OutputFolderError, folder_problem
-from sfplus.conditioning import ToyConditioner
+from sfplus.conditioning.conditioner import ToyConditioner
 from sfplus.file_checks import torch_load_mapping
 from sfplus.modules import sample_seed, stable_seed
-from sfplus.nets.checkpoints import CheckpointError, read_dit_state_dict
 from sfplus.nets.presets import build_dit
-from sfplus.sampling import few_step_sample, teacher_sample
-from sfplus.streaming import causal_sample
-from sfplus.toy_metrics import toy_metrics
-from sfplus.toy_videos import ToyVideoSpec, make_toy_batch, toy_prompts
+from sfplus.sampling.samplers import few_step_sample, teacher_sample
+from sfplus.sampling.streaming import causal_sample
+from sfplus.toy.metrics import toy_metrics
+from sfplus.toy.videos import ToyVideoSpec, make_toy_batch, toy_prompts
 from sfplus.video_io import write_json_atomic
+from sfplus.weights.checkpoints import CheckpointError, read_dit_state_dict
 
 METRIC_KEYS = ("prompt_accuracy", "colour_accuracy", "direction_accuracy", "sharpness", "frechet_distance")
 

@@ -6,7 +6,7 @@
 
 Sources: a Lightning ``.ckpt`` of an sfplus module, a sharded Lightning checkpoint directory
 (``torch.distributed.checkpoint`` format: ``.metadata`` + ``*.distcp`` + ``meta.pt``), and anything
-:func:`sfplus.nets.checkpoints.read_dit_state_dict` reads (Wan-AI / diffusers folders, ``.safetensors``,
+:func:`sfplus.weights.checkpoints.read_dit_state_dict` reads (Wan-AI / diffusers folders, ``.safetensors``,
 Self-Forcing ``.pt``). Outputs (docs/wan_architecture.md, 'Weight files'):
 
 * ``layout="wan"``: Wan-original key names, what Wan2.1, lightx2v and ComfyUI load. ``out`` ending in
@@ -34,13 +34,13 @@ from jsonargparse import CLI
 from safetensors.torch import save_file
 
 from sfplus.file_checks import torch_load
-from sfplus.nets.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
-from sfplus.nets.diffusers_keys import wan_to_diffusers
 from sfplus.nets.presets import get_config
-from sfplus.nets.sharded_checkpoint import LIGHTNING_META, is_sharded_checkpoint
-from sfplus.nets.state_dicts import MODULE_PREFIXES
 from sfplus.nets.wan import WanConfig, WanDiT
-from sfplus.nets.wan_folders import detect_preset
+from sfplus.weights.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
+from sfplus.weights.diffusers_keys import wan_to_diffusers
+from sfplus.weights.sharded_checkpoint import LIGHTNING_META, is_sharded_checkpoint
+from sfplus.weights.state_dicts import MODULE_PREFIXES
+from sfplus.weights.wan_folders import detect_preset
 
 __all__ = ["export_generator", "read_generator", "wan_config_json", "diffusers_config_json", "main"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sfplus.conditioning import Cond
+from sfplus.conditioning.conditioner import Cond
 from sfplus.nets.codec import VideoCodec, latent_shape
 
 __all__ = ["ImageReadError", "check_image", "i2v_condition", "i2v_mask", "load_image", "resize_image", "wan_i2v_size"]

@@ -26,8 +26,8 @@ import math
 import numpy as np
 import torch
 
-from sfplus.conditioning import Cond
-from sfplus.sampling import FlowNet, timestep_tensor
+from sfplus.conditioning.conditioner import Cond
+from sfplus.flow import FlowNet, timestep_tensor
 
 __all__ = ["FlowUniPC", "unipc_sample", "unipc_sigmas"]
 

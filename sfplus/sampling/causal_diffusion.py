@@ -22,10 +22,11 @@ from typing import Literal
 
 import torch
 
-from sfplus.causal_rollout import block_cond, block_layout, new_kv_cache
-from sfplus.conditioning import Cond
-from sfplus.sampling import FlowNet, teacher_sample, timestep_tensor
-from sfplus.unipc import unipc_sample
+from sfplus.conditioning.conditioner import Cond
+from sfplus.flow import FlowNet, timestep_tensor
+from sfplus.rollout.causal import block_cond, block_layout, new_kv_cache
+from sfplus.sampling.samplers import teacher_sample
+from sfplus.sampling.unipc import unipc_sample
 
 __all__ = ["causal_diffusion_sample"]
 
@@ -59,7 +60,7 @@ def causal_diffusion_sample(
         noise: ``[B, C, F, H, W]`` noise of the frames to generate.
         cond, uncond: prompt conditioning (``uncond=None`` or ``guidance_scale == 1``: no CFG); ``y`` (I2V) covers
             all ``F0 + F`` frames and is sliced per block.
-        frames_per_block, independent_first_frame: the block layout (`sfplus.causal_rollout.block_layout`).
+        frames_per_block, independent_first_frame: the block layout (`sfplus.rollout.causal.block_layout`).
         num_steps, shift, guidance_scale, sampler: the per-block multi-step solver.
         initial_latent: ``[B, C, F0, H, W]`` given leading frames, returned unchanged in front of the new ones.
         local_window_frames, sink_frames: rolling attention window + sink for videos past the training length.

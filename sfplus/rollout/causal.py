@@ -31,11 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sfplus.conditioning import Cond
-from sfplus.flow import add_noise, flow_to_x0
+from sfplus.conditioning.conditioner import Cond
+from sfplus.flow import FlowNet, add_noise, flow_to_x0, randn_like, timestep_tensor
 from sfplus.nets.causal import BlockCausal, KVCache
-from sfplus.rollout import Rollout
-from sfplus.sampling import FlowNet, randn_like, timestep_tensor
+from sfplus.rollout.bidirectional import Rollout
 
 __all__ = [
     "BlockLayout",
@@ -208,7 +207,7 @@ def run_causal_blocks(net: FlowNet, noise: torch.Tensor, steps: Sequence[float],
                       generator: torch.Generator | None, cache: KVCache, initial_latent: torch.Tensor | None,
                       counter: CallCounter) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
     """The block runner shared by the training rollout (`causal_rollout`) and streaming generation
-    (`sfplus.streaming.causal_generate`); take its inputs from `prepare_causal_generation`.
+    (`sfplus.sampling.streaming.causal_generate`); take its inputs from `prepare_causal_generation`.
 
     Args:
         noise: [B, C, F, H, W] noise of the generated frames; steps: the positive few-step timesteps.

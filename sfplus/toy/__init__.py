@@ -1,11 +1,12 @@
-"""The built-in toy task: synthetic moving-shape videos (``toy_videos``) and their metrics (``toy_metrics``).
+"""The built-in toy task: synthetic moving-shape videos (:mod:`sfplus.toy.videos`), their metrics
+(:mod:`sfplus.toy.metrics`) and ``sfplus toy-eval`` (:mod:`sfplus.toy.evaluation`).
 
 One import path for recipes and callbacks::
 
     from sfplus.toy import ToyVideoSpec, ToyVideoDataset, toy_metrics
 """
 
-from .toy_metrics import (
+from sfplus.toy.metrics import (
     detect,
     detect_batch,
     frechet_distance,
@@ -15,7 +16,7 @@ from .toy_metrics import (
     toy_features,
     toy_metrics,
 )
-from .toy_videos import (
+from sfplus.toy.videos import (
     DIRECTIONS,
     PALETTE,
     SHAPES,
