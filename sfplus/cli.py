@@ -54,9 +54,9 @@ from sfplus.resume import DiscardOldCheckpoints, checkpoint_folders, resolve_ckp
 # The `sfplus` command silences a few benign library messages, each by its exact text (see sfplus/known_warnings.py).
 silence_known_warnings()
 
-# Configs may interpolate, e.g. `critic_betas: ${model.init_args.betas}`. In "omegaconf+" mode OmegaConf resolves
-# `${...}` once every config file and command-line value is merged, so overriding the source on the command line
-# also changes what refers to it. LightningCLI gives each subcommand its own parser, which reads --config. A whole
+# Configs may interpolate, e.g. `betas: ${model.init_args.generator_optimizer.betas}`. In "omegaconf+" mode OmegaConf
+# resolves `${...}` once every config file and command-line value is merged, so overriding the source on the command
+# line also changes what refers to it. LightningCLI gives each subcommand its own parser, which reads --config. A whole
 # value may be interpolated, not an element of a list (elements are type-checked before resolving).
 PARSER_MODE = {"parser_mode": "omegaconf+"}
 PARSER_KWARGS = {**PARSER_MODE, **{name: dict(PARSER_MODE) for name in LightningCLI.subcommands()}}

@@ -3,7 +3,8 @@
 today's DistillModule and its EMA generator reads back for export.
 
 Made with (session 6, lightning 2.6.6, torch 2.13): tiny preset with ``TINY`` overrides, ``ToyConditioner(16, 8)``,
-teacher ``write_tiny_teacher``, ``generator_type="causal"``, ``frames_per_block=1``, ``video_shape=[3, 2, 4, 4]``,
+teacher ``write_tiny_teacher``, ``generator_type="causal"``, ``frames_per_block=1``
+(today: ``causal={"frames_per_block": 1}``), ``video_shape=[3, 2, 4, 4]``,
 ``dfake_gen_update_ratio=2``, ``gan={"blocks": [0, 1]}``, ``seed=1``, EMA(decay=0.5), 3 updates on 4 random latent
 samples, ``trainer.save_checkpoint(path)`` (the whole resumable state). A change that renames a state-dict key, drops a
 counter or reshapes a net fails here: keep old checkpoints loading (or convert them) rather than regenerating this.
@@ -37,7 +38,7 @@ def test_a_session6_checkpoint_resumes_and_exports(tmp_path):
     write_shards(samples, tmp_path / "shards", [2, 2], dtype=torch.float32)
     module = DistillModule(net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
                            teacher_checkpoint=write_tiny_teacher(tmp_path / "teacher.safetensors"),
-                           generator_type="causal", frames_per_block=1, video_shape=[3, 2, 4, 4],
+                           causal={"frames_per_block": 1}, video_shape=[3, 2, 4, 4],
                            dfake_gen_update_ratio=2, gan={"blocks": [0, 1]}, seed=1)
     trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,

@@ -40,9 +40,11 @@ def test_interpolated_config_parses_to_the_written_out_values(config, tmp_path, 
 def test_an_override_of_the_source_reaches_what_refers_to_it(subcommand, capsys):
     config = ROOT / "configs" / "wan2.1" / "t2v_13b_self_forcing_sid.yaml"
     m = parsed([subcommand, "--config", str(config), "--model.init_args.conditioner.init_args.model_dir", "/w/1.3B",
-                "--model.init_args.betas", "[0.5, 0.9]", "--model.init_args.generator_lr", "1e-5"],
+                "--model.init_args.generator_optimizer.betas", "[0.5, 0.9]",
+                "--model.init_args.generator_optimizer.max_grad_norm", "3.0"],
                capsys)["model"]["init_args"]
     assert m["teacher_checkpoint"] == m["critic_checkpoint"] == "/w/1.3B"
-    assert m["betas"] == m["critic_betas"] == [0.5, 0.9]
-    assert m["generator_lr"] == m["critic_lr"] == 1e-5
+    g, c = m["generator_optimizer"], m["critic_optimizer"]
+    assert g["betas"] == c["betas"] == [0.5, 0.9]
+    assert g["max_grad_norm"] == c["max_grad_norm"] == 3.0
     assert m["generator_checkpoint"].startswith("runs/t2v-13b-ode-init/")  # not an interpolation: unchanged

@@ -53,13 +53,15 @@ def _callback(cfg: dict, name: str) -> dict:
 def test_14b_dmd_recipes_carry_the_reference_hyper_parameters(name, guidance, iterations):
     cfg = load(WAN / f"{name}.yaml")
     m = cfg["model"]["init_args"]
-    assert (m["generator_type"], m["distribution_loss"]) == ("bidirectional", "dmd")
-    assert (m["generator_lr"], m["critic_lr"], m["weight_decay"]) == (2e-6, 4e-7, 0.01)
-    assert m["betas"] == m["critic_betas"] == [0.0, 0.999]
+    assert (m.get("causal"), m["distribution_loss"]) == (None, "dmd")
+    g, c = m["generator_optimizer"], m["critic_optimizer"]
+    assert (g["lr"], c["lr"], g["weight_decay"], c["weight_decay"]) == (2e-6, 4e-7, 0.01, 0.01)
+    same = "${model.init_args.generator_optimizer.%s}"  # written out or an interpolation of the generator's
+    assert g["betas"] == [0.0, 0.999] and c["betas"] in (g["betas"], same % "betas")
     # Wan's CFG convention: the reference's real_guidance_scale + 1 (5 -> 6 for T2V, 6 -> 7 for I2V).
-    assert (m["dfake_gen_update_ratio"], m["guidance_scale"], m["timestep_shift"]) == (5, guidance + 1, 5.0)
-    assert (m["denoising_steps"], m["warp_denoising_steps"]) == ([1000, 750, 500, 250], True)
-    assert m["max_grad_norm_generator"] == m["max_grad_norm_critic"] == 10.0
+    assert (m["dfake_gen_update_ratio"], m["guidance_scale"], m["schedule"]["shift"]) == (5, guidance + 1, 5.0)
+    assert (m["schedule"]["steps"], m["schedule"]["warp"]) == ([1000, 750, 500, 250], True)
+    assert g["max_grad_norm"] == 10.0 and c["max_grad_norm"] in (10.0, same % "max_grad_norm")
     assert m["scale"] == {"activation_checkpointing": True, "param_dtype": "bf16", "frozen_dtype": "bf16"}
     assert m["video_shape"] == [16, 21, 60, 104] and cfg["data"]["init_args"]["batch_size"] == 1
     assert _callback(cfg, "EMA") == {"decay": 0.99, "start_iteration": 200}
@@ -75,12 +77,12 @@ def test_14b_dmd_recipes_carry_the_reference_hyper_parameters(name, guidance, it
 
 def test_ode_init_recipe_matches_the_trajectory_schedule():
     m = load(WAN / "t2v_13b_ode_init.yaml")["model"]["init_args"]
-    steps = warp_timesteps(m["denoising_steps"], m["timestep_shift"])
+    steps = warp_timesteps(m["schedule"]["steps"], m["schedule"]["shift"])
     assert steps == pytest.approx([1000, 960, 888.889, 727.273], abs=1e-3)  # generate_ode_pairs.py's defaults
     for recipe in ("t2v_13b_self_forcing_dmd", "t2v_13b_self_forcing_sid", "t2v_13b_causvid",
                    "t2v_13b_self_forcing_gan"):
         r = load(WAN / f"{recipe}.yaml")["model"]["init_args"]
-        assert r["generator_type"] == "causal" and r["frames_per_block"] == 3
+        assert r["causal"]["frames_per_block"] == 3
         assert r["generator_checkpoint"].startswith("runs/t2v-13b-ode-init/")
 
 

@@ -36,7 +36,8 @@ def prompt_file(tmp_path: Path) -> str:
 
 def distill(teacher: str, **kw) -> DistillModule:
     args = dict(net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
-                teacher_checkpoint=teacher, dfake_gen_update_ratio=2, generator_lr=1e-3, critic_lr=1e-3,
+                teacher_checkpoint=teacher, dfake_gen_update_ratio=2,
+                generator_optimizer={"lr": 1e-3}, critic_optimizer={"lr": 1e-3},
                 video_shape=SHAPE, seed=3)
     args.update(kw)
     return DistillModule(**args)

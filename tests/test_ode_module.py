@@ -42,7 +42,7 @@ def write_ode_shards(out: Path, n: int, steps: list[float] = REFERENCE_STEPS) ->
 
 def module(**kw) -> ODEInitModule:
     kw = {"net": "tiny", "net_overrides": TINY, "conditioner": ToyConditioner(text_dim=16, text_len=8),
-          "frames_per_block": 2, "video_shape": list(SHAPE), "lr": 1e-3, "seed": 3, **kw}
+          "causal": {"frames_per_block": 2}, "video_shape": list(SHAPE), "optimizer": {"lr": 1e-3}, "seed": 3, **kw}
     return ODEInitModule(**kw)
 
 
@@ -68,7 +68,7 @@ def fit(m: ODEInitModule, shards: Path, steps: int, root: Path, ckpt_path: str |
 def test_loss_falls_on_a_fixed_batch(tmp_path):
     shards = write_ode_shards(tmp_path / "ode", 2)  # batch 2 of 2 samples: every step sees the same batch
     losses = Losses()
-    fit(module(lr=1e-2), shards, 20, tmp_path, callbacks=[losses])
+    fit(module(optimizer={"lr": 1e-2}), shards, 20, tmp_path, callbacks=[losses])
     assert len(losses.values) == 20 and all(torch.isfinite(torch.tensor(losses.values)))
     first, last = sum(losses.values[:5]) / 5, sum(losses.values[-5:]) / 5
     assert last < 0.4 * first, losses.values  # measured: 1.03 -> 0.16
@@ -115,21 +115,21 @@ def test_predict_is_the_causal_sampler_at_the_trajectory_steps(tmp_path):
 
 def test_schedule_mismatch_and_missing_data_are_named(tmp_path):
     shift5 = write_ode_shards(tmp_path / "shift5", 2, steps=warp_timesteps([1000, 750, 500, 250], 5.0))
-    with pytest.raises(ODETimestepsError, match=r"\[1000.0, 937.5, 833.33, 625.0, 0.0\] differ .*timestep_shift 8"):
+    with pytest.raises(ODETimestepsError, match=r"\[1000.0, 937.5, 833.33, 625.0, 0.0\] differ .*schedule.shift 8"):
         fit(module(), shift5, 1, tmp_path)
     m = module()
     m.configure_model()
     with pytest.raises(KeyError, match="no \\['ode_latents', 'ode_timesteps'\\]"):
         m.training_step({"prompts": ["x"], "latents": torch.zeros(1, *SHAPE)}, 0)
     with pytest.raises(ValueError, match="frames_per_block must be >= 1"):
-        module(frames_per_block=0)
+        module(causal={"frames_per_block": 0})
 
 
 @pytest.mark.gpu
 def test_ode_init_trains_and_samples_on_cuda(tmp_path):
     """Block-causal training through flex attention on CUDA, then the KV-cache sampler."""
     shards = write_ode_shards(tmp_path / "ode", 2)
-    m = module(lr=1e-2)
+    m = module(optimizer={"lr": 1e-2})
     losses = Losses()
     dm = LatentShardDataModule(str(shards), batch_size=2, fields=["ode_latents"], num_workers=0, pin_memory=False)
     L.Trainer(accelerator="cuda", devices=1, max_steps=10, logger=False, enable_checkpointing=False,

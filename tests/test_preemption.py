@@ -36,7 +36,7 @@ def prompt_file(tmp_path: Path) -> str:
 def distill(teacher: str, cls: type = DistillModule) -> DistillModule:
     return cls(net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
                          teacher_checkpoint=teacher, video_shape=[3, 2, 4, 4], dfake_gen_update_ratio=2,
-                         generator_lr=1e-3, critic_lr=1e-3, seed=3)
+                         generator_optimizer={"lr": 1e-3}, critic_optimizer={"lr": 1e-3}, seed=3)
 
 
 def data(prompt_file: str) -> PromptDataModule:

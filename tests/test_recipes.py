@@ -32,7 +32,8 @@ class LossRecorder(L.Callback):
 
 def fit(tmp_path: Path, teacher: str, steps: int = 5, data: str = "toy", **kw) -> tuple[DistillModule, LossRecorder]:
     module = DistillModule(net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
-                           teacher_checkpoint=teacher, dfake_gen_update_ratio=2, generator_lr=1e-3, critic_lr=1e-3,
+                           teacher_checkpoint=teacher, dfake_gen_update_ratio=2,
+                           generator_optimizer={"lr": 1e-3}, critic_optimizer={"lr": 1e-3},
                            video_shape=[3, 4, 4, 4], seed=1, **kw)
     if data == "toy":
         dm = ToyDataModule(frames=4, height=4, width=4, size=1, speed=1, batch_size=2, length=16)
@@ -57,8 +58,8 @@ def _finite(rec: LossRecorder, *keys: str) -> None:
 @pytest.mark.parametrize("generator_type", ["bidirectional", "causal"])
 @pytest.mark.parametrize("loss", ["dmd", "sid"])
 def test_data_free_recipes(tmp_path, teacher_file, generator_type, loss):
-    module, rec = fit(tmp_path, teacher_file, data="prompts", generator_type=generator_type, distribution_loss=loss,
-                      frames_per_block=2)
+    module, rec = fit(tmp_path, teacher_file, data="prompts", distribution_loss=loss,
+                      causal={"frames_per_block": 2} if generator_type == "causal" else None)
     assert (module.generator_steps, module.critic_steps) == (2, 3)
     _finite(rec, "train/generator_loss", "train/critic_loss")
     # The generator and critic trained, the teacher did not.
@@ -67,8 +68,8 @@ def test_data_free_recipes(tmp_path, teacher_file, generator_type, loss):
 
 @pytest.mark.parametrize("teacher_forcing", [False, True])
 def test_causvid(tmp_path, teacher_file, teacher_forcing):
-    module, rec = fit(tmp_path, teacher_file, generator_type="causal", distribution_loss="causvid",
-                      teacher_forcing=teacher_forcing, frames_per_block=2)
+    module, rec = fit(tmp_path, teacher_file, distribution_loss="causvid", teacher_forcing=teacher_forcing,
+                      causal={"frames_per_block": 2})
     _finite(rec, "train/generator_loss", "train/critic_loss")
 
 
@@ -93,7 +94,7 @@ def test_unknown_gan_option_is_named(teacher_file):
 
 
 def test_causal_predict_matches_streaming_sampler(tmp_path, teacher_file):
-    module, _ = fit(tmp_path, teacher_file, steps=2, data="prompts", generator_type="causal", frames_per_block=2)
+    module, _ = fit(tmp_path, teacher_file, steps=2, data="prompts", causal={"frames_per_block": 2})
     from sfplus.noise import SampleNoise
     from sfplus.sampling.streaming import causal_sample
 
@@ -108,7 +109,7 @@ def test_causal_predict_matches_streaming_sampler(tmp_path, teacher_file):
 def test_long_causal_rollouts_score_the_last_window(tmp_path, teacher_file):
     """Rollouts longer than the training length: the critic and teacher see the last window with a re-encoded
     first frame, and the generator loss skips that window's first block."""
-    module, rec = fit(tmp_path, teacher_file, data="prompts", generator_type="causal", frames_per_block=2,
+    module, rec = fit(tmp_path, teacher_file, data="prompts", causal={"frames_per_block": 2},
                       max_rollout_frames=8)
     _finite(rec, "train/generator_loss", "train/critic_loss")
     video = torch.randn(2, 3, 8, 4, 4)
@@ -136,7 +137,7 @@ def test_causal_diffusion_training(tmp_path, teacher_forcing, aug):
 
     module = DiffusionModule(net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
                              causal={"frames_per_block": 2}, teacher_forcing=teacher_forcing,
-                             noise_augmentation_max_timestep=aug, video_shape=[3, 4, 4, 4], lr=3e-3)
+                             noise_augmentation_max_timestep=aug, video_shape=[3, 4, 4, 4], optimizer={"lr": 3e-3})
     rec = LossRecorder()
     L.Trainer(accelerator="cpu", max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, use_distributed_sampler=False, default_root_dir=str(tmp_path),

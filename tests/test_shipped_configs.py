@@ -162,7 +162,7 @@ def cpu_twin(path: Path, tmp: Path, wan: Path, generator_checkpoint: str | None)
     i2v = m["conditioner"]["init_args"].get("i2v", False)
     preset = "tiny-i2v" if i2v else "tiny"
     overrides = {**TINY_WAN_TEXT, **(TINY_WAN_IMAGE if i2v else {})}
-    causal = m.get("generator_type") == "causal" or "causal" in m or "frames_per_block" in m
+    causal = m.get("causal") is not None
     shape = CAUSAL_SHAPE if causal else BIDIRECTIONAL_SHAPE
     m.update(net=preset, net_overrides=overrides, video_shape=shape)
     if "teacher_net" in m:  # a larger teacher (14B for the 1.3B Self-Forcing student): tiny as well

@@ -189,7 +189,7 @@ def random_weights_config(
             if key in args:
                 args[key] = str(work / key)
     i2v = m["conditioner"]["init_args"].get("i2v", False)
-    causal = m.get("generator_type") == "causal" or "causal" in m or "frames_per_block" in m
+    causal = m.get("causal") is not None
     if tiny:
         preset = "tiny-i2v" if i2v else "tiny"
         overrides = {**TINY_DIT, **({"image_dim": 32} if i2v else {})}

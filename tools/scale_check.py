@@ -56,7 +56,8 @@ def run(preset: str, generator_type: str, steps: int, tiny: bool) -> dict:
     shape = [3, 3, 4, 4] if tiny else [16, 21, 60, 104]
     module = DistillModule(
         net=preset, net_overrides=overrides, conditioner=ToyConditioner(text_dim=text_dim, text_len=text_len),
-        generator_type=generator_type, frames_per_block=3, dfake_gen_update_ratio=2, video_shape=shape,
+        causal={"frames_per_block": 3} if generator_type == "causal" else None,
+        dfake_gen_update_ratio=2, video_shape=shape,
         scale={"activation_checkpointing": True, "param_dtype": "bf16" if cuda else "fp32", "frozen_dtype": "bf16"},
     )
     if cuda:

@@ -392,7 +392,8 @@ def default_toy_conditioner() -> Conditioner:
 
 class SingleNetModule(RecipeModule):
     """A recipe that trains one DiT (``model``) with an EMA copy (``model_ema``): diffusion training and ODE
-    initialisation. Subclasses set ``init_checkpoint``, ``lr``, ``betas``, ``weight_decay`` and ``ema_started``."""
+    initialisation. Subclasses set ``init_checkpoint``, ``optimizer`` (:class:`~sfplus.modules.groups.Optimizer`) and
+    ``ema_started``."""
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -417,7 +418,7 @@ class SingleNetModule(RecipeModule):
         copy_weights(self.model_ema, self.model)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        return self.optimizer.build(self.model.parameters())
 
     def counters(self) -> dict[str, int]:
         return {**super().counters(), "ema_started": int(self.ema_started)}

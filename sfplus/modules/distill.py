@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sfplus.conditioning.conditioner import Cond, Conditioner
-from sfplus.flow import score_timesteps_from_raw, warp_timesteps
+from sfplus.flow import score_timesteps_from_raw, unwarp_timestep
 from sfplus.modules.base import RecipeModule, default_toy_conditioner
 from sfplus.modules.distill_parts import (
     BidirectionalRollout,
@@ -18,13 +18,19 @@ from sfplus.modules.distill_parts import (
     SelfForcingRollout,
     SiDObjective,
 )
-from sfplus.modules.groups import GAN, Scale, as_group
+from sfplus.modules.groups import GAN, FewStepSchedule, Optimizer, Scale, ScoreTimesteps, as_group
+from sfplus.nets.causal import BlockCausal
 from sfplus.noise import SampleNoise, stable_seed
 from sfplus.objectives.dmd import critic_flow_loss
 from sfplus.objectives.gan import gan_critic_loss, gan_generator_term
 from sfplus.parallel import copy_weights
 from sfplus.rollout.bidirectional import Rollout
 from sfplus.sampling.samplers import few_step_sample
+from sfplus.sampling.streaming import causal_sample
+
+# Signature defaults (frozen: shared by every instance), also the base a partial group from a dict fills in.
+GENERATOR_OPTIMIZER = Optimizer(lr=2e-6, betas=(0.0, 0.999))  # the reference's
+CRITIC_OPTIMIZER = Optimizer(lr=4e-7, betas=(0.0, 0.999))
 
 
 class DistillModule(RecipeModule):
@@ -33,9 +39,9 @@ class DistillModule(RecipeModule):
     Objectives (``distribution_loss``): ``dmd``, ``sid`` (runs, unlike the reference's),
     ``causvid`` (DMD on one generator step from data-simulated inputs; needs ``latents`` in the batch).
     ``gan`` adds DMD2's adversarial term on critic features (needs ``latents`` in the batch).
-    Generators (``generator_type``): ``bidirectional`` (the 14B path) or ``causal`` (Self-Forcing: a
-    chunk-wise rollout with a KV cache; cache K/V are stored detached, so each block's loss reaches the
-    weights only through that block's exit step — the clean stop-gradient reading of the reference's B22).
+    Generators: bidirectional (the 14B path), or causal when ``causal`` is set (Self-Forcing: a chunk-wise
+    rollout with a KV cache; cache K/V are stored detached, so each block's loss reaches the weights only through
+    that block's exit step — the clean stop-gradient reading of the reference's B22).
     The equations of each are in docs/algorithms.md ('DMD', 'SiD', 'CausVid', 'GAN term (DMD2)', 'Backward
     simulation (bidirectional rollout)', 'Causal rollout (Self-Forcing)', 'Reference bugs').
 
@@ -48,29 +54,25 @@ class DistillModule(RecipeModule):
         teacher_checkpoint: weights of the teacher (a Lightning checkpoint's EMA, a Wan file, ...).
         generator_checkpoint: initial generator weights (default: the teacher's).
         critic_checkpoint: initial critic weights (default: the teacher's).
-        denoising_steps: the generator's steps before warping (reference ``denoising_step_list``).
-        warp_denoising_steps: map the steps through ``timestep_shift`` ([1000,750,500,250] → [1000,937.5,833.3,625]).
-        timestep_shift: shift of the score timesteps and of the step warp (5.0 in every reference config).
+        schedule: the generator's few-step timesteps (:class:`sfplus.modules.groups.FewStepSchedule`).
         guidance_scale: the teacher's (real score's) CFG scale in Wan's convention, ``u + g (c - u)``: 4.0 is the
             reference's ``real_guidance_scale: 3.0`` (docs/algorithms.md, 'CFG conventions').
         critic_guidance_scale: CFG of the critic (fake score), same convention (1.0: none; the reference's
             ``fake_guidance_scale`` + 1).
         real_guidance_scale, fake_guidance_scale: the reference's names; refused with the conversion to use.
-        min_score_timestep: lower bound of the raw score timestep.
-        ts_schedule / ts_schedule_max: bound the score timestep by the exit step's noise levels
-            (docs/algorithms.md, 'Score timesteps').
-        dfake_gen_update_ratio: a generator update every this many iterations.
-        generator_lr, critic_lr, betas, critic_betas, weight_decay: AdamW settings (reference defaults).
-        max_grad_norm_generator, max_grad_norm_critic: per-optimizer clipping.
+        score_timesteps: where the scores are evaluated (:class:`sfplus.modules.groups.ScoreTimesteps`).
+        dfake_gen_update_ratio: critic updates per generator update; a generator update every this many iterations.
+        generator_optimizer, critic_optimizer: AdamW and clipping of each (:class:`sfplus.modules.groups.Optimizer`;
+            defaults: the reference's lr 2e-6 / 4e-7, betas [0, 0.999], weight decay 0.01, clip 10).
         video_shape: latent shape ``[C, F, H, W]`` of generated videos.
         predict_weights: ``ema`` (falls back to the raw generator before EMA starts) or ``generator``.
-        generator_type: ``bidirectional`` or ``causal``.
-        frames_per_block, independent_first_frame: the causal generator's blocks.
+        causal: the causal generator's block layout (:class:`sfplus.nets.causal.BlockCausal`: ``frames_per_block``,
+            ``independent_first_frame``, and ``local_window_frames`` / ``sink_frames`` of the rolling KV cache for
+            long sampling); None: a bidirectional generator.
         same_step_across_blocks: one exit step for all blocks (else one per block); last_step_only: always exit
             at the last step.
         context_noise: timestep of the clean-context cache refresh (0 = exactly clean: B4 in docs/algorithms.md,
             'Reference bugs').
-        local_window_frames, sink_frames: rolling KV cache for long causal sampling.
         max_rollout_frames: causal training rollouts of a random length up to this many latent frames (whole blocks,
             shared by all ranks); beyond ``video_shape``'s frames only the last ones are scored, with their first
             frame replaced by the codec re-encoding of the last decoded frame before them and excluded from the
@@ -95,32 +97,19 @@ class DistillModule(RecipeModule):
         teacher_net_overrides: dict | None = None,
         generator_checkpoint: str | None = None,
         critic_checkpoint: str | None = None,
-        denoising_steps: list[float] | None = None,
-        warp_denoising_steps: bool = True,
-        timestep_shift: float = 5.0,
+        schedule: FewStepSchedule = FewStepSchedule(),
         guidance_scale: float = 4.0,
         critic_guidance_scale: float = 1.0,
-        min_score_timestep: int = 0,
-        ts_schedule: bool = False,
-        ts_schedule_max: bool = False,
+        score_timesteps: ScoreTimesteps = ScoreTimesteps(),
         dfake_gen_update_ratio: int = 5,
-        generator_lr: float = 2e-6,
-        critic_lr: float = 4e-7,
-        betas: tuple[float, float] = (0.0, 0.999),
-        critic_betas: tuple[float, float] = (0.0, 0.999),
-        weight_decay: float = 0.01,
-        max_grad_norm_generator: float = 10.0,
-        max_grad_norm_critic: float = 10.0,
+        generator_optimizer: Optimizer = GENERATOR_OPTIMIZER,
+        critic_optimizer: Optimizer = CRITIC_OPTIMIZER,
         video_shape: list[int] | None = None,
         predict_weights: Literal["ema", "generator"] = "ema",
-        generator_type: Literal["bidirectional", "causal"] = "bidirectional",
-        frames_per_block: int = 3,
-        independent_first_frame: bool = False,
+        causal: BlockCausal | None = None,
         same_step_across_blocks: bool = True,
         last_step_only: bool = False,
         context_noise: float = 0.0,
-        local_window_frames: int | None = None,
-        sink_frames: int = 0,
         max_rollout_frames: int | None = None,
         distribution_loss: Literal["dmd", "sid", "causvid"] = "dmd",
         sid_alpha: float = 1.0,
@@ -138,23 +127,18 @@ class DistillModule(RecipeModule):
         self.teacher_checkpoint = teacher_checkpoint
         self.teacher_net, self.teacher_net_overrides = teacher_net, dict(teacher_net_overrides or {})
         self.generator_checkpoint, self.critic_checkpoint = generator_checkpoint, critic_checkpoint
-        steps = list(denoising_steps or [1000, 750, 500, 250])
-        steps = [s for s in steps if s > 0]
-        self.timesteps = warp_timesteps(steps, timestep_shift) if warp_denoising_steps else [float(s) for s in steps]
-        self.unwarped_steps = steps
-        self.timestep_shift = timestep_shift
+        self.schedule = as_group(FewStepSchedule, schedule, "schedule")
+        self.timesteps = self.schedule.timesteps
         for old, new, value in (("real_guidance_scale", "guidance_scale", real_guidance_scale),
                                 ("fake_guidance_scale", "critic_guidance_scale", fake_guidance_scale)):
             if value is not None:
                 raise ValueError(f"{old} (the reference's CFG convention, c + s (c - u)) is now {new} in Wan's "
                                  f"convention, u + g (c - u): set {new}: {value + 1} for {old}: {value}")
         self.guidance_scale, self.critic_guidance_scale = guidance_scale, critic_guidance_scale
-        self.min_score_timestep = min_score_timestep
-        self.ts_schedule, self.ts_schedule_max = ts_schedule, ts_schedule_max
+        self.score_timesteps = as_group(ScoreTimesteps, score_timesteps, "score_timesteps")
         self.ratio = dfake_gen_update_ratio
-        self.generator_lr, self.critic_lr = generator_lr, critic_lr
-        self.betas, self.critic_betas, self.weight_decay = tuple(betas), tuple(critic_betas), weight_decay
-        self.max_grad_norm_generator, self.max_grad_norm_critic = max_grad_norm_generator, max_grad_norm_critic
+        self.generator_optimizer = as_group(Optimizer, generator_optimizer, "generator_optimizer", GENERATOR_OPTIMIZER)
+        self.critic_optimizer = as_group(Optimizer, critic_optimizer, "critic_optimizer", CRITIC_OPTIMIZER)
         self.video_shape = list(video_shape or [3, 4, 16, 16])
         self.predict_weights, self.predict_seed = predict_weights, predict_seed
         self.generator_steps = 0
@@ -164,17 +148,16 @@ class DistillModule(RecipeModule):
         self.generator_ema: nn.Module | None = None
         self.critic: nn.Module | None = None
         self.teacher: nn.Module | None = None
-        self.generator_type = generator_type
-        self.frames_per_block, self.independent_first_frame = frames_per_block, independent_first_frame
+        self.causal = as_group(BlockCausal, causal, "causal")
         self.same_step_across_blocks, self.last_step_only = same_step_across_blocks, last_step_only
         self.context_noise = context_noise
-        self.local_window_frames, self.sink_frames = local_window_frames, sink_frames
         self.max_rollout_frames = max_rollout_frames
         self.distribution_loss, self.sid_alpha, self.teacher_forcing = distribution_loss, sid_alpha, teacher_forcing
         self.gan = as_group(GAN, gan, "gan")
         self.disc_head: nn.Module | None = None
-        if teacher_forcing and (distribution_loss != "causvid" or generator_type != "causal"):
-            raise ValueError("teacher_forcing applies to distribution_loss=causvid with a causal generator")
+        if teacher_forcing and (distribution_loss != "causvid" or self.causal is None):
+            raise ValueError("teacher_forcing applies to distribution_loss=causvid with a causal generator "
+                             "(causal: {frames_per_block: ...})")
         self.needs_real_latents = distribution_loss == "causvid" or self.gan is not None
         self.rollout = self._build_rollout()
         self.objective = (SiDObjective(guidance_scale, sid_alpha) if distribution_loss == "sid"
@@ -182,14 +165,14 @@ class DistillModule(RecipeModule):
 
     def _build_rollout(self):
         """The generator's training sample (sfplus.modules.distill_parts), from the recipe's settings."""
-        causal = self._causal_layout() if self.generator_type == "causal" else None
+        causal = self.causal
         if self.distribution_loss == "causvid":
             return CausVidStep(self.timesteps, causal, self.teacher_forcing)
         exits = ExitSteps(len(self.timesteps), self.same_step_across_blocks, self.last_step_only)
         if causal is None:
             return BidirectionalRollout(self.timesteps, exits, self.video_shape)
-        return SelfForcingRollout(self.timesteps, exits, self.video_shape, self.frames_per_block,
-                                  self.independent_first_frame, self.context_noise, self.max_rollout_frames,
+        return SelfForcingRollout(self.timesteps, exits, self.video_shape, causal.frames_per_block,
+                                  causal.independent_first_frame, self.context_noise, self.max_rollout_frames,
                                   rewindow=self._last_window)
 
     def configure_model(self) -> None:
@@ -244,13 +227,13 @@ class DistillModule(RecipeModule):
         return DiscriminatorHead(cfg.dim, cfg.num_heads, len(blocks), tokens_per_block=self.gan.tokens_per_block)
 
     def configure_optimizers(self):
-        g = torch.optim.AdamW(self.generator.parameters(), lr=self.generator_lr, betas=self.betas,
-                              weight_decay=self.weight_decay)
-        groups = [{"params": list(self.critic.parameters()), "lr": self.critic_lr}]
+        g = self.generator_optimizer.build(self.generator.parameters())
+        critic_lr = self.critic_optimizer.lr
+        groups = [{"params": list(self.critic.parameters()), "lr": critic_lr}]
         if self.disc_head is not None:
             groups.append({"params": list(self.disc_head.parameters()),
-                           "lr": self.critic_lr * self.gan.head_lr_multiplier})
-        c = torch.optim.AdamW(groups, lr=self.critic_lr, betas=self.critic_betas, weight_decay=self.weight_decay)
+                           "lr": critic_lr * self.gan.head_lr_multiplier})
+        c = self.critic_optimizer.build(groups)
         return [g, c]
 
     def counters(self) -> dict[str, int]:
@@ -294,21 +277,14 @@ class DistillModule(RecipeModule):
     def _score_timesteps(self, f: int, rollout, noise: SampleNoise) -> torch.Tensor:
         """Score timesteps [B, F] (docs/algorithms.md, 'Score timesteps'): raw integer in [min, max), shift,
         clamp to [20, 980]."""
-        from sfplus.flow import unwarp_timestep
-
-        min_t, max_t = self.min_score_timestep, 1000
-        if self.ts_schedule and rollout.t_to is not None:
-            min_t = int(round(unwarp_timestep(rollout.t_to, self.timestep_shift)))
-        if self.ts_schedule_max and rollout.t_from is not None:
-            max_t = int(round(unwarp_timestep(rollout.t_from, self.timestep_shift)))
+        bounds, shift = self.score_timesteps, self.schedule.shift
+        min_t, max_t = bounds.min, 1000
+        if bounds.above_exit_step and rollout.t_to is not None:
+            min_t = int(round(unwarp_timestep(rollout.t_to, shift)))
+        if bounds.below_exit_step and rollout.t_from is not None:
+            max_t = int(round(unwarp_timestep(rollout.t_from, shift)))
         t_raw = noise.randint(min_t, max(max_t, min_t + 1))
-        return score_timesteps_from_raw(t_raw, f, shift=self.timestep_shift).to(self.device)
-
-    def _causal_layout(self):
-        from sfplus.nets.causal import BlockCausal
-
-        return BlockCausal(self.frames_per_block, independent_first_frame=self.independent_first_frame,
-                           local_window_frames=self.local_window_frames, sink_frames=self.sink_frames)
+        return score_timesteps_from_raw(t_raw, f, shift=shift).to(self.device)
 
     def _rollout(self, cond: Cond, grad: bool, kind: str, real: torch.Tensor | None) -> tuple[Rollout, SampleNoise]:
         """The generator's sample for a loss and this update's per-sample noise streams."""
@@ -324,7 +300,7 @@ class DistillModule(RecipeModule):
             first = self.conditioner.encode_video(earlier[:, :, -1:]).to(video.dtype)
         window = torch.cat([first, video[:, :, -(frames - 1):]], dim=2)
         mask = torch.ones_like(window, dtype=torch.bool)
-        mask[:, :, : 1 if self.independent_first_frame else self.frames_per_block] = False
+        mask[:, :, : 1 if self.causal.independent_first_frame else self.causal.frames_per_block] = False
         return window, mask
 
     def _generator_update(self, cond: Cond, uncond: Cond, real: torch.Tensor | None) -> None:
@@ -345,7 +321,8 @@ class DistillModule(RecipeModule):
                 )
                 loss = self.gan.dmd_weight * loss + gan_loss
                 logs.update({f"train/gan_{k}": v for k, v in gan_logs.items()})
-            grad_norm = self.optimizer_update(g_opt, loss, self.generator.parameters(), self.max_grad_norm_generator)
+            grad_norm = self.optimizer_update(g_opt, loss, self.generator.parameters(),
+                                              self.generator_optimizer.max_grad_norm)
         if grad_norm is None:
             return
         self.generator_steps += 1
@@ -375,10 +352,10 @@ class DistillModule(RecipeModule):
             loss = loss + gan_loss
             logs.update({f"train/disc_{k}": v for k, v in gan_logs.items()})
         if self.gan is not None:  # warm-up: only the head learns
-            c_opt.param_groups[0]["lr"] = 0.0 if self.in_gan_warmup() else self.critic_lr
+            c_opt.param_groups[0]["lr"] = 0.0 if self.in_gan_warmup() else self.critic_optimizer.lr
         head = list(self.disc_head.parameters()) if self.disc_head is not None else []
         params = list(self.critic.parameters()) + head
-        grad_norm = self.optimizer_update(c_opt, loss, params, self.max_grad_norm_critic)
+        grad_norm = self.optimizer_update(c_opt, loss, params, self.critic_optimizer.max_grad_norm)
         if grad_norm is None:
             return
         self.critic_steps += 1
@@ -400,23 +377,22 @@ class DistillModule(RecipeModule):
     def sample(
         self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator
     ) -> torch.Tensor:
-        if self.generator_type == "causal":
-            from sfplus.sampling.streaming import causal_sample
-
+        if self.causal is not None:
+            c = self.causal
             return causal_sample(
-                self.sampling_net(), noise, self.timesteps, cond, frames_per_block=self.frames_per_block,
-                generator=generator, independent_first_frame=self.independent_first_frame,
-                local_window_frames=self.local_window_frames, sink_frames=self.sink_frames,
-                context_noise=self.context_noise,
+                self.sampling_net(), noise, self.timesteps, cond, frames_per_block=c.frames_per_block,
+                generator=generator, independent_first_frame=c.independent_first_frame,
+                local_window_frames=c.local_window_frames, sink_frames=c.sink_frames, context_noise=self.context_noise,
             )
         return few_step_sample(self.sampling_net(), noise, self.timesteps, cond, generator)
 
     def sampler_description(self) -> dict[str, Any]:
         weights = "ema" if (self.predict_weights == "ema" and self.ema_started) else "generator"
-        kind = "causal-few-step" if self.generator_type == "causal" else "few-step"
+        kind = "causal-few-step" if self.causal is not None else "few-step"
         out = {"kind": kind, "timesteps": self.timesteps, "weights": weights}
-        if self.generator_type == "causal":
-            out.update(frames_per_block=self.frames_per_block, independent_first_frame=self.independent_first_frame)
+        if self.causal is not None:
+            out.update(frames_per_block=self.causal.frames_per_block,
+                       independent_first_frame=self.causal.independent_first_frame)
         return out
 
 

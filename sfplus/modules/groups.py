@@ -7,8 +7,12 @@ a plain dict (:func:`as_group`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal, TypeVar
+
+import torch
+
+from sfplus.flow import warp_timesteps
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 
@@ -71,11 +75,93 @@ class GAN:
     warmup_steps: int = 0
 
 
+@dataclass(frozen=True)
+class FewStepSchedule:
+    """The few-step generator's timesteps.
+
+    Args:
+        steps: timesteps before warping, decreasing (reference ``denoising_step_list``); zeros are dropped.
+        warp: map the steps through the shift ([1000, 750, 500, 250] at shift 5 -> [1000, 937.5, 833.3, 625])
+            (reference ``warp_denoising_step``).
+        shift: the Wan / SD3 timestep shift of the warp; DistillModule also shifts its score timesteps by it
+            (reference ``timestep_shift``).
+    """
+
+    steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)  # a tuple: the default instance is shared
+    warp: bool = True
+    shift: float = 5.0
+
+    def __post_init__(self) -> None:
+        positive = [float(s) for s in self.steps if s > 0]
+        if not positive or any(b >= a for a, b in zip(positive, positive[1:])):
+            raise ValueError(f"schedule.steps must be positive and decreasing, got {list(self.steps)}")
+        if self.shift <= 0:
+            raise ValueError(f"schedule.shift must be > 0, got {self.shift}")
+
+    @property
+    def unwarped(self) -> list[float]:
+        """The positive steps as written."""
+        return [float(s) for s in self.steps if s > 0]
+
+    @property
+    def timesteps(self) -> list[float]:
+        """The timesteps the generator runs at (warped when ``warp``)."""
+        return warp_timesteps(self.unwarped, self.shift) if self.warp else self.unwarped
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """AdamW for one trained net, with gradient-norm clipping.
+
+    Args:
+        lr: learning rate.
+        betas: AdamW betas (the reference's distillation runs use [0.0, 0.999]).
+        weight_decay: decoupled weight decay.
+        max_grad_norm: clip the net's gradient norm to this (reference ``max_grad_norm_generator`` /
+            ``max_grad_norm_critic``).
+    """
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    max_grad_norm: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.lr < 0 or self.max_grad_norm <= 0:
+            raise ValueError(f"optimizer lr must be >= 0 and max_grad_norm > 0, got lr={self.lr}, "
+                             f"max_grad_norm={self.max_grad_norm}")
+
+    def build(self, params) -> torch.optim.AdamW:
+        """AdamW over ``params`` (an iterable of tensors or of param-group dicts)."""
+        return torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
+class ScoreTimesteps:
+    """Where DMD / SiD evaluate the scores (docs/algorithms.md, 'Score timesteps'): a raw integer timestep drawn
+    uniformly in [low, high), shifted by ``schedule.shift`` and clamped to [20, 980].
+
+    Args:
+        min: ``low`` (reference ``min_score_timestep``); ``high`` is 1000.
+        above_exit_step: ``low`` is the exit step's next timestep instead, unwarped (reference ``ts_schedule``).
+        below_exit_step: ``high`` is the exit step's timestep, unwarped (reference ``ts_schedule_max``).
+    """
+
+    min: int = 0
+    above_exit_step: bool = False
+    below_exit_step: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min < 1000:
+            raise ValueError(f"score_timesteps.min must lie in [0, 1000), got {self.min}")
+
+
 G = TypeVar("G")
 
 
-def as_group(cls: type[G], value: G | dict | None, name: str) -> G | None:
-    """``value`` as a ``cls`` instance: dicts (Python callers, old configs) are checked for unknown keys by name."""
+def as_group(cls: type[G], value: G | dict | None, name: str, base: G | None = None) -> G | None:
+    """``value`` as a ``cls`` instance. A dict (Python callers, jsonargparse's partial groups) is checked for unknown
+    keys by name and fills in ``base`` (the signature's default instance) where given, else the class defaults."""
     if value is None or isinstance(value, cls):
         return value
     if not isinstance(value, dict):
@@ -84,4 +170,4 @@ def as_group(cls: type[G], value: G | dict | None, name: str) -> G | None:
     unknown = sorted(set(value) - known)
     if unknown:
         raise ValueError(f"unknown {name} option(s) {unknown}; known: {sorted(known)}")
-    return cls(**value)
+    return replace(base, **value) if base is not None else cls(**value)

@@ -32,9 +32,9 @@ TINY = {"in_dim": 3, "out_dim": 3}
 VARIANTS = {
     "dmd": {},
     "sid": {"distribution_loss": "sid"},
-    "causal-dmd": {"generator_type": "causal", "frames_per_block": 1},
-    "causal-sid": {"generator_type": "causal", "frames_per_block": 1, "distribution_loss": "sid"},
-    "causal-dmd-gan": {"generator_type": "causal", "frames_per_block": 1,
+    "causal-dmd": {"causal": {"frames_per_block": 1}},
+    "causal-sid": {"causal": {"frames_per_block": 1}, "distribution_loss": "sid"},
+    "causal-dmd-gan": {"causal": {"frames_per_block": 1},
                        "gan": {"blocks": [0, 1], "g_weight": 0.1, "d_weight": 0.1}},
 }
 SHAPE = [3, 2, 4, 4]
@@ -81,7 +81,7 @@ def main() -> None:
     teacher, prompts = make_inputs(out.parent)
     module = DistillModule(
         net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
-        teacher_checkpoint=teacher, dfake_gen_update_ratio=2, generator_lr=1e-3, critic_lr=1e-3,
+        teacher_checkpoint=teacher, dfake_gen_update_ratio=2, generator_optimizer={"lr": 1e-3}, critic_optimizer={"lr": 1e-3},
         video_shape=SHAPE, seed=5, scale={"param_dtype": param_dtype, "activation_checkpointing": world > 1},
         **variant,
     )
