@@ -150,8 +150,9 @@ def random_shards(out: Path, shape: list[int], m: dict) -> str:
 
     if (out / "index.json").exists():
         return str(out)
-    steps = torch.tensor([*warp_timesteps(m.get("denoising_steps", [1000, 750, 500, 250]),
-                                          m.get("timestep_shift", 5.0)), 0.0])
+    schedule = m.get("schedule") or {}
+    steps = torch.tensor([*warp_timesteps(schedule.get("steps", [1000, 750, 500, 250]), schedule.get("shift", 8.0)),
+                          0.0])
     sigma = (steps / 1000).view(-1, 1, 1, 1, 1)
     samples = []
     for i in range(4):
