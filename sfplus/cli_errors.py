@@ -51,6 +51,24 @@ def _indent(line: str) -> int:
     return len(line) - len(line.lstrip())
 
 
+#: Flat recipe arguments of earlier sfplus versions and where their settings live now (typed groups).
+MOVED_ARGUMENTS = {
+    "denoising_steps": "schedule.steps", "warp_denoising_steps": "schedule.warp", "timestep_shift": "schedule.shift",
+    "min_score_timestep": "score_timesteps.min", "ts_schedule": "score_timesteps.above_exit_step",
+    "ts_schedule_max": "score_timesteps.below_exit_step",
+    "generator_lr": "generator_optimizer.lr", "critic_lr": "critic_optimizer.lr",
+    "critic_betas": "critic_optimizer.betas", "max_grad_norm_generator": "generator_optimizer.max_grad_norm",
+    "max_grad_norm_critic": "critic_optimizer.max_grad_norm",
+    "lr": "optimizer.lr (DistillModule: generator_optimizer.lr / critic_optimizer.lr)",
+    "betas": "optimizer.betas (DistillModule: generator_optimizer.betas / critic_optimizer.betas)",
+    "weight_decay": "optimizer.weight_decay (DistillModule: generator_optimizer / critic_optimizer)",
+    "max_grad_norm": "optimizer.max_grad_norm",
+    "generator_type": "causal: {frames_per_block: N} for a causal generator, nothing for a bidirectional one",
+    "frames_per_block": "causal.frames_per_block", "independent_first_frame": "causal.independent_first_frame",
+    "local_window_frames": "causal.local_window_frames", "sink_frames": "causal.sink_frames",
+}
+
+
 def summarize_parse_error(message: str) -> str:
     """The one line of a jsonargparse error that says what is wrong, prefixed by the command-line key."""
     lines = [ln for ln in message.splitlines() if ln.strip()]
@@ -79,7 +97,9 @@ def summarize_parse_error(message: str) -> str:
         unknown = re.match(r"^Option '([^']+)' is not accepted", body[0])
         if unknown:
             where = f"--{key}.init_args.{unknown.group(1)}" if key else unknown.group(1)
-            return f"{where}: {problem.group(1)} has no argument {unknown.group(1)!r}"
+            moved = MOVED_ARGUMENTS.get(unknown.group(1))
+            hint = f" (now {moved})" if moved else ""
+            return f"{where}: {problem.group(1)} has no argument {unknown.group(1)!r}{hint}"
         return f"--{key}: {body[0]}" if key else body[0]
     first = lines[0].strip()
     if key and len(lines) > 1 and first.endswith(":"):

@@ -38,6 +38,17 @@ def test_unknown_key_and_wrong_type_end_with_the_line_that_matters(tmp_path, cap
     assert lines[-1] == "sfplus: error: --trainer.max_steps: Expected a <class 'int'>. Got value: many"
 
 
+def test_a_flat_argument_of_an_earlier_version_says_where_it_moved(tmp_path, capsys):
+    cfg = str(write_run_config(tmp_path))
+    lines = error_output(["fit", "--config", cfg, "--model.init_args.lr", "1e-3"], capsys)
+    assert lines[-1].startswith("sfplus: error: --model.init_args.lr: sfplus.modules.DiffusionModule has no argument "
+                                "'lr' (now optimizer.lr")
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  init_args:\n    frames_per_block: 3\n")
+    lines = error_output(["fit", "--config", cfg, "--config", str(old)], capsys)
+    assert lines[-1].endswith("has no argument 'frames_per_block' (now causal.frames_per_block)")
+
+
 def test_negative_max_steps(tmp_path, capsys):
     lines = error_output(["fit", "--config", str(write_run_config(tmp_path)), "--trainer.max_steps", "-5"], capsys)
     assert lines[-1] == ("sfplus: error: `max_steps` must be a non-negative integer or -1 (infinite steps). "
