@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 import sfplus.callbacks  # noqa: F401
 import sfplus.conditioning.conditioner  # noqa: F401
 import sfplus.datamodules  # noqa: F401
+from sfplus import plan
 from sfplus.callbacks import Preemption
 from sfplus.cli_errors import (
     check_config_files,
@@ -50,6 +51,8 @@ from sfplus.known_warnings import silence_known_warnings
 from sfplus.modules import DiffusionModule, DistillModule  # noqa: F401
 from sfplus.parallel import close_process_group
 from sfplus.resume import DiscardOldCheckpoints, checkpoint_folders, resolve_ckpt_path
+from sfplus.toy import evaluation
+from sfplus.weights import export
 
 # The `sfplus` command silences a few benign library messages, each by its exact text (see sfplus/known_warnings.py).
 silence_known_warnings()
@@ -190,11 +193,6 @@ def refuse_fsdp_strategy(strategy: Any) -> None:
 
 
 def _tool_commands() -> dict[str, Callable]:
-    # local: only the extra subcommands need these (they pull in export / planning / toy evaluation code)
-    from sfplus import plan
-    from sfplus.toy import evaluation
-    from sfplus.weights import export
-
     return {"toy-eval": evaluation.main, "export": export.main, "plan": plan.main}
 
 

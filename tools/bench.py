@@ -62,11 +62,28 @@ import torch
 if __package__ in (None, ""):  # `python tools/bench.py` from a checkout: make `sfplus` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import contextlib
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
 from sfplus.flow import sample_score_timesteps, warp_timesteps  # noqa: E402
 from sfplus.nets.codec import WanVAECodec  # noqa: E402
+from sfplus.nets.fp8 import psnr, quantize_dit_fp8
 from sfplus.nets.presets import build_dit  # noqa: E402
 from sfplus.nets.vae import WanVAE  # noqa: E402
 from sfplus.nets.wan import WanConfig, WanDiT  # noqa: E402
+from sfplus.objectives.dmd import critic_flow_loss, dmd_generator_loss, dmd_kl_grad
+from sfplus.parallel import DTYPES as dtypes
+from sfplus.parallel import apply_activation_checkpointing, compile_blocks
+from sfplus.plan import plan
+from sfplus.rollout import bidirectional as rollout
+from sfplus.rollout.causal import causal_rollout
+from sfplus.sampling.samplers import few_step_sample
+from sfplus.sampling.streaming import causal_generate, stream_video
+from sfplus.video_io import read_mp4, write_mp4
+from tools.memory_peak import trace_peak
 
 GIB = 2**30
 WORKLOADS = ("dit13b", "dit14b", "vae", "vae_sweep", "pipe14b", "causal13b", "train13b", "train13b_causal",
@@ -162,8 +179,6 @@ def causal_flops(cfg: WanConfig, sizes: Sizes) -> float:
 def vae_decode_flops(vae_overrides: tuple, latent: tuple[int, ...]) -> float:
     """Convolution (+ attention) FLOPs of `WanVAE.decode`, counted by running it on the meta device (no memory,
     no compute): docs/wan_architecture.md, 'FLOPs' gives 2.75e14 for 21x60x104 latents."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.device("meta"):
         vae = WanVAE(**dict(vae_overrides)).to(torch.bfloat16)
         z = torch.empty(latent, dtype=torch.bfloat16)
@@ -230,8 +245,6 @@ PROFILE_TOP = 0  # --profile N: after timing, one more call under torch.profiler
 
 
 def _print_profile(fn: Callable[[], object], top: int) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
@@ -362,8 +375,6 @@ class Bench:
         out["eager"] = out["y"]
         extra: dict = {}
         if self.fp8:
-            from sfplus.nets.fp8 import quantize_dit_fp8
-
             extra["fp8_linears"] = quantize_dit_fp8(net)
         if self.compile_backend:
             for block in net.blocks:
@@ -383,8 +394,6 @@ class Bench:
         the reference; for pixels in [-1, 1] that is at most 2)."""
         if "eager" not in out:
             return {}
-        from sfplus.nets.fp8 import psnr
-
         y, y0 = out["y"].float(), out.pop("eager").float()
         return {"rel_diff_vs_eager": float(f"{float((y - y0).norm() / y0.norm()):.3g}"),
                 "psnr_vs_eager_db": round(psnr(y, y0), 2)}
@@ -442,8 +451,6 @@ class Bench:
                    variants=variants)
 
     def _w_pipe14b(self) -> dict:
-        from sfplus.sampling.samplers import few_step_sample
-
         s, dev = self.sizes, self.device
         self.keep(f"dit:{s.large}", "vae")
         _reset_peak(dev)
@@ -475,8 +482,6 @@ class Bench:
                    note="few_step_sample (every step runs) + WanVAE.decode; host syncs between the two phases")
 
     def _w_causal13b(self) -> dict:
-        from sfplus.sampling.streaming import causal_generate, stream_video
-
         s, dev = self.sizes, self.device
         self.keep(f"dit:{s.small}", "vae")
         _reset_peak(dev)
@@ -524,8 +529,6 @@ class Bench:
         if not self.video_path:
             return {"mp4": None}
         try:
-            from sfplus.video_io import read_mp4, write_mp4
-
             frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             frames = frames.permute(1, 2, 3, 0).cpu().numpy()  # [T, H, W, 3]
             path = Path(self.video_path)
@@ -548,16 +551,10 @@ class Bench:
         return self._w_train13b(causal=True)
 
     def _w_train13b(self, causal: bool = False) -> dict:
-        from sfplus.objectives.dmd import critic_flow_loss, dmd_generator_loss, dmd_kl_grad
-        from sfplus.parallel import apply_activation_checkpointing
-        from sfplus.rollout import bidirectional as rollout
-
         s, dev = self.sizes, self.device
         self.keep()
         _reset_peak(dev)
         torch.manual_seed(0)
-        from sfplus.parallel import DTYPES as dtypes
-
         old = torch.get_default_dtype()
         try:
             with dev:  # master weights in master_dtype (fp32 = the reference), built straight in their dtype
@@ -568,8 +565,6 @@ class Bench:
         finally:
             torch.set_default_dtype(old)
         if self.compile_backend:  # what `scale: {compile: true}` does: compile the blocks, then checkpoint them
-            from sfplus.parallel import compile_blocks
-
             for net in (generator, critic, teacher):
                 compile_blocks(net, backend=self.compile_backend)
         for net in (generator, critic):
@@ -587,8 +582,6 @@ class Bench:
         def bidirectional_rollout(net, noise, timesteps, cond, exit_index, rng, grad):
             if not causal:
                 return rollout.bidirectional_rollout(net, noise, timesteps, cond, exit_index, rng, grad=grad)
-            from sfplus.rollout.causal import causal_rollout
-
             fpb = 3 if noise.shape[2] % 3 == 0 else 1
             return causal_rollout(net, noise, timesteps, cond, frames_per_block=fpb, exit_indices=exit_index,
                                   generator=rng, grad=grad)
@@ -633,8 +626,6 @@ class Bench:
         g_peak = _peak_gib(dev)
         traces = {}
         if self.memory_trace:  # what is alive at each step's peak (tools/memory_peak.py)
-            from tools.memory_peak import trace_peak
-
             traces = dict(critic_trace=trace_peak(critic_step, dev, self.memory_trace),
                           generator_trace=trace_peak(generator_step, dev, self.memory_trace))
         fwd = dit_flops(cfg, s.frames, s.height, s.width)
@@ -655,8 +646,6 @@ class Bench:
         return result  # the nets and optimizer states go with this frame; the next workload empties the cache
 
     def _w_plan13b(self) -> dict:
-        from sfplus.plan import plan
-
         s = self.sizes
         train = self.results.get("train13b") or self.run("train13b")
         if "error" in train:
@@ -690,12 +679,8 @@ SDPA = {"default": None, "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
 
 def _sdpa_priority(name: str):
     """A context that puts one SDPA backend first (the others stay allowed as fallbacks), or nothing."""
-    import contextlib
-
     if SDPA[name] is None:
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     first = getattr(SDPBackend, SDPA[name])
     rest = [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                         SDPBackend.MATH) if b != first]
@@ -707,8 +692,6 @@ def sdpa_probe(device: torch.device, tokens: int = 32760, heads: int = 12, head_
     """Time each SDPA backend alone on the 1.3B DiT's self-attention shape (bf16 [1, heads, tokens, head_dim]),
     and its largest deviation from the flash result: which kernel the DiT step is bound by, and what another
     would give."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device, generator=g, dtype=torch.bfloat16)
                for _ in range(3))

@@ -26,8 +26,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import imageio_ffmpeg
 import numpy as np
 import torch
+
+from sfplus.datamodules.shard_format import STORAGE_DTYPES, Sample, slugify, write_sample_file
+from sfplus.nets.vae import load_wan_vae
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 RESIZE_FILTERS = ("bicubic", "area", "bilinear", "lanczos")
@@ -129,8 +133,6 @@ def read_frames(
     Returns uint8 [num_frames, height, width, 3]. VideoError naming the file when it cannot be decoded or has
     fewer frames.
     """
-    import imageio_ffmpeg
-
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"{path} does not exist")
@@ -211,8 +213,6 @@ def encode_videos(
     -> [B, C, F, h, w]`` and ``temporal_stride`` / ``spatial_stride``); it runs on ``device`` in ``dtype``.
     Returns counts ``{"encoded", "existing", "skipped"}`` for this rank.
     """
-    from sfplus.datamodules.shard_format import Sample, slugify, write_sample_file
-
     ts, ss = int(vae.temporal_stride), int(vae.spatial_stride)
     if frames < 1 or (frames - 1) % ts:
         raise VideoError(f"--frames must be 1 + {ts}k for this VAE (e.g. {1 + 20 * ts}), got {frames}")
@@ -258,8 +258,6 @@ def encode_videos(
 
 def load_vae(path: str, config: str | None, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """``load_wan_vae`` with an optional config (a JSON file or inline JSON of WanVAE keyword arguments)."""
-    from sfplus.nets.vae import load_wan_vae
-
     kwargs = {}
     if config:
         text = Path(config).read_text(encoding="utf-8") if Path(config).is_file() else config
@@ -302,8 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from sfplus.datamodules.shard_format import STORAGE_DTYPES
-
         rank, world = rank_and_world(args.rank, args.world_size)
         if args.device:
             device = torch.device(args.device)

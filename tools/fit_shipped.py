@@ -40,6 +40,16 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from safetensors.torch import save_file
+
+from sfplus.cli import SfplusCLI, read_config
+from sfplus.conditioning.wan import CLIP_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE
+from sfplus.datamodules.shard_format import Sample, write_shards
+from sfplus.flow import warp_timesteps
+from sfplus.nets.image import clip_vit_h14_config, hf_clip_to_wan
+from sfplus.nets.presets import build_dit
+from sfplus.nets.text import hf_t5_to_wan, umt5_xxl_config
+from sfplus.nets.vae import WanVAE
 
 KEYS = ("teacher_checkpoint", "generator_checkpoint", "critic_checkpoint", "init_checkpoint")
 TINY_DIT = {"text_dim": 32, "text_len": 512}
@@ -80,10 +90,6 @@ class UpdateTimer(L.Callback):
 
 
 def _random_dit(path: Path, preset: str, overrides: dict, device: torch.device) -> str:
-    from safetensors.torch import save_file
-
-    from sfplus.nets.presets import build_dit
-
     if not path.exists():
         with torch.device(device):
             net = build_dit(preset, **overrides)
@@ -110,11 +116,6 @@ def _tokenizer(folder: Path) -> None:
 def _random_wan_folder(folder: Path, i2v: bool, tiny: bool, device: torch.device) -> Path:
     """T5 (+ tokenizer), VAE and, for I2V, CLIP in Wan's published file names and key layouts, random weights."""
     import transformers
-
-    from sfplus.conditioning.wan import CLIP_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE
-    from sfplus.nets.image import clip_vit_h14_config, hf_clip_to_wan
-    from sfplus.nets.text import hf_t5_to_wan, umt5_xxl_config
-    from sfplus.nets.vae import WanVAE
 
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / T5_FILE).exists():
@@ -145,9 +146,6 @@ def _random_wan_folder(folder: Path, i2v: bool, tiny: bool, device: torch.device
 def random_shards(out: Path, shape: list[int], m: dict) -> str:
     """4 random samples in 2 latent shards with every field a recipe may read: ``latent`` ``shape``, a first frame
     of the matching pixel size, and an ODE trajectory on the recipe ``m``'s warped schedule (plus the clean end)."""
-    from sfplus.datamodules.shard_format import Sample, write_shards
-    from sfplus.flow import warp_timesteps
-
     if (out / "index.json").exists():
         return str(out)
     schedule = m.get("schedule") or {}
@@ -257,8 +255,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change a config value before the files are made (dotted key, YAML value)")
     args = parser.parse_args(argv)
-
-    from sfplus.cli import SfplusCLI, read_config
 
     shipped = read_config(args.config)
     for item in args.set:

@@ -10,6 +10,7 @@ Prints one line per variant: ok with the losses, or the error. Needs one CUDA GP
 Measured on one H200 (lightning 2.6.6, torch 2.11), (critic, generator) losses of the 4 updates: A leaves D after the
 first update, B and C follow it within bf16 rounding (the table is in the README, "Real models, scale, data, speed").
 This is why `sfplus` refuses `strategy: fsdp` and shards with ModelParallelStrategy (FSDP2 in configure_model)."""
+import contextlib
 import sys
 import traceback
 
@@ -17,6 +18,8 @@ import lightning as L
 import torch
 import torch.nn as nn
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp.wrap import wrap
 
 
 class Block(nn.Module):
@@ -43,10 +46,8 @@ class Distill(L.LightningModule):
 
     def configure_model(self):
         if self.variant.startswith("B"):
-            from torch.distributed.fsdp.wrap import wrap
             self.gen, self.critic, self.teacher = wrap(self.gen), wrap(self.critic), wrap(self.teacher)
         elif self.variant.startswith("C"):
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             mesh = self.device_mesh["data_parallel"]
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             for m in (self.gen, self.critic, self.teacher):
@@ -64,7 +65,6 @@ class Distill(L.LightningModule):
         self.manual_backward(c_loss)
         torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 10.0)
         c_opt.step()
-        import contextlib
         toggle = contextlib.nullcontext() if self.variant.endswith("2") else self.toggled_optimizer(g_opt)
         with toggle:
             fake = self.gen(x)

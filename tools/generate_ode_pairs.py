@@ -26,6 +26,25 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from sfplus.conditioning.conditioner import Conditioner, ToyConditioner
+from sfplus.datamodules.prompts import read_prompts
+from sfplus.datamodules.shard_format import (
+    INDEX_NAME,
+    STORAGE_DTYPES,
+    ShardFormatError,
+    make_key,
+    read_sample_file,
+    shard_sizes,
+    write_shards,
+)
+from sfplus.nets.codec import IdentityCodec
+from sfplus.nets.presets import build_dit
+from sfplus.nets.text import UMT5TextEncoder
+from sfplus.ode_pairs import generate_ode_samples, sample_file, snapshot_timesteps
+from sfplus.video_io import write_json_atomic
+from sfplus.weights.wan_folders import detect_preset, load_folder_into
 
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
@@ -50,9 +69,6 @@ def _ints(text: str) -> list[int]:
 
 def build_teacher(path: str, preset: str | None, overrides: dict, device: torch.device, dtype: torch.dtype):
     """The frozen teacher DiT: built on the meta device, weights assigned from ``path`` (strict)."""
-    from sfplus.nets.presets import build_dit
-    from sfplus.weights.wan_folders import detect_preset, load_folder_into
-
     if not Path(path).exists():
         raise FileNotFoundError(f"--teacher {path} does not exist")
     name = preset or detect_preset(path)
@@ -63,17 +79,12 @@ def build_teacher(path: str, preset: str | None, overrides: dict, device: torch.
 
 
 def build_conditioner(args, net, device: torch.device):
-    from sfplus.conditioning.conditioner import Conditioner, ToyConditioner
-    from sfplus.nets.codec import IdentityCodec
-
     if args.toy_text:
         cfg = net.config
         toy = ToyConditioner(text_dim=cfg.text_dim, text_len=cfg.text_len, negative_prompt=args.negative_prompt)
         return toy.to(device)
     if not args.t5 or not args.tokenizer:
         raise ValueError("--t5 and --tokenizer are required (or --toy-text for a toy teacher)")
-    from sfplus.nets.text import UMT5TextEncoder
-
     dtype = torch.float32 if args.t5_fp32 else torch.bfloat16
     encoder = UMT5TextEncoder.load(args.t5, args.tokenizer, dtype=dtype, device=device)
     # The codec is unused here (trajectories stay latents); the Conditioner only needs one to be complete.
@@ -82,16 +93,6 @@ def build_conditioner(args, net, device: torch.device):
 
 def pack(out: Path, num_prompts: int, samples_per_shard: int, dtype: torch.dtype) -> dict:
     """Pack ``out/samples/*.safetensors`` into ``out`` once all ``num_prompts`` are there."""
-    from sfplus.datamodules.shard_format import (
-        INDEX_NAME,
-        ShardFormatError,
-        make_key,
-        read_sample_file,
-        shard_sizes,
-        write_shards,
-    )
-    from sfplus.ode_pairs import sample_file
-
     files = [sample_file(out / "samples", i) for i in range(num_prompts)]
     missing = [f.name for f in files if not f.exists()]
     if missing:
@@ -110,8 +111,6 @@ def check_settings(folder: Path, settings: dict) -> None:
 
     Resuming must not mix trajectories from different teachers, schedules or seeds in one shard set.
     """
-    from sfplus.video_io import write_json_atomic
-
     path = folder / "settings.json"
     # Settings recorded by a run that wrote nothing (e.g. its teacher file was damaged) bind nothing: replace them.
     has_trajectories = path.is_file() and any(f.name != path.name for f in folder.iterdir())
@@ -169,10 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from sfplus.datamodules.prompts import read_prompts
-        from sfplus.datamodules.shard_format import STORAGE_DTYPES
-        from sfplus.ode_pairs import generate_ode_samples, snapshot_timesteps
-
         out = Path(args.out)
         prompts = read_prompts(args.prompts, deduplicate=not args.keep_duplicates)[: args.limit]
         storage = STORAGE_DTYPES[args.storage_dtype]
@@ -214,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         torchrun = world > 1 and "MASTER_ADDR" in os.environ and args.rank is None
         if torchrun:
-            import torch.distributed as dist
-
             dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
             dist.barrier()  # every rank has finished its prompts
             dist.destroy_process_group()

@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from sfplus.datamodules.shard_format import (
     INDEX_NAME,
@@ -51,8 +53,6 @@ def _encode_latents_module():
 
 
 def _natural(name: str) -> list:
-    import re
-
     return [int(s) if s.isdecimal() else s for s in re.split(r"(\d+)", name)]
 
 
@@ -68,8 +68,6 @@ def sample_files(folder: str | Path) -> list[Path]:
 
 def _header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
     """(metadata, {tensor: shape}) without reading tensor data."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

@@ -23,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 GIB = 2**30
 DEFAULT_SITES = ("sfplus/", "tools/", "/sfp/")
@@ -104,8 +105,6 @@ def _profiler_frames(event) -> list[dict]:
 def cpu_events(fn: Callable[[], object]) -> list[dict]:
     """Run fn() under the profiler; its CPU allocations and frees as allocator-history events, in time order."""
     from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:
         fn()
     stack, allocations = list(prof.profiler.kineto_results.experimental_event_tree()), []

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from sfplus.conditioning.conditioner import ToyConditioner
 from sfplus.modules import DistillModule
+from sfplus.plan import plan
 
 
 class _Prompts(torch.utils.data.Dataset):
@@ -78,8 +79,6 @@ def run(preset: str, generator_type: str, steps: int, tiny: bool) -> dict:
            "updates": len(timer.rows), "seconds": by_kind,
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
     if not tiny:
-        from sfplus.plan import plan
-
         estimate = plan(generator=preset, critic=preset, teacher=preset, gpus=1, gpu_memory_gib=139,
                         latent_shape=shape, activation_checkpointing=True, offload_encoders=True,
                         causal_frames_per_block=3 if generator_type == "causal" else None)

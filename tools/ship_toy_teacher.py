@@ -26,6 +26,10 @@ from pathlib import Path
 
 import torch
 
+from sfplus.toy.evaluation import evaluate
+from sfplus.video_io import write_json_atomic
+from sfplus.weights.export import export_generator
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "assets" / "toy_teacher"
 NAME = "toy_teacher"
@@ -38,10 +42,6 @@ def git(*args: str) -> str:
 
 
 def main() -> None:
-    from sfplus.toy.evaluation import evaluate
-    from sfplus.video_io import write_json_atomic
-    from sfplus.weights.export import export_generator
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="runs/toy-teacher/checkpoints/last.ckpt", help="the trained teacher")
     parser.add_argument("--out", default=str(OUT), help="folder to write (default: assets/toy_teacher)")

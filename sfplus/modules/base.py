@@ -12,6 +12,8 @@ agree on (the exit step).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,11 +21,15 @@ import lightning as L
 import torch
 from torch import nn
 
-from sfplus.conditioning.conditioner import Cond, Conditioner
+from sfplus.callbacks.progress import default_callbacks
+from sfplus.conditioning.conditioner import Cond, Conditioner, ToyConditioner
+from sfplus.known_warnings import excuse_frozen_eval_modules
 from sfplus.modules.contract import OutputIndex
 from sfplus.modules.groups import Scale, as_group
+from sfplus.nets.fp8 import quantize_dit_fp8
+from sfplus.nets.presets import build_dit, get_config
 from sfplus.noise import SampleNoise, stable_seed
-from sfplus.parallel import copy_weights, parallelize, settle_mixed_precision
+from sfplus.parallel import copy_weights, is_sharded, load_weights, parallelize, settle_mixed_precision
 from sfplus.weights.checkpoints import CheckpointError
 
 
@@ -69,8 +75,6 @@ class RecipeModule(L.LightningModule):
 
     # ---- nets -------------------------------------------------------------------------------------------------
     def build_net(self) -> nn.Module:
-        from sfplus.nets.presets import build_dit
-
         return build_dit(self.net_name, **self.net_overrides)
 
     def data_parallel_mesh(self):
@@ -95,8 +99,6 @@ class RecipeModule(L.LightningModule):
 
     def net_context(self):
         """Nets are built on the meta device when they will be sharded, and filled after materialisation."""
-        import contextlib
-
         self._weights_pending = self.data_parallel_mesh() is not None
         return torch.device("meta") if self._weights_pending else contextlib.nullcontext()
 
@@ -109,13 +111,9 @@ class RecipeModule(L.LightningModule):
             self._weights_pending = False
 
     def configure_callbacks(self):
-        from sfplus.callbacks.progress import default_callbacks
-
         return default_callbacks(self.trainer)  # progress lines when stdout is not a terminal
 
     def on_fit_start(self) -> None:
-        from sfplus.known_warnings import excuse_frozen_eval_modules
-
         excuse_frozen_eval_modules(self)  # the frozen nets are in eval mode on purpose
         if self.fp8:
             raise ValueError("scale.fp8 is for predict only: FP8 linears have no backward; train without it")
@@ -131,9 +129,6 @@ class RecipeModule(L.LightningModule):
 
     def _quantize_fp8(self) -> None:
         """Swap the block linears of every DiT in the module for FP8 ones (after the weights are loaded)."""
-        from sfplus.nets.fp8 import quantize_dit_fp8
-        from sfplus.parallel import is_sharded
-
         for name, net in self.named_children():
             if not hasattr(net, "blocks"):
                 continue
@@ -194,8 +189,6 @@ class RecipeModule(L.LightningModule):
             sampler.position = self.batches_seen
         elif self.batches_seen and self.trainer.current_epoch == 0 and not self._warned_position:
             self._warned_position = True
-            import warnings
-
             warnings.warn("the training batch sampler cannot seek: a resumed run replays data", stacklevel=2)
 
     def on_train_start(self) -> None:
@@ -259,8 +252,6 @@ class RecipeModule(L.LightningModule):
     @property
     def is_i2v(self) -> bool:
         """Whether the DiT takes image conditioning (an I2V preset: CLIP features and the ``y`` channels)."""
-        from sfplus.nets.presets import get_config
-
         return get_config(self.net_name, **self.net_overrides).image_dim is not None
 
     def image_condition(self, batch: dict, rows: list[int] | None = None) -> Cond | None:
@@ -339,8 +330,6 @@ class RecipeModule(L.LightningModule):
         return out if keep else nothing
 
     def _generation_is_collective(self) -> bool:
-        from sfplus.parallel import is_sharded
-
         return any(is_sharded(net) for net in self.children() if hasattr(net, "blocks"))
 
     def _generate_rows(self, batch: dict, keep: list[int]) -> dict:
@@ -385,8 +374,6 @@ class RecipeModule(L.LightningModule):
 
 def default_toy_conditioner() -> Conditioner:
     """The built-in toy task's conditioner (hashed-word text encoder, identity codec): a recipe's default."""
-    from sfplus.conditioning.conditioner import ToyConditioner
-
     return ToyConditioner()
 
 
@@ -406,8 +393,6 @@ class SingleNetModule(RecipeModule):
             self.load_initial_weights()
 
     def load_initial_weights(self) -> None:
-        from sfplus.parallel import load_weights
-
         if self.init_checkpoint:
             load_weights(self.model, self.init_checkpoint)
         else:

@@ -8,13 +8,17 @@ import torch
 from torch import nn
 
 from sfplus.conditioning.conditioner import Cond, Conditioner
-from sfplus.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
+from sfplus.flow import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma, x0_to_flow
 from sfplus.modules.base import SingleNetModule, default_toy_conditioner
 from sfplus.modules.groups import Optimizer, Scale, as_group
 from sfplus.nets.causal import BlockCausal
 from sfplus.noise import SampleNoise
+from sfplus.objectives.causvid import teacher_forced_x0
 from sfplus.objectives.diffusion import flow_matching_loss
+from sfplus.objectives.timesteps import block_training_timesteps
+from sfplus.sampling.causal_diffusion import causal_diffusion_sample
 from sfplus.sampling.samplers import teacher_sample
+from sfplus.sampling.unipc import unipc_sample
 
 # Signature default (frozen: shared by every instance), also the base a partial group from a dict fills in.
 DIFFUSION_OPTIMIZER = Optimizer(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, max_grad_norm=1.0)
@@ -135,10 +139,6 @@ class DiffusionModule(SingleNetModule):
     def _causal_loss(self, latents: torch.Tensor, eps: torch.Tensor, cond: Cond, noise: SampleNoise) -> torch.Tensor:
         """Diffusion forcing: per-block timesteps, block-causal attention; with teacher forcing, clean (augmented)
         earlier blocks as context. Flow-matching loss on every frame."""
-        from sfplus.flow import add_noise, x0_to_flow
-        from sfplus.objectives.causvid import teacher_forced_x0
-        from sfplus.objectives.timesteps import block_training_timesteps
-
         b, _, frames = latents.shape[:3]
         t = block_training_timesteps(b, frames, frames_per_block=self.causal.frames_per_block,
                                      independent_first_frame=self.causal.independent_first_frame,
@@ -164,8 +164,6 @@ class DiffusionModule(SingleNetModule):
             # Block by block with clean context through the KV caches (docs/algorithms.md, 'Causal diffusion
             # sampler'): what a teacher-forced model was trained on; all frames at once under the causal mask
             # would give it noisy context.
-            from sfplus.sampling.causal_diffusion import causal_diffusion_sample
-
             c = self.causal
             return causal_diffusion_sample(
                 net, noise, cond, uncond, frames_per_block=c.frames_per_block,
@@ -173,8 +171,6 @@ class DiffusionModule(SingleNetModule):
                 sink_frames=c.sink_frames, num_steps=self.sample_steps, shift=self.sample_shift,
                 guidance_scale=self.guidance_scale, sampler=self.sampler)
         if self.sampler == "unipc":
-            from sfplus.sampling.unipc import unipc_sample
-
             return unipc_sample(net, noise, cond, uncond, num_steps=self.sample_steps, shift=self.sample_shift,
                                 guidance_scale=self.guidance_scale)
         return teacher_sample(

@@ -20,10 +20,12 @@ from sfplus.modules.distill_parts import (
 )
 from sfplus.modules.groups import GAN, FewStepSchedule, Optimizer, Scale, ScoreTimesteps, as_group
 from sfplus.nets.causal import BlockCausal
+from sfplus.nets.discriminator import DiscriminatorHead
+from sfplus.nets.presets import build_dit
 from sfplus.noise import SampleNoise, stable_seed
 from sfplus.objectives.dmd import critic_flow_loss
 from sfplus.objectives.gan import gan_critic_loss, gan_generator_term
-from sfplus.parallel import copy_weights
+from sfplus.parallel import copy_weights, load_weights
 from sfplus.rollout.bidirectional import Rollout
 from sfplus.sampling.samplers import few_step_sample
 from sfplus.sampling.streaming import causal_sample
@@ -192,8 +194,6 @@ class DistillModule(RecipeModule):
 
     def load_initial_weights(self) -> None:
         """Teacher from its file; generator and critic from theirs, or from the teacher's (reference default)."""
-        from sfplus.parallel import load_weights
-
         if self.teacher_checkpoint:
             load_weights(self.teacher, self.teacher_checkpoint)
         for net, path in ((self.generator, self.generator_checkpoint), (self.critic, self.critic_checkpoint)):
@@ -214,13 +214,9 @@ class DistillModule(RecipeModule):
     def build_teacher(self) -> nn.Module:
         if self.teacher_net is None:
             return self.build_net()
-        from sfplus.nets.presets import build_dit
-
         return build_dit(self.teacher_net, **self.teacher_net_overrides)
 
     def _build_head(self) -> nn.Module:
-        from sfplus.nets.discriminator import DiscriminatorHead
-
         cfg = self.generator.config
         blocks = [b % cfg.num_layers for b in self.gan.blocks]
         self.gan.blocks = blocks
