@@ -367,10 +367,8 @@ def grad_diff(ref_model: torch.nn.Module, sf_model: torch.nn.Module) -> dict:
         q = ref_p[name]
         if p.grad is None and q.grad is None:
             continue
-        if (p.grad is None) != (q.grad is None):
-            raise AssertionError(f"{name}: gradient on one side only (sfplus {p.grad is not None}, "
-                                 f"reference {q.grad is not None})")
-        a, b = q.grad.double(), p.grad.double()
+        a = q.grad.double().cpu() if q.grad is not None else torch.zeros(p.shape, dtype=torch.float64)
+        b = p.grad.double().cpu() if p.grad is not None else torch.zeros(p.shape, dtype=torch.float64)
         num += (a - b).pow(2).sum().item()
         den += a.pow(2).sum().item()
         r = rel(a, b)
@@ -551,6 +549,145 @@ def bidirectional_dmd(ref, opts, i2v: bool):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# causal Self-Forcing DMD (self_forcing_dmd, the 1.3B causal recipe)
+
+
+def fix_causal_pipeline(pipe, cfg, tokens_per_frame: int, frames: int) -> None:
+    """B1 and geometry: a KV cache of [B, frames*tokens, heads, head_dim] per layer (the reference allocates
+    [B, 32760, layers, 128] per layer: wrong for 1.3B) and the run's tokens per frame instead of 1560."""
+    pipe.frame_seq_length = tokens_per_frame
+    pipe.kv_cache_size = frames * tokens_per_frame
+    pipe.num_transformer_blocks = cfg.num_layers
+    heads, head_dim = cfg.num_heads, cfg.head_dim
+
+    def init_kv(batch_size, dtype, device):
+        pipe.kv_cache1 = [{
+            "k": torch.zeros([batch_size, pipe.kv_cache_size, heads, head_dim], dtype=dtype, device=device),
+            "v": torch.zeros([batch_size, pipe.kv_cache_size, heads, head_dim], dtype=dtype, device=device),
+            "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
+            "local_end_index": torch.tensor([0], dtype=torch.long, device=device)} for _ in range(cfg.num_layers)]
+
+    def init_cross(batch_size, dtype, device):
+        pipe.crossattn_cache = [{"k": None, "v": None, "is_init": False} for _ in range(cfg.num_layers)]
+
+    pipe._initialize_kv_cache = init_kv
+    pipe._initialize_crossattn_cache = init_cross
+    patch("B1 (causal rows): the training pipeline's KV cache is allocated [B, F*tokens, heads, head_dim] per layer "
+          "(shipped: [B, 32760, num_layers, 128], which cannot hold the 1.3B model's 12 heads); `frame_seq_length` "
+          "= the run's tokens per frame (hard-coded 1560); the cross-attention cache starts empty (it is assigned, "
+          "not written into, on first use)")
+
+
+def clean_context_at_zero(scheduler) -> None:
+    """B4 alignment: add_noise at t = 0 returns the clean latent (the reference uses the nearest grid point, 4.98)."""
+    orig = scheduler.add_noise
+
+    def add_noise(x0, eps, t):
+        if torch.all(t == 0):
+            return x0.to(eps.dtype)
+        return orig(x0, eps, t)
+
+    scheduler.add_noise = add_noise
+    patch("B4 alignment (causal rows marked 'aligned'): `scheduler.add_noise` at t = 0 returns the clean latent (as "
+          "shipped it uses the nearest grid point t = 4.98, sigma 0.005, while the net is told t = 0; sfplus writes "
+          "exactly clean context for context_noise = 0). The reference still draws (and here discards) that noise")
+
+
+def detach_kv_after_calls(wrapper) -> None:
+    """B22 alignment: after every generator call the KV cache tensors are replaced by detached copies, so a later
+    block's loss does not reach earlier blocks' exit steps through the cache."""
+    orig = wrapper.forward
+
+    def forward(*a, **k):
+        out = orig(*a, **k)
+        for layer in k.get("kv_cache") or []:
+            layer["k"] = layer["k"].detach().clone()
+            layer["v"] = layer["v"].detach().clone()
+        return out
+
+    wrapper.forward = forward
+    patch("B22 alignment (causal rows marked 'aligned'): after each generator call the KV-cache tensors are replaced "
+          "by detached copies (= writing detached K/V). As shipped, a block's loss leaks through the cache into the "
+          "exit-step forwards of earlier blocks; sfplus stores detached K/V (its documented choice)")
+
+
+def causal_dmd(ref, opts):
+    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
+    from sfplus.modules.distill_parts import DMDObjective, ExitSteps, SelfForcingRollout
+    from sfplus.objectives.dmd import critic_flow_loss
+
+    recipe = "self_forcing_dmd (causal)"
+    guidance = 3.0
+    # batch 1: the reference's context refresh multiplies a [B, n] timestep by a [B*n] one, which only broadcasts
+    # for B = 1 (every shipped config uses batch 1 per GPU)
+    world = World(ref, SimpleNamespace(**{**vars(opts), "batch": 1}), i2v=False, causal=True, tag="causal")
+    steps = warp_timesteps([1000, 750, 500, 250], 5.0)
+    B, F_ = world.B, world.F
+    n_blocks = F_ // 3
+    shape = [B, F_, world.C, world.H, world.W]
+    for variant in ("aligned", "as shipped"):
+        for exit_index, t_raw in ((opts.exit if opts.exit is not None else 2, [417, 83]), (0, [906, 5])):
+            t_raw = torch.tensor(t_raw[:B]).view(B, 1)
+            for kind in ("generator", "critic"):
+                dmd, nets = world.build_dmd(guidance, gc=True)
+                dmd._initialize_inference_pipeline()
+                fix_causal_pipeline(dmd.inference_pipeline, world.cfg, world.tokens_per_frame, F_)
+                if variant == "aligned":
+                    align_score_grids(dmd)
+                    clean_context_at_zero(dmd.scheduler)
+                    detach_kv_after_calls(dmd.generator)
+                g0 = torch.Generator().manual_seed(200 + exit_index + 10 * (kind == "critic"))
+                x_T = torch.randn(*shape, generator=g0)
+                renoise = [[torch.randn(B, 3, world.C, world.H, world.W, generator=g0) for _ in range(exit_index)]
+                           for _ in range(n_blocks)]
+                ctx_noise = [torch.randn(B, 3, world.C, world.H, world.W, generator=g0) for _ in range(n_blocks)]
+                eps = torch.randn(*shape, generator=g0)
+                ref_normals = [x_T]
+                for b in range(n_blocks):
+                    ref_normals += renoise[b] + [ctx_noise[b]]
+                ref_normals.append(eps)
+                sf_normals = [x_T] + [v for b in range(n_blocks) for v in renoise[b]] + [eps]
+                tape = Tape(ref_normals, [torch.tensor([n_blocks]), torch.full((n_blocks,), exit_index), t_raw])
+                sf_noise = ReplayNoise(sf_normals, [t_raw], [exit_index], world.device)
+                sf_noise.batch = B
+                g = as_sample_noise(sf_noise)
+                rollout = SelfForcingRollout(steps, ExitSteps(4), [world.C, F_, world.H, world.W], frames_per_block=3)
+                ref_cond = {"prompt_embeds": world.ctx.to(world.device)}
+                ref_uncond = {"prompt_embeds": world.neg.to(world.device)}
+                cond, uncond = world.cond(), world.cond(neg=True)
+                with replay(tape), cuda_calls_are_noops(world.device):
+                    fn = dmd.generator_loss if kind == "generator" else dmd.critic_loss
+                    loss_ref, _ = fn(shape, ref_cond, ref_uncond, None)
+                tape.done()
+                loss_ref.backward()
+                if kind == "generator":
+                    ro = rollout(nets["gen"], cond, g, sf_noise, kind="gen", grad=True)
+                    t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+                    e = g.randn_like(ro.x0)
+                    loss_sf, _ = DMDObjective(guidance + 1.0).generator_loss(
+                        ro.x0, t, e, fake=nets["fake"], real=nets["real"], cond=cond, uncond=uncond,
+                        mask=ro.loss_mask)
+                    model_ref, model_sf = dmd.generator.model, nets["gen"]
+                else:
+                    with torch.no_grad():
+                        ro = rollout(nets["gen"], cond, g, sf_noise, kind="critic", grad=False)
+                    t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+                    e = g.randn_like(ro.x0)
+                    loss_sf = critic_flow_loss(nets["fake"], ro.x0.detach(), t, e, cond)
+                    model_ref, model_sf = dmd.fake_score.model, nets["fake"]
+                sf_noise.done()
+                loss_sf.backward()
+                gd = grad_diff(model_ref, model_sf)
+                tol = opts.tol if variant == "aligned" else float("inf")
+                name = f"{recipe} ({variant})"
+                report(name, f"{kind} loss", abs(float(loss_ref) - float(loss_sf)) / abs(float(loss_ref)), tol,
+                       exit=exit_index, t_raw=t_raw.flatten().tolist(), ref=float(loss_ref), sfplus=float(loss_sf))
+                report(name, f"{kind} gradients ({gd['grad_params']} tensors, worst {gd['grad_worst_param']} "
+                       f"{gd['grad_worst']:.1e})", gd["grad_rel"], tol, exit=exit_index)
+                del dmd, nets, ro, loss_ref, loss_sf
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -570,11 +707,12 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ref = import_reference()
-    rows = opts.rows or ["bidir_t2v", "bidir_i2v"]
     table = {
         "bidir_t2v": lambda: bidirectional_dmd(ref, opts, i2v=False),
         "bidir_i2v": lambda: bidirectional_dmd(ref, opts, i2v=True),
+        "causal": lambda: causal_dmd(ref, opts),
     }
+    rows = opts.rows or list(table)
     t0 = time.time()
     for r in rows:
         table[r]()
