@@ -248,7 +248,8 @@ class ReplayNoise:
     def randn(self, shape, dtype=torch.float32):
         v = self.randn_q.pop(0)
         if tuple(v.shape[1:]) != tuple(shape):
-            raise AssertionError(f"sfplus drew a normal of per-sample shape {tuple(shape)}, tape holds {tuple(v.shape)}")
+            raise AssertionError(f"sfplus drew a normal of per-sample shape {tuple(shape)}, "
+                                 f"tape holds {tuple(v.shape)}")
         return v.to(self.device, dtype).clone()
 
     def randn_like(self, x):
@@ -470,8 +471,8 @@ def align_score_grids(dmd) -> None:
     dmd.real_score.scheduler = dmd.scheduler
     dmd.fake_score.scheduler = dmd.scheduler
     patch("B5 alignment (rows marked 'aligned'): the real and fake score wrappers use the generator's shift-5 grid "
-          "(as shipped they keep the default shift 8; sfplus uses sigma = t/1000, which equals the shift-5 grid value at "
-          "the timesteps drawn here)")
+          "(as shipped they keep the default shift 8; sfplus uses sigma = t/1000, which equals the shift-5 grid value "
+          "at the timesteps drawn here)")
 
 
 def bidirectional_dmd(ref, opts, i2v: bool):
@@ -539,7 +540,8 @@ def bidirectional_dmd(ref, opts, i2v: bool):
                 if variant == "as shipped":
                     tol_loss = tol_grad = float("inf")  # reported, not judged: the B5 grid difference
                 name = f"{recipe} ({variant})"
-                extra = dict(exit=exit_index, t_raw=t_raw.flatten().tolist(), ref=float(loss_ref), sfplus=float(loss_sf))
+                extra = dict(exit=exit_index, t_raw=t_raw.flatten().tolist(), ref=float(loss_ref),
+                             sfplus=float(loss_sf))
                 report(name, f"{kind} loss", abs(float(loss_ref) - float(loss_sf)) / abs(float(loss_ref)), tol_loss,
                        **extra)
                 report(name, f"{kind} gradients ({gd['grad_params']} tensors, worst {gd['grad_worst_param']} "
@@ -625,16 +627,19 @@ def causal_dmd(ref, opts):
     B, F_ = world.B, world.F
     n_blocks = F_ // 3
     shape = [B, F_, world.C, world.H, world.W]
-    for variant in ("aligned", "as shipped"):
+    for variant in ("aligned", "aligned but B22 as shipped", "as shipped"):
         for exit_index, t_raw in ((opts.exit if opts.exit is not None else 2, [417, 83]), (0, [906, 5])):
             t_raw = torch.tensor(t_raw[:B]).view(B, 1)
             for kind in ("generator", "critic"):
+                if kind == "critic" and variant.endswith("B22 as shipped"):
+                    continue  # the critic's rollout has no graph: B22 cannot matter
                 dmd, nets = world.build_dmd(guidance, gc=True)
                 dmd._initialize_inference_pipeline()
                 fix_causal_pipeline(dmd.inference_pipeline, world.cfg, world.tokens_per_frame, F_)
-                if variant == "aligned":
+                if variant.startswith("aligned"):
                     align_score_grids(dmd)
                     clean_context_at_zero(dmd.scheduler)
+                if variant == "aligned":
                     detach_kv_after_calls(dmd.generator)
                 g0 = torch.Generator().manual_seed(200 + exit_index + 10 * (kind == "critic"))
                 x_T = torch.randn(*shape, generator=g0)
@@ -688,6 +693,119 @@ def causal_dmd(ref, opts):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# inference: the few-step bidirectional sampler and the causal streaming pipeline
+
+
+class LatentCatcher(torch.nn.Module):
+    """VAE stand-in: ``decode_to_pixel`` keeps the latents it is given (what the comparison reads) and returns them."""
+
+    def __init__(self):
+        super().__init__()
+        self.latents = None
+
+    def decode_to_pixel(self, latent, use_cache=False):
+        self.latents = latent.detach().clone()
+        return latent
+
+
+class GivenText(torch.nn.Module):
+    def __init__(self, ctx):
+        super().__init__()
+        self.ctx = ctx
+
+    def forward(self, text_prompts):
+        return {"prompt_embeds": self.ctx}
+
+
+def infer_bidirectional(ref, opts):
+    import pipeline.bidirectional_inference as bdi
+
+    from sfplus.flow import warp_timesteps
+    from sfplus.sampling import few_step_sample
+
+    world = World(ref, opts, i2v=False, causal=False, tag="infer-bi")
+    dmd, nets = world.build_dmd(5.0)
+    gen = dmd.generator
+    args = SimpleNamespace(denoising_step_list=[1000, 750, 500, 250], warp_denoising_step=True)
+    steps = warp_timesteps([1000, 750, 500, 250], 5.0)
+    shape = [world.B, world.F, world.C, world.H, world.W]
+    for variant in ("as shipped (B2: 3 of 4 steps)", "patched: all 4 steps"):
+        vae = LatentCatcher()
+        # device=cpu: the shipped code indexes the CPU grid with a tensor on `device` (crashes for cuda, B2)
+        pipe = bdi.BidirectionalInferencePipeline(args, torch.device("cpu"), generator=gen,
+                                                  text_encoder=GivenText(world.ctx.to(world.device)), vae=vae)
+        n_steps = 3
+        if variant.startswith("patched"):
+            pipe.denoising_step_list = torch.cat([pipe.denoising_step_list, torch.zeros(1)])
+            n_steps = 4
+            patch("B2 (bidirectional inference row 'patched'): a 0 appended to the pipeline's step list so that its "
+                  "loop over `list[:-1]` runs all 4 steps (the extra re-noise to t = 0 is drawn and discarded)")
+        g = torch.Generator().manual_seed(300)
+        normals = [torch.randn(*shape, generator=g) for _ in range(n_steps)]
+        # the reference re-noises after every call, the last one included (drawn, then unused)
+        tape = Tape(normals[1:] + [torch.randn(*shape, generator=g)], [])
+        with torch.no_grad(), replay(tape):
+            pipe.inference(normals[0].to(world.device), ["a prompt"])
+        tape.done()
+        sf_noise = ReplayNoise(normals[1:n_steps], [], [], world.device)
+        sf_noise.batch = world.B
+        with torch.no_grad():
+            out = few_step_sample(nets["gen"], sf_layout(normals[0]).to(world.device), steps[:n_steps], world.cond(),
+                                  as_sample_noise(sf_noise))
+        sf_noise.done()
+        d = rel(vae.latents.permute(0, 2, 1, 3, 4), out)
+        report(f"inference: BidirectionalInferencePipeline vs sfplus few_step_sample ({variant})",
+               f"latents out ({n_steps} DiT calls each)", d, opts.tol)
+
+
+def infer_causal(ref, opts):
+    import builtins
+
+    import pipeline.causal_inference as ci
+
+    from sfplus.flow import warp_timesteps
+    from sfplus.sampling import causal_sample
+
+    world = World(ref, opts, i2v=False, causal=True, tag="infer-causal")
+    dmd, nets = world.build_dmd(3.0)
+    gen = dmd.generator
+    args = SimpleNamespace(denoising_step_list=[1000, 750, 500, 250], warp_denoising_step=True,
+                           num_frame_per_block=3, independent_first_frame=False, context_noise=0)
+    quiet, builtins.print = builtins.print, (lambda *a, **k: None)
+    try:
+        pipe = ci.CausalInferencePipeline(args, world.device, generator=gen,
+                                          text_encoder=GivenText(world.ctx.to(world.device)), vae=LatentCatcher())
+    finally:
+        builtins.print = quiet
+    fix_causal_pipeline(pipe, world.cfg, world.tokens_per_frame, world.F)
+    patch("causal inference: the same KV-cache allocation fix (shipped: 30 layers x 12 heads x 128 x 32760 tokens, "
+          "right only for the 1.3B model at 480x832; a no-op there)")
+    steps = warp_timesteps([1000, 750, 500, 250], 5.0)
+    shape = [world.B, world.F, world.C, world.H, world.W]
+    n_blocks = world.F // 3
+    g = torch.Generator().manual_seed(400)
+    x_T = torch.randn(*shape, generator=g)
+    renoise = [torch.randn(world.B, 3, world.C, world.H, world.W, generator=g) for _ in range(3 * n_blocks)]
+    tape = Tape(renoise, [])
+    builtins.print = lambda *a, **k: None
+    try:
+        with torch.no_grad(), replay(tape):
+            _, latents = pipe.inference(x_T.to(world.device), ["a prompt"], return_latents=True)
+    finally:
+        builtins.print = quiet
+    tape.done()
+    sf_noise = ReplayNoise(renoise, [], [], world.device)
+    sf_noise.batch = world.B
+    with torch.no_grad():
+        out = causal_sample(nets["gen"], sf_layout(x_T).to(world.device), steps, world.cond(), frames_per_block=3,
+                            generator=as_sample_noise(sf_noise))
+    sf_noise.done()
+    report("inference: CausalInferencePipeline vs sfplus causal_sample (context_noise 0)",
+           f"latents out ({n_blocks} blocks x (4 steps + cache refresh))",
+           rel(latents.permute(0, 2, 1, 3, 4), out), opts.tol)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -711,6 +829,8 @@ def main(argv=None):
         "bidir_t2v": lambda: bidirectional_dmd(ref, opts, i2v=False),
         "bidir_i2v": lambda: bidirectional_dmd(ref, opts, i2v=True),
         "causal": lambda: causal_dmd(ref, opts),
+        "infer_bidir": lambda: infer_bidirectional(ref, opts),
+        "infer_causal": lambda: infer_causal(ref, opts),
     }
     rows = opts.rows or list(table)
     t0 = time.time()
