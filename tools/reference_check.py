@@ -1,0 +1,868 @@
+"""Step-for-step equivalence of sfplus's algorithms with the reference (Self-Forcing-Plus at 7087227), issue #17.
+
+Runs only where a reference checkout sits in the git-ignored ``.ref/`` folder (see ../shared/bench/README.md):
+``.ref/sfp`` holds the reference's ``wan/``, ``utils/``, ``pipeline/`` and ``model/`` folders and ``.ref/bench/shims``
+the stand-ins for ``diffusers`` / ``flash_attn`` / ``easydict`` / ``ftfy``. Nothing of the reference is copied: its
+modules are imported from ``.ref`` and patched at run time (every patch is listed in ``PATCHES`` and printed).
+
+For every recipe both sides are built at the same size from the SAME Wan-format safetensors (random weights, read
+through sfplus's own loader ``sfplus.weights.read_dit_state_dict``), fed the SAME noise and timesteps (the reference's
+``torch.randn / randn_like / randint`` calls are replayed from a tape; sfplus gets the same values through a
+``SampleNoise`` stand-in) and compared: loss values, gradients of every trainable parameter, and output latents.
+
+usage:
+  python tools/reference_check.py [--device cpu|cuda] [--size small|1.3b] [--latent FxHxW] [--json OUT.json] [row ...]
+rows: bidir_t2v bidir_i2v causal infer_bidir infer_causal (default: all)
+
+Never imported by the package or its tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import types
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REF = os.environ.get("SFP_REF", os.path.join(ROOT, ".ref", "sfp"))
+SHIMS = os.environ.get("SFP_SHIMS", os.path.join(ROOT, ".ref", "bench", "shims"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+PATCHES: list[str] = []  # every run-time patch applied to the reference, in words
+
+
+def patch(note: str) -> None:
+    if note not in PATCHES:
+        PATCHES.append(note)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# importing the reference
+
+
+def import_reference():
+    """Import the reference's modules from .ref with the bench shims; return a namespace of what the checks use."""
+    if not os.path.isdir(os.path.join(REF, "model")):
+        sys.exit(f"no reference checkout at {REF} (see ../shared/bench/README.md)")
+    sys.path[:0] = [SHIMS, REF]
+    for name in ("wan", "pipeline"):  # skip the package __init__s (full Wan pipelines / eager imports)
+        mod = types.ModuleType(name)
+        mod.__path__ = [os.path.join(REF, name)]
+        sys.modules[name] = mod
+    patch("`wan/__init__.py` and `pipeline/__init__.py` skipped (empty package stand-ins, as ref_baseline.py does)")
+    from diffusers.models import modeling_utils  # the shim
+
+    if not torch.cuda.is_available():  # t5.py evaluates torch.cuda.current_device() as a default argument at import
+        torch.cuda.current_device = lambda: 0
+        patch("CPU runs only: `torch.cuda.current_device()` returns 0 (wan/modules/t5.py calls it at import time)")
+
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:  # only wan/modules/clip.py's CLIP preprocessing uses it, and the CLIP encoder is not built
+        from transformers import AutoTokenizer  # noqa: F401  (before the stand-in: transformers probes torchvision)
+
+        tv = types.ModuleType("torchvision")
+        tv.transforms = types.ModuleType("torchvision.transforms")
+        sys.modules["torchvision"], sys.modules["torchvision.transforms"] = tv, tv.transforms
+        patch("no torchvision installed: an empty `torchvision.transforms` stand-in (used only by the CLIP encoder, "
+              "which is not built)")
+    import wan.modules.attention as wattn
+    import wan.modules.causal_model as wcausal
+    import wan.modules.model as wmodel
+
+    def sdpa(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None, q_scale=None, causal=False,
+             window_size=(-1, -1), deterministic=False, dtype=None, version=None, fa_version=None):
+        """flash_attention / attention with the same q_lens / k_lens semantics, in the inputs' dtype."""
+        b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+        mask = None
+        if k_lens is not None:
+            mask = (torch.arange(lk, device=q.device)[None, :] < k_lens.to(q.device)[:, None]).view(b, 1, 1, lk)
+        if q_scale is not None:
+            q = q * q_scale
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype).transpose(1, 2),
+                                           v.to(q.dtype).transpose(1, 2), attn_mask=mask, is_causal=causal,
+                                           scale=softmax_scale)
+        o = o.transpose(1, 2)
+        if q_lens is not None:  # rows past a sample's length are padding (flash leaves them 0)
+            keep = torch.arange(lq, device=q.device)[None, :] < q_lens.to(q.device)[:, None]
+            o = o * keep[:, :, None, None]
+        return o
+
+    for mod in (wattn, wmodel, wcausal):
+        for name in ("flash_attention", "attention"):
+            if hasattr(mod, name):
+                setattr(mod, name, sdpa)
+    patch("attention: `flash_attention` / `attention` of wan.modules.{attention,model,causal_model} replaced by "
+          "PyTorch SDPA with the same k_lens key mask, computed in the inputs' dtype (flash-attn casts to bf16 and "
+          "is CUDA-only)")
+
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex
+
+    wcausal.flex_attention = eager_flex
+    patch("`causal_model.flex_attention`: the eager function instead of the module-level "
+          "`torch.compile(..., mode='max-autotune-no-cudagraphs')` wrapper (same maths; no Inductor on the CPU image)")
+
+    import torch.distributed as dist
+
+    dist.broadcast = lambda tensor, src=0, *a, **k: None
+    patch("`torch.distributed.broadcast` is a no-op (one process: broadcasting from rank 0 to itself; the reference "
+          "calls it without a process group, B16)")
+
+    import pipeline.bidirectional_training as bdt
+    import pipeline.self_forcing_training as sft
+
+    sys.modules["pipeline"].SelfForcingTrainingPipeline = sft.SelfForcingTrainingPipeline
+    sys.modules["pipeline"].BidirectionalTrainingPipeline = bdt.BidirectionalTrainingPipeline
+    import model.base as mb
+    import utils.wan_wrapper as ww
+
+    class NoText(torch.nn.Module):
+        def __init__(self, *a, **k):
+            super().__init__()
+
+    for name in ("WanTextEncoder", "WanVAEWrapper", "WanCLIPEncoder"):
+        setattr(mb, name, NoText)
+    patch("model.base: WanTextEncoder / WanVAEWrapper / WanCLIPEncoder replaced by empty modules (prompt embeddings, "
+          "y and CLIP features are given directly; the encoders are not part of the algorithms)")
+    from model.dmd import DMD
+
+    if sys.modules.get("torchvision") is not None and sys.modules["torchvision"].__spec__ is None:
+        del sys.modules["torchvision"], sys.modules["torchvision.transforms"]  # the reference holds its own handle
+
+    return SimpleNamespace(registry=modeling_utils.REGISTRY, ww=ww, mb=mb, bdt=bdt, sft=sft, DMD=DMD,
+                           wmodel=wmodel, wcausal=wcausal)
+
+
+@contextlib.contextmanager
+def cuda_calls_are_noops(device: torch.device):
+    """The reference calls ``.cuda()`` on scheduler tensors (B15); on a CPU run that is the identity."""
+    if device.type == "cuda":
+        yield
+        return
+    orig = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    patch("CPU runs only: `Tensor.cuda()` is the identity (the reference hard-codes `.cuda()` in "
+          "BidirectionalTrainingPipeline's timestep bookkeeping)")
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = orig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the random tape: the same draws for both sides
+
+
+class Tape:
+    """Values the two sides draw, in the reference's call order. 5-D normals are stored in the reference layout
+    [B, F, C, H, W]; sfplus reads them as [B, C, F, H, W]."""
+
+    def __init__(self, randn: list[torch.Tensor], randint: list[torch.Tensor]):
+        self.randn, self.randint = list(randn), list(randint)
+        self.log: list[str] = []
+
+    def done(self) -> None:
+        if self.randn or self.randint:
+            raise AssertionError(f"tape not used up: {len(self.randn)} normals, {len(self.randint)} integers left")
+
+
+def _shape_of(size) -> tuple[int, ...]:
+    if len(size) == 1 and isinstance(size[0], (list, tuple, torch.Size)):
+        return tuple(int(s) for s in size[0])
+    return tuple(int(s) for s in size)
+
+
+@contextlib.contextmanager
+def replay(tape: Tape):
+    """Patch torch.randn / randn_like / randint so the reference's draws come from ``tape`` (checked by shape and
+    by the integer range the reference asks for)."""
+    orig = torch.randn, torch.randn_like, torch.randint
+
+    def take_normal(shape, device, dtype):
+        if not tape.randn:
+            raise AssertionError(f"reference drew an extra normal of shape {shape}")
+        v = tape.randn.pop(0)
+        if v.ndim == 5 and tuple(v.flatten(0, 1).shape) == tuple(shape):  # the reference draws some on [B*F, ...]
+            v = v.flatten(0, 1)
+        if tuple(v.shape) != tuple(shape):
+            raise AssertionError(f"reference drew a normal of shape {tuple(shape)}, tape holds {tuple(v.shape)}")
+        tape.log.append(f"randn{tuple(shape)}")
+        return v.to(device=device, dtype=dtype).clone()
+
+    def randn(*size, generator=None, device=None, dtype=None, **kw):
+        return take_normal(_shape_of(size), device or "cpu", dtype or torch.get_default_dtype())
+
+    def randn_like(x, *, dtype=None, device=None, **kw):
+        return take_normal(x.shape, device or x.device, dtype or x.dtype)
+
+    def randint(*args, generator=None, device=None, dtype=None, **kw):
+        args = list(args)
+        low, high, size = kw.pop("low", None), kw.pop("high", None), kw.pop("size", None)
+        if size is None and args and isinstance(args[-1], (list, tuple, torch.Size)):
+            size = args.pop()
+        if high is None:
+            high = args.pop()
+        if low is None:
+            low = args.pop() if args else 0
+        if not tape.randint:
+            raise AssertionError(f"reference drew an extra integer in [{low}, {high}) of size {size}")
+        v = tape.randint.pop(0)
+        if tuple(v.shape) != tuple(size):
+            raise AssertionError(f"reference drew integers of size {tuple(size)}, tape holds {tuple(v.shape)}")
+        if int(v.min()) < int(low) or int(v.max()) >= int(high):
+            raise AssertionError(f"tape integer {v.tolist()} outside the reference's range [{low}, {high})")
+        tape.log.append(f"randint[{int(low)},{int(high)}){tuple(size)}")
+        return v.to(device=device or "cpu", dtype=dtype or torch.long).clone()
+
+    torch.randn, torch.randn_like, torch.randint = randn, randn_like, randint
+    try:
+        yield tape
+    finally:
+        torch.randn, torch.randn_like, torch.randint = orig
+
+
+def sf_layout(v: torch.Tensor) -> torch.Tensor:
+    return v.permute(0, 2, 1, 3, 4).contiguous() if v.ndim == 5 else v
+
+
+class ReplayNoise:
+    """sfplus's per-sample noise streams (``SampleNoise``) and shared draws, replayed from the same values."""
+
+    def __init__(self, randn: list[torch.Tensor], randint: list[torch.Tensor], shared: list[int], device):
+        self.randn_q = [sf_layout(v) for v in randn]
+        self.randint_q, self.shared_q, self.device = list(randint), list(shared), device
+        self.batch = None
+
+    def __len__(self):
+        return self.batch
+
+    def randn(self, shape, dtype=torch.float32):
+        v = self.randn_q.pop(0)
+        if tuple(v.shape[1:]) != tuple(shape):
+            raise AssertionError(f"sfplus drew a normal of per-sample shape {tuple(shape)}, "
+                                 f"tape holds {tuple(v.shape)}")
+        return v.to(self.device, dtype).clone()
+
+    def randn_like(self, x):
+        v = self.randn_q.pop(0)
+        if v.shape != x.shape:
+            raise AssertionError(f"sfplus drew a normal like {tuple(x.shape)}, tape holds {tuple(v.shape)}")
+        return v.to(x.device, x.dtype).clone()
+
+    def randint(self, low, high):
+        v = self.randint_q.pop(0).flatten()
+        if int(v.min()) < low or int(v.max()) >= high:
+            raise AssertionError(f"sfplus integer range [{low}, {high}) does not hold the tape's {v.tolist()}")
+        return v.clone()
+
+    def shared_randint(self, kind, high):
+        v = self.shared_q.pop(0)
+        if not 0 <= v < high:
+            raise AssertionError(f"sfplus shared draw {kind} in [0, {high}) cannot be {v}")
+        return v
+
+    def done(self):
+        if self.randn_q or self.randint_q or self.shared_q:
+            raise AssertionError(f"sfplus left draws unused: {len(self.randn_q)} normals, {len(self.randint_q)} "
+                                 f"integers, {len(self.shared_q)} shared")
+
+
+def as_sample_noise(replay_noise: ReplayNoise):
+    """A SampleNoise subclass instance delegating to ``replay_noise`` (sfplus checks isinstance)."""
+    from sfplus.noise import SampleNoise
+
+    class _Replay(SampleNoise):
+        def __init__(self):  # no generators
+            self.device = torch.device(replay_noise.device)
+            self.generators = [None] * replay_noise.batch
+
+        def randn(self, shape, dtype=torch.float32):
+            return replay_noise.randn(shape, dtype)
+
+        def randn_like(self, x):
+            return replay_noise.randn_like(x)
+
+        def randint(self, low, high):
+            return replay_noise.randint(low, high)
+
+    return _Replay()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sizes, weights and the nets of both sides
+
+
+SIZES = {
+    # small: real Wan classes, 2 blocks, head_dim 32 (RoPE split 12/10/10 on both sides)
+    "small": dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=16),
+    "1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096, text_len=512),
+}
+IMAGE_DIM = 1280  # the reference's img_emb input width is hard-coded
+
+
+def wan_config(size: str, i2v: bool):
+    from sfplus.nets.wan import WanConfig
+
+    s = SIZES[size]
+    return WanConfig(dim=s["dim"], ffn_dim=s["ffn_dim"], num_heads=s["num_heads"], num_layers=s["num_layers"],
+                     text_dim=s["text_dim"], text_len=s["text_len"], in_dim=36 if i2v else 16,
+                     image_dim=IMAGE_DIM if i2v else None)
+
+
+def ref_registry_entry(cfg) -> dict:
+    return dict(model_type="i2v" if cfg.image_dim else "t2v", dim=cfg.dim, ffn_dim=cfg.ffn_dim,
+                num_heads=cfg.num_heads, num_layers=cfg.num_layers, in_dim=cfg.in_dim, text_dim=cfg.text_dim,
+                text_len=cfg.text_len, freq_dim=cfg.freq_dim, out_dim=cfg.out_dim)
+
+
+def write_random_wan_file(cfg, path: str, seed: int) -> None:
+    """Random weights in Wan-original layout: official init, then every parameter perturbed (a zero head or unit
+    norms would hide mistakes)."""
+    from safetensors.torch import save_file
+
+    from sfplus.nets.wan import WanDiT
+
+    torch.manual_seed(seed)
+    net = WanDiT(cfg)
+    net.init_weights()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p) * (p.std() if p.numel() > 1 and p.std() > 0 else 1.0))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+
+
+def load_both(cfg, path: str, ref_model: torch.nn.Module, device):
+    """Read the file through sfplus's loader; load it into a fresh sfplus WanDiT and into the reference model."""
+    from sfplus.nets.wan import WanDiT
+    from sfplus.weights import check_state_dict, read_dit_state_dict
+
+    sd = read_dit_state_dict(path)
+    net = WanDiT(cfg)
+    check_state_dict(net, sd, path)
+    net.load_state_dict(sd, strict=True)
+    missing, unexpected = ref_model.load_state_dict(sd, strict=True)
+    return net.to(device)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    den = a.norm().item()
+    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
+
+
+def grad_diff(ref_model: torch.nn.Module, sf_model: torch.nn.Module) -> dict:
+    """Relative L2 difference of the gradients, over all parameters together and the worst single parameter."""
+    ref_p = dict(ref_model.named_parameters())
+    num = den = 0.0
+    worst, worst_name, n = 0.0, "", 0
+    for name, p in sf_model.named_parameters():
+        q = ref_p[name]
+        if p.grad is None and q.grad is None:
+            continue
+        a = q.grad.double().cpu() if q.grad is not None else torch.zeros(p.shape, dtype=torch.float64)
+        b = p.grad.double().cpu() if p.grad is not None else torch.zeros(p.shape, dtype=torch.float64)
+        num += (a - b).pow(2).sum().item()
+        den += a.pow(2).sum().item()
+        r = rel(a, b)
+        n += 1
+        if r > worst:
+            worst, worst_name = r, name
+    return dict(grad_rel=math.sqrt(num / den) if den else math.sqrt(num), grad_worst=worst,
+                grad_worst_param=worst_name, grad_params=n, grad_norm=math.sqrt(den))
+
+
+RESULTS: list[dict] = []
+
+
+def report(recipe: str, quantity: str, diff: float, tol: float, **extra) -> None:
+    row = dict(recipe=recipe, quantity=quantity, rel_diff=float(f"{diff:.3e}"), tol=tol, ok=bool(diff <= tol),
+               **extra)
+    RESULTS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bidirectional DMD (self_forcing_14b_dmd and its I2V twin)
+
+
+def dmd_args(*, i2v: bool, causal: bool, names: dict, guidance: float, gc: bool) -> SimpleNamespace:
+    return SimpleNamespace(
+        generator_type="causal" if causal else "bidirectional", i2v=i2v, mixed_precision=False,
+        denoising_step_list=[1000, 750, 500, 250], warp_denoising_step=True,
+        real_name=names["real"], fake_name=names["fake"], generator_name=names["gen"],
+        model_kwargs={"timestep_shift": 5.0}, num_frame_per_block=3, same_step_across_blocks=True,
+        num_training_frames=21, independent_first_frame=False, gradient_checkpointing=gc,
+        num_train_timestep=1000, guidance_scale=guidance, timestep_shift=5.0, ts_schedule=False,
+        denoising_loss_type="flow", last_step_only=False, context_noise=0, backward_simulation=True)
+
+
+class World:
+    """Weights, nets and inputs shared by the checks of one recipe."""
+
+    def __init__(self, ref, opts, *, i2v: bool, causal: bool, tag: str):
+        self.ref, self.opts, self.i2v, self.causal = ref, opts, i2v, causal
+        self.device = torch.device(opts.device)
+        self.cfg = wan_config(opts.size, i2v)
+        self.tmp = tempfile.mkdtemp(prefix="refcheck-")
+        self.names = {}
+        self.files = {}
+        for role, seed in (("gen", 1), ("real", 2), ("fake", 3)):
+            name = f"{tag}-{role}"
+            ref.registry[name] = ref_registry_entry(self.cfg)
+            self.names[role] = name
+            self.files[role] = os.path.join(self.tmp, f"{name}.safetensors")
+            write_random_wan_file(self.cfg, self.files[role], seed)
+        f, h, w = opts.latent
+        self.B, self.F, self.C, self.H, self.W = opts.batch, f, 16, h, w
+        self.tokens_per_frame = (h // 2) * (w // 2)
+        g = torch.Generator().manual_seed(7)
+        tl, td = self.cfg.text_len, self.cfg.text_dim
+        self.ctx = torch.randn(self.B, tl, td, generator=g)
+        self.ctx[:, tl // 2:] = 0  # padded rows are zero, as the reference's T5 wrapper leaves them
+        self.neg = torch.randn(self.B, tl, td, generator=g)
+        self.neg[:, 3 * tl // 4:] = 0
+        self.clip = torch.randn(self.B, 257, IMAGE_DIM, generator=g) if i2v else None
+        self.y = torch.randn(self.B, 20, f, h, w, generator=g) if i2v else None
+        if i2v:
+            self.y[:, :4] = (torch.rand(self.B, 4, f, h, w, generator=g) > 0.5).float()
+
+    def build_dmd(self, guidance: float, gc: bool = False):
+        torch.manual_seed(0)
+        args = dmd_args(i2v=self.i2v, causal=self.causal, names=self.names, guidance=guidance, gc=gc)
+        dmd = self.ref.DMD(args, self.device)
+        nets = {}
+        for role, wrapper in (("gen", dmd.generator), ("real", dmd.real_score), ("fake", dmd.fake_score)):
+            nets[role] = load_both(self.cfg, self.files[role], wrapper.model, self.device)
+            wrapper.seq_len = self.F * self.tokens_per_frame
+        patch("geometry: `WanDiffusionWrapper.seq_len` (hard-coded 32760 = 21x1560, the padded token count) set to the "
+              "run's token count; padded tokens are masked out of attention (k_lens), so real tokens see the same")
+        dmd = dmd.to(self.device)
+        for w in (dmd.generator, dmd.real_score, dmd.fake_score):
+            w.model.freqs = w.model.freqs.to(self.device)
+        dmd.real_score.requires_grad_(False)
+        nets["real"].requires_grad_(False)
+        return dmd, nets
+
+    def cond(self, neg: bool = False) -> dict:
+        c = {"context": (self.neg if neg else self.ctx).to(self.device)}
+        if self.i2v:
+            c.update(clip_fea=self.clip.to(self.device), y=self.y.to(self.device))
+        return c
+
+    def ref_kwargs(self) -> dict:
+        return dict(clip_fea=None if self.clip is None else self.clip.to(self.device),
+                    y=None if self.y is None else self.y.to(self.device))
+
+    def normals(self, n: int, seed: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(self.B, self.F, self.C, self.H, self.W, generator=g) for _ in range(n)]
+
+
+def cases(opts):
+    """(exit step, raw score timesteps per sample): a mid exit with mid/low t, and exit 0 with the extreme unclamped t
+    (906 -> 979.4 and 5 -> 24.8 after the shift-5 warp; clamped values would sit off the grid, see the doc)."""
+    both = ((opts.exit if opts.exit is not None else 2, [417, 83]), (0, [906, 5]))
+    return both[: opts.cases]
+
+
+def align_score_grids(dmd) -> None:
+    dmd.real_score.scheduler = dmd.scheduler
+    dmd.fake_score.scheduler = dmd.scheduler
+    patch("B5 alignment (rows marked 'aligned'): the real and fake score wrappers use the generator's shift-5 grid "
+          "(as shipped they keep the default shift 8; sfplus uses sigma = t/1000, which equals the shift-5 grid value "
+          "at the timesteps drawn here)")
+
+
+def bidirectional_dmd(ref, opts, i2v: bool):
+    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
+    from sfplus.modules.distill_parts import BidirectionalRollout, DMDObjective, ExitSteps
+    from sfplus.objectives.dmd import critic_flow_loss
+
+    recipe = "self_forcing_14b_i2v_dmd" if i2v else "self_forcing_14b_dmd"
+    guidance = 6.0 if i2v else 5.0  # the reference's s; Wan's g = s + 1
+    world = World(ref, opts, i2v=i2v, causal=False, tag="bi-i2v" if i2v else "bi-t2v")
+    steps = warp_timesteps([1000, 750, 500, 250], 5.0)
+    B, F_ = world.B, world.F
+    shape = [B, F_, world.C, world.H, world.W]
+    for variant in ("aligned", "as shipped"):
+        for exit_index, t_raw in cases(opts):
+            t_raw = torch.tensor(t_raw[:B]).view(B, 1)
+            dmd, nets = world.build_dmd(guidance)
+            if variant == "aligned":
+                align_score_grids(dmd)
+            with torch.no_grad():
+                for p, q in zip(nets["gen"].parameters(), dmd.generator.model.parameters()):
+                    assert torch.equal(p.cpu(), q.detach().cpu())
+            cond, uncond = world.cond(), world.cond(neg=True)
+            n_norm = exit_index + 2  # x_T, one re-noise per step before the exit, the score noise
+            for kind in ("generator", "critic"):
+                normals = world.normals(n_norm, seed=100 + exit_index + (kind == "critic"))
+                blocks = torch.tensor([F_ // 3])  # the reference's rollout-length draw (21 frames: 7 blocks)
+                tape = Tape(normals, [blocks, torch.tensor([exit_index]), t_raw])
+                sf_noise = ReplayNoise(normals, [t_raw], [exit_index], world.device)
+                sf_noise.batch = B
+                g = as_sample_noise(sf_noise)
+                rollout = BidirectionalRollout(steps, ExitSteps(4), [world.C, F_, world.H, world.W])
+                for m in (*nets.values(), dmd):
+                    m.zero_grad(set_to_none=True)
+                # reference
+                ref_cond = {"prompt_embeds": world.ctx.to(world.device)}
+                ref_uncond = {"prompt_embeds": world.neg.to(world.device)}
+                with replay(tape), cuda_calls_are_noops(world.device):
+                    if kind == "generator":
+                        loss_ref, _ = dmd.generator_loss(shape, ref_cond, ref_uncond, None, **world.ref_kwargs())
+                    else:
+                        loss_ref, _ = dmd.critic_loss(shape, ref_cond, ref_uncond, None, **world.ref_kwargs())
+                tape.done()
+                loss_ref.backward()
+                # sfplus, composed as DistillModule._generator_update / _critic_update do
+                if kind == "generator":
+                    ro = rollout(nets["gen"], cond, g, sf_noise, kind="gen", grad=True)
+                    t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+                    eps = g.randn_like(ro.x0)
+                    loss_sf, _ = DMDObjective(guidance + 1.0).generator_loss(
+                        ro.x0, t, eps, fake=nets["fake"], real=nets["real"], cond=cond, uncond=uncond,
+                        mask=ro.loss_mask)
+                    model_ref, model_sf = dmd.generator.model, nets["gen"]
+                else:
+                    with torch.no_grad():
+                        ro = rollout(nets["gen"], cond, g, sf_noise, kind="critic", grad=False)
+                    t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+                    eps = g.randn_like(ro.x0)
+                    loss_sf = critic_flow_loss(nets["fake"], ro.x0.detach(), t, eps, cond)
+                    model_ref, model_sf = dmd.fake_score.model, nets["fake"]
+                sf_noise.done()
+                loss_sf.backward()
+                gd = grad_diff(model_ref, model_sf)
+                tol_loss = tol_grad = opts.tol
+                if variant == "as shipped":
+                    tol_loss = tol_grad = float("inf")  # reported, not judged: the B5 grid difference
+                name = f"{recipe} ({variant})"
+                extra = dict(exit=exit_index, t_raw=t_raw.flatten().tolist(), ref=float(loss_ref),
+                             sfplus=float(loss_sf))
+                report(name, f"{kind} loss", abs(float(loss_ref) - float(loss_sf)) / abs(float(loss_ref)), tol_loss,
+                       **extra)
+                report(name, f"{kind} gradients ({gd['grad_params']} tensors, worst {gd['grad_worst_param']} "
+                       f"{gd['grad_worst']:.1e})", gd["grad_rel"], tol_grad, exit=exit_index)
+                del ro, loss_ref, loss_sf
+            del dmd, nets
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# causal Self-Forcing DMD (self_forcing_dmd, the 1.3B causal recipe)
+
+
+def fix_causal_pipeline(pipe, cfg, tokens_per_frame: int, frames: int) -> None:
+    """B1 and geometry: a KV cache of [B, frames*tokens, heads, head_dim] per layer (the reference allocates
+    [B, 32760, layers, 128] per layer: wrong for 1.3B) and the run's tokens per frame instead of 1560."""
+    pipe.frame_seq_length = tokens_per_frame
+    pipe.kv_cache_size = frames * tokens_per_frame
+    pipe.num_transformer_blocks = cfg.num_layers
+    heads, head_dim = cfg.num_heads, cfg.head_dim
+
+    def init_kv(batch_size, dtype, device):
+        pipe.kv_cache1 = [{
+            "k": torch.zeros([batch_size, pipe.kv_cache_size, heads, head_dim], dtype=dtype, device=device),
+            "v": torch.zeros([batch_size, pipe.kv_cache_size, heads, head_dim], dtype=dtype, device=device),
+            "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
+            "local_end_index": torch.tensor([0], dtype=torch.long, device=device)} for _ in range(cfg.num_layers)]
+
+    def init_cross(batch_size, dtype, device):
+        pipe.crossattn_cache = [{"k": None, "v": None, "is_init": False} for _ in range(cfg.num_layers)]
+
+    pipe._initialize_kv_cache = init_kv
+    pipe._initialize_crossattn_cache = init_cross
+    patch("B1 (causal rows): the training pipeline's KV cache is allocated [B, F*tokens, heads, head_dim] per layer "
+          "(shipped: [B, 32760, num_layers, 128], which cannot hold the 1.3B model's 12 heads); `frame_seq_length` "
+          "= the run's tokens per frame (hard-coded 1560); the cross-attention cache starts empty (it is assigned, "
+          "not written into, on first use)")
+
+
+def clean_context_at_zero(scheduler) -> None:
+    """B4 alignment: add_noise at t = 0 returns the clean latent (the reference uses the nearest grid point, 4.98)."""
+    orig = scheduler.add_noise
+
+    def add_noise(x0, eps, t):
+        if torch.all(t == 0):
+            return x0.to(eps.dtype)
+        return orig(x0, eps, t)
+
+    scheduler.add_noise = add_noise
+    patch("B4 alignment (causal rows marked 'aligned'): `scheduler.add_noise` at t = 0 returns the clean latent (as "
+          "shipped it uses the nearest grid point t = 4.98, sigma 0.005, while the net is told t = 0; sfplus writes "
+          "exactly clean context for context_noise = 0). The reference still draws (and here discards) that noise")
+
+
+def detach_kv_after_calls(wrapper) -> None:
+    """B22 alignment: after every generator call the KV cache tensors are replaced by detached copies, so a later
+    block's loss does not reach earlier blocks' exit steps through the cache."""
+    orig = wrapper.forward
+
+    def forward(*a, **k):
+        out = orig(*a, **k)
+        for layer in k.get("kv_cache") or []:
+            layer["k"] = layer["k"].detach().clone()
+            layer["v"] = layer["v"].detach().clone()
+        return out
+
+    wrapper.forward = forward
+    patch("B22 alignment (causal rows marked 'aligned'): after each generator call the KV-cache tensors are replaced "
+          "by detached copies (= writing detached K/V). As shipped, a block's loss leaks through the cache into the "
+          "exit-step forwards of earlier blocks; sfplus stores detached K/V (its documented choice)")
+
+
+def causal_dmd(ref, opts):
+    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
+    from sfplus.modules.distill_parts import DMDObjective, ExitSteps, SelfForcingRollout
+    from sfplus.objectives.dmd import critic_flow_loss
+
+    recipe = "self_forcing_dmd (causal)"
+    guidance = 3.0
+    # batch 1: the reference's context refresh multiplies a [B, n] timestep by a [B*n] one, which only broadcasts
+    # for B = 1 (every shipped config uses batch 1 per GPU)
+    world = World(ref, SimpleNamespace(**{**vars(opts), "batch": 1}), i2v=False, causal=True, tag="causal")
+    steps = warp_timesteps([1000, 750, 500, 250], 5.0)
+    B, F_ = world.B, world.F
+    n_blocks = F_ // 3
+    shape = [B, F_, world.C, world.H, world.W]
+    for variant in ("aligned", "aligned but B22 as shipped", "as shipped"):
+        for exit_index, t_raw in cases(opts):
+            t_raw = torch.tensor(t_raw[:B]).view(B, 1)
+            for kind in ("generator", "critic"):
+                if kind == "critic" and variant.endswith("B22 as shipped"):
+                    continue  # the critic's rollout has no graph: B22 cannot matter
+                dmd, nets = world.build_dmd(guidance, gc=True)
+                dmd._initialize_inference_pipeline()
+                fix_causal_pipeline(dmd.inference_pipeline, world.cfg, world.tokens_per_frame, F_)
+                if variant.startswith("aligned"):
+                    align_score_grids(dmd)
+                    clean_context_at_zero(dmd.scheduler)
+                if variant == "aligned":
+                    detach_kv_after_calls(dmd.generator)
+                g0 = torch.Generator().manual_seed(200 + exit_index + 10 * (kind == "critic"))
+                x_T = torch.randn(*shape, generator=g0)
+                renoise = [[torch.randn(B, 3, world.C, world.H, world.W, generator=g0) for _ in range(exit_index)]
+                           for _ in range(n_blocks)]
+                ctx_noise = [torch.randn(B, 3, world.C, world.H, world.W, generator=g0) for _ in range(n_blocks)]
+                eps = torch.randn(*shape, generator=g0)
+                ref_normals = [x_T]
+                for b in range(n_blocks):
+                    ref_normals += renoise[b] + [ctx_noise[b]]
+                ref_normals.append(eps)
+                sf_normals = [x_T] + [v for b in range(n_blocks) for v in renoise[b]] + [eps]
+                tape = Tape(ref_normals, [torch.tensor([n_blocks]), torch.full((n_blocks,), exit_index), t_raw])
+                sf_noise = ReplayNoise(sf_normals, [t_raw], [exit_index], world.device)
+                sf_noise.batch = B
+                g = as_sample_noise(sf_noise)
+                rollout = SelfForcingRollout(steps, ExitSteps(4), [world.C, F_, world.H, world.W], frames_per_block=3)
+                ref_cond = {"prompt_embeds": world.ctx.to(world.device)}
+                ref_uncond = {"prompt_embeds": world.neg.to(world.device)}
+                cond, uncond = world.cond(), world.cond(neg=True)
+                with replay(tape), cuda_calls_are_noops(world.device):
+                    fn = dmd.generator_loss if kind == "generator" else dmd.critic_loss
+                    loss_ref, _ = fn(shape, ref_cond, ref_uncond, None)
+                tape.done()
+                loss_ref.backward()
+                if kind == "generator":
+                    ro = rollout(nets["gen"], cond, g, sf_noise, kind="gen", grad=True)
+                    t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+                    e = g.randn_like(ro.x0)
+                    loss_sf, _ = DMDObjective(guidance + 1.0).generator_loss(
+                        ro.x0, t, e, fake=nets["fake"], real=nets["real"], cond=cond, uncond=uncond,
+                        mask=ro.loss_mask)
+                    model_ref, model_sf = dmd.generator.model, nets["gen"]
+                else:
+                    with torch.no_grad():
+                        ro = rollout(nets["gen"], cond, g, sf_noise, kind="critic", grad=False)
+                    t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+                    e = g.randn_like(ro.x0)
+                    loss_sf = critic_flow_loss(nets["fake"], ro.x0.detach(), t, e, cond)
+                    model_ref, model_sf = dmd.fake_score.model, nets["fake"]
+                sf_noise.done()
+                loss_sf.backward()
+                gd = grad_diff(model_ref, model_sf)
+                tol = opts.tol if variant == "aligned" else float("inf")
+                name = f"{recipe} ({variant})"
+                report(name, f"{kind} loss", abs(float(loss_ref) - float(loss_sf)) / abs(float(loss_ref)), tol,
+                       exit=exit_index, t_raw=t_raw.flatten().tolist(), ref=float(loss_ref), sfplus=float(loss_sf))
+                report(name, f"{kind} gradients ({gd['grad_params']} tensors, worst {gd['grad_worst_param']} "
+                       f"{gd['grad_worst']:.1e})", gd["grad_rel"], tol, exit=exit_index)
+                del dmd, nets, ro, loss_ref, loss_sf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inference: the few-step bidirectional sampler and the causal streaming pipeline
+
+
+class LatentCatcher(torch.nn.Module):
+    """VAE stand-in: ``decode_to_pixel`` keeps the latents it is given (what the comparison reads) and returns them."""
+
+    def __init__(self):
+        super().__init__()
+        self.latents = None
+
+    def decode_to_pixel(self, latent, use_cache=False):
+        self.latents = latent.detach().clone()
+        return latent
+
+
+class GivenText(torch.nn.Module):
+    def __init__(self, ctx):
+        super().__init__()
+        self.ctx = ctx
+
+    def forward(self, text_prompts):
+        return {"prompt_embeds": self.ctx}
+
+
+def infer_bidirectional(ref, opts):
+    import pipeline.bidirectional_inference as bdi
+
+    from sfplus.flow import warp_timesteps
+    from sfplus.sampling import few_step_sample
+
+    world = World(ref, opts, i2v=False, causal=False, tag="infer-bi")
+    dmd, nets = world.build_dmd(5.0)
+    gen = dmd.generator
+    args = SimpleNamespace(denoising_step_list=[1000, 750, 500, 250], warp_denoising_step=True)
+    steps = warp_timesteps([1000, 750, 500, 250], 5.0)
+    shape = [world.B, world.F, world.C, world.H, world.W]
+    for variant in ("as shipped (B2: 3 of 4 steps)", "patched: all 4 steps"):
+        vae = LatentCatcher()
+        # device=cpu: the shipped code indexes the CPU grid with a tensor on `device` (crashes for cuda, B2)
+        pipe = bdi.BidirectionalInferencePipeline(args, torch.device("cpu"), generator=gen,
+                                                  text_encoder=GivenText(world.ctx.to(world.device)), vae=vae)
+        n_steps = 3
+        if variant.startswith("patched"):
+            pipe.denoising_step_list = torch.cat([pipe.denoising_step_list, torch.zeros(1)])
+            n_steps = 4
+            patch("B2 (bidirectional inference row 'patched'): a 0 appended to the pipeline's step list so that its "
+                  "loop over `list[:-1]` runs all 4 steps (the extra re-noise to t = 0 is drawn and discarded)")
+        g = torch.Generator().manual_seed(300)
+        normals = [torch.randn(*shape, generator=g) for _ in range(n_steps)]
+        # the reference re-noises after every call, the last one included (drawn, then unused)
+        tape = Tape(normals[1:] + [torch.randn(*shape, generator=g)], [])
+        with torch.no_grad(), replay(tape):
+            pipe.inference(normals[0].to(world.device), ["a prompt"])
+        tape.done()
+        sf_noise = ReplayNoise(normals[1:n_steps], [], [], world.device)
+        sf_noise.batch = world.B
+        with torch.no_grad():
+            out = few_step_sample(nets["gen"], sf_layout(normals[0]).to(world.device), steps[:n_steps], world.cond(),
+                                  as_sample_noise(sf_noise))
+        sf_noise.done()
+        d = rel(vae.latents.permute(0, 2, 1, 3, 4), out)
+        report(f"inference: BidirectionalInferencePipeline vs sfplus few_step_sample ({variant})",
+               f"latents out ({n_steps} DiT calls each)", d, opts.tol)
+
+
+def infer_causal(ref, opts):
+    import builtins
+
+    import pipeline.causal_inference as ci
+
+    from sfplus.flow import warp_timesteps
+    from sfplus.sampling import causal_sample
+
+    world = World(ref, opts, i2v=False, causal=True, tag="infer-causal")
+    dmd, nets = world.build_dmd(3.0)
+    gen = dmd.generator
+    args = SimpleNamespace(denoising_step_list=[1000, 750, 500, 250], warp_denoising_step=True,
+                           num_frame_per_block=3, independent_first_frame=False, context_noise=0)
+    quiet, builtins.print = builtins.print, (lambda *a, **k: None)
+    try:
+        pipe = ci.CausalInferencePipeline(args, world.device, generator=gen,
+                                          text_encoder=GivenText(world.ctx.to(world.device)), vae=LatentCatcher())
+    finally:
+        builtins.print = quiet
+    fix_causal_pipeline(pipe, world.cfg, world.tokens_per_frame, world.F)
+    patch("causal inference: the same KV-cache allocation fix (shipped: 30 layers x 12 heads x 128 x 32760 tokens, "
+          "right only for the 1.3B model at 480x832; a no-op there)")
+    steps = warp_timesteps([1000, 750, 500, 250], 5.0)
+    shape = [world.B, world.F, world.C, world.H, world.W]
+    n_blocks = world.F // 3
+    g = torch.Generator().manual_seed(400)
+    x_T = torch.randn(*shape, generator=g)
+    renoise = [torch.randn(world.B, 3, world.C, world.H, world.W, generator=g) for _ in range(3 * n_blocks)]
+    tape = Tape(renoise, [])
+    builtins.print = lambda *a, **k: None
+    try:
+        with torch.no_grad(), replay(tape):
+            _, latents = pipe.inference(x_T.to(world.device), ["a prompt"], return_latents=True)
+    finally:
+        builtins.print = quiet
+    tape.done()
+    sf_noise = ReplayNoise(renoise, [], [], world.device)
+    sf_noise.batch = world.B
+    with torch.no_grad():
+        out = causal_sample(nets["gen"], sf_layout(x_T).to(world.device), steps, world.cond(), frames_per_block=3,
+                            generator=as_sample_noise(sf_noise))
+    sf_noise.done()
+    report("inference: CausalInferencePipeline vs sfplus causal_sample (context_noise 0)",
+           f"latents out ({n_blocks} blocks x (4 steps + cache refresh))",
+           rel(latents.permute(0, 2, 1, 3, 4), out), opts.tol)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("rows", nargs="*", default=[])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--size", default="small", choices=sorted(SIZES))
+    ap.add_argument("--latent", default=None,
+                    help="latent frames x height x width (the reference needs 21 frames; default 21x4x4 small, "
+                         "21x16x16 at 1.3b)")
+    ap.add_argument("--cases", type=int, default=2, choices=(1, 2), help="(exit, t) cases per training row")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--exit", type=int, default=None)
+    ap.add_argument("--tol", type=float, default=None, help="relative tolerance (default 1e-5 fp32 CPU, 1e-4 GPU)")
+    ap.add_argument("--json", default=None)
+    opts = ap.parse_args(argv)
+    opts.latent = tuple(int(v) for v in (opts.latent or ("21x4x4" if opts.size == "small" else "21x16x16"))
+                        .lower().split("x"))
+    if opts.tol is None:
+        opts.tol = 1e-5 if opts.device == "cpu" else 1e-4
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref = import_reference()
+    table = {
+        "bidir_t2v": lambda: bidirectional_dmd(ref, opts, i2v=False),
+        "bidir_i2v": lambda: bidirectional_dmd(ref, opts, i2v=True),
+        "causal": lambda: causal_dmd(ref, opts),
+        "infer_bidir": lambda: infer_bidirectional(ref, opts),
+        "infer_causal": lambda: infer_causal(ref, opts),
+    }
+    rows = opts.rows or list(table)
+    t0 = time.time()
+    for r in rows:
+        table[r]()
+    print("\nrun-time patches of the reference:")
+    for p in PATCHES:
+        print(" -", p)
+    bad = [r for r in RESULTS if not r["ok"]]
+    print(f"\n{len(RESULTS)} rows, {len(bad)} over tolerance, {time.time() - t0:.0f} s")
+    print("\n| recipe | quantity | relative difference | tolerance |\n|---|---|---|---|")
+    for r in RESULTS:
+        tol = "reported (known reference bug)" if r["tol"] == float("inf") else f"{r['tol']:g}"
+        case = f" (exit {r['exit']}, t_raw {r['t_raw']})" if "t_raw" in r else ""
+        print(f"| {r['recipe']} | {r['quantity']}{case} | {r['rel_diff']:.1e} | {tol} |")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(dict(results=RESULTS, patches=PATCHES, argv=sys.argv[1:], torch=torch.__version__,
+                           device=str(opts.device)), f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
