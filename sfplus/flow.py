@@ -13,11 +13,14 @@ bugs', B5); the continuous relation reproduces the grid values exactly and is th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from sfplus.conditioning.conditioner import Cond
 from sfplus.noise import SampleNoise
+
+if TYPE_CHECKING:  # annotations only: flow maths must not import the conditioning package (encoders, image I/O)
+    from sfplus.conditioning.conditioner import Cond
 
 NUM_TRAIN_TIMESTEPS = 1000.0
 
