@@ -161,9 +161,10 @@ class MemoryPlan:
     def table(self) -> str:
         s = self.settings
         k = s.get("sequence_parallel", 1)
-        sp_note = f" (per sequence-parallel group of {k}, each GPU 1/{k} of the tokens)" if k > 1 else ""
+        batch = (f"batch {s['batch_size']} per sequence-parallel group of {k} GPUs (each GPU 1/{k} of the tokens)"
+                 if k > 1 else f"batch {s['batch_size']}/GPU")
         head = (f"per-GPU memory: generator {s['generator']}, critic {s['critic']}, teacher {s['teacher']}; "
-                f"{s['gpus']} GPU(s), batch {s['batch_size']}/GPU{sp_note}, latents {s['latent_shape']}, activation "
+                f"{s['gpus']} GPU(s), {batch}, latents {s['latent_shape']}, activation "
                 f"checkpointing {'on' if s['activation_checkpointing'] else 'off'}, encoders "
                 f"{'offloaded' if s['offload_encoders'] else 'on GPU'}")
         width = max(len(n) for n, _, _ in self.rows)
