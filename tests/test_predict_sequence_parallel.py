@@ -21,7 +21,7 @@ MESH = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
 
 
 def config(tmp_path: Path, out: str, teacher: str, causal: bool, sp: int) -> Path:
-    recipe = {"generator_type": "causal", "frames_per_block": 1} if causal else {}
+    recipe = {"causal": {"frames_per_block": 1}} if causal else {}
     cfg = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": sp, "max_steps": 1, "logger": False, "enable_progress_bar": False,
