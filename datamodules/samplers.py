@@ -15,11 +15,12 @@ from typing import Literal
 import torch
 from torch.utils.data import Sampler
 
+from sfplus.layout import data_rank_and_world
+
 
 def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    # Data-parallel ranks only: the ranks of a sequence-parallel group share their samples (sfplus.layout).
+    return data_rank_and_world()
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -41,7 +42,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         seed: base seed of the order.
         shuffle: permute (True) or keep dataset order.
         batches_per_epoch: batches each rank yields per epoch (default: one pass over the data).
-        rank, world_size: explicit split (default: from ``torch.distributed`` at iteration time).
+        rank, world_size: explicit split (default at iteration time: the data-parallel rank and size,
+            :func:`sfplus.layout.data_rank_and_world`).
     """
 
     def __init__(

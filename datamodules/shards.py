@@ -44,6 +44,7 @@ from sfplus.datamodules.shard_format import (
     ShardReader,
     load_index,
 )
+from sfplus.layout import data_rank_and_world, get_layout
 
 log = logging.getLogger("sfplus.datamodules.shards")
 
@@ -273,7 +274,7 @@ class LatentShardDataModule(L.LightningDataModule):
             return self._rank, self._world
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
-            return trainer.global_rank, trainer.world_size
+            return data_rank_and_world() if get_layout() is not None else (trainer.global_rank, trainer.world_size)
         return None, None  # the sampler asks torch.distributed when it iterates
 
     def batch_sampler(self) -> EpochBatchSampler:

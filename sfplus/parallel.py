@@ -25,6 +25,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from sfplus.nets.sequence_parallel import SPGroup, enable_sequence_parallel
 from sfplus.weights.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
 from sfplus.weights.sharded_checkpoint import is_sharded_checkpoint
 from sfplus.weights.wan_folders import folder_shapes, iter_folder_shards, locate_weights
@@ -96,11 +97,13 @@ def settle_mixed_precision(net: nn.Module) -> None:
 def parallelize(
     trainable: list[nn.Module], frozen: list[nn.Module], ema: list[nn.Module], mesh, *,
     activation_checkpointing: bool = False, compile: bool = False, param_dtype: str = "bf16",
-    frozen_dtype: str | None = None,
+    frozen_dtype: str | None = None, sequence_parallel=None,
 ) -> None:
     """Lay a recipe's nets out for training: frozen nets (the teacher) and EMA copies are frozen and put in eval
     mode, the teacher stored in ``frozen_dtype``; then compile, activation checkpointing (trained DiTs only) and
-    FSDP2 over ``mesh`` (None or one device: no sharding).
+    FSDP2 over ``mesh`` (None or one device: no sharding). ``sequence_parallel``: a process group over which every
+    DiT splits its tokens (Ulysses, sfplus.nets.sequence_parallel); ``mesh`` then spans all dp·sp ranks, and FSDP2's
+    gradient mean over them is the data-parallel mean (see that module's docstring).
 
     Compiling comes before the checkpoint wrappers: a compiled block inside a checkpoint recomputes correctly,
     while compiling the wrapper (the checkpoint traced by dynamo) fails in backward under autocast.
@@ -111,6 +114,10 @@ def parallelize(
         for net in frozen:
             net.to(DTYPES[frozen_dtype])
     dits = [net for net in [*trainable, *frozen, *ema] if hasattr(net, "blocks")]
+    if sequence_parallel is not None:
+        group = SPGroup.from_group(sequence_parallel)
+        for net in dits:
+            enable_sequence_parallel(net, group)
     if compile:
         for net in dits:
             compile_blocks(net)

@@ -51,6 +51,13 @@ past keys/values are copies (the ring reuses slots): ``L·2·d·2·Σ_blocks(pas
 they are views of the cache (`sfplus.nets.causal.KVCacheStep`). Measured on one H200 (docs/performance.md):
 1.3B Self-Forcing generator step 67.9 GiB against 62.0 GiB bidirectional, +5.9 GiB for a 5.6 GiB cache term.
 
+Sequence parallel (``sequence_parallel = k``, Ulysses, docs/parallelism.md): the k GPUs of a group hold the same
+``batch_size`` videos and 1/k of each one's tokens, so every per-token term above (block inputs, the recomputed block,
+backward and no-grad working sets, the head, the KV cache, whose rank holds all tokens of 1/k of the heads) uses
+N/k; the text keys/values are replicated. The all-to-all buffers of one self-attention add ``14d·N/k·B`` to the
+working set (bf16 q, k, v packed to send and received, 2·6d, and the output traded back, 2d). Weights, gradients,
+optimizer states, EMA and teacher stay sharded over all ``gpus`` (FSDP2 over the data × sequence mesh).
+
 Not counted: the latents, noise and text features (MBs), the VAE decode of sample videos (run it outside the
 training step).
 """
@@ -81,6 +88,7 @@ BACKWARD_D, BACKWARD_F = 8, 4
 HEAD_D = 12
 CONTEXT_GRAD_D, CONTEXT_NOGRAD_D = 12, 4
 NOGRAD_D, NOGRAD_F = 24, 4
+ULYSSES_D = 14
 IMAGE_TOKENS = 257
 
 
@@ -99,6 +107,7 @@ class NetSize:
     dim: int
     ffn_dim: int
     layers: int
+    heads: int
     patch: tuple[int, int, int]
     text_len: int
     image: bool
@@ -118,7 +127,7 @@ def net_sizes(name: str, field_name: str = "preset") -> NetSize:
     total = sum(p.numel() for p in net.parameters())
     block = sum(p.numel() for p in net.blocks[0].parameters())
     return NetSize(name, total, block, total - block * len(net.blocks), cfg.dim, cfg.ffn_dim, len(net.blocks),
-                   tuple(cfg.patch_size), cfg.text_len, cfg.image_dim is not None)
+                   cfg.num_heads, tuple(cfg.patch_size), cfg.text_len, cfg.image_dim is not None)
 
 
 @dataclass
@@ -151,8 +160,11 @@ class MemoryPlan:
 
     def table(self) -> str:
         s = self.settings
+        k = s.get("sequence_parallel", 1)
+        batch = (f"batch {s['batch_size']} per sequence-parallel group of {k} GPUs (each GPU 1/{k} of the tokens)"
+                 if k > 1 else f"batch {s['batch_size']}/GPU")
         head = (f"per-GPU memory: generator {s['generator']}, critic {s['critic']}, teacher {s['teacher']}; "
-                f"{s['gpus']} GPU(s), batch {s['batch_size']}/GPU, latents {s['latent_shape']}, activation "
+                f"{s['gpus']} GPU(s), {batch}, latents {s['latent_shape']}, activation "
                 f"checkpointing {'on' if s['activation_checkpointing'] else 'off'}, encoders "
                 f"{'offloaded' if s['offload_encoders'] else 'on GPU'}")
         width = max(len(n) for n, _, _ in self.rows)
@@ -179,8 +191,9 @@ def _estimate(
     gen: NetSize, critic: NetSize | None, teacher: NetSize | None, *, gpus: int, batch_size: int,
     latent_shape: list[int], activation_checkpointing: bool, offload_encoders: bool, ema: bool,
     master_dtype: str, teacher_dtype: str, overhead_gib: float, causal_frames_per_block: int | None = None,
-    local_window_frames: int | None = None, sink_frames: int = 0,
+    local_window_frames: int | None = None, sink_frames: int = 0, sequence_parallel: int = 1,
 ) -> list[tuple[str, float, str]]:
+    sp = sequence_parallel
     m = _bytes_of(master_dtype, "master_dtype")
     t = _bytes_of(teacher_dtype, "teacher_dtype")
     trainable = [n for n in (gen, critic) if n is not None]
@@ -209,7 +222,8 @@ def _estimate(
         if f_lat % pt or h % ph or w % pw:
             raise PlanError(f"latent_shape {latent_shape}: frames/height/width must be divisible by the patch "
                             f"{net.patch} of {net.name}")
-        n_tok = (f_lat // pt) * (h // ph) * (w // pw) * batch_size
+        _check_sequence_parallel(net, latent_shape, sp, gpus)
+        n_tok = (f_lat // pt) * (h // ph) * (w // pw) * batch_size // sp  # this GPU's share of the tokens
         ctx = (net.text_len + (IMAGE_TOKENS if net.image else 0)) * batch_size
         d, ff, layers = net.dim, net.ffn_dim, net.layers
         block_grad = (GRAD_BLOCK_D * d + GRAD_BLOCK_F * ff) * n_tok
@@ -217,17 +231,21 @@ def _estimate(
         stored_blocks = layers * CHECKPOINT_INPUT_D * d * n_tok if activation_checkpointing else layers * block_grad
         stored = stored_blocks + HEAD_D * d * n_tok + layers * CONTEXT_GRAD_D * d * ctx
         working = backward + (block_grad if activation_checkpointing else 0)
+        if sp > 1:
+            working += ULYSSES_D * d * n_tok
         scorers = [x for x in (teacher, critic) if x is not None and x is not net] or [net]
         nograd = max((NOGRAD_D * x.dim + NOGRAD_F * x.ffn_dim) * n_tok + x.layers * CONTEXT_NOGRAD_D * x.dim * ctx
                      for x in scorers)
         acts.append((stored + max(working, nograd), n_tok, net.name))
     peak, n_tok, name = max(acts)
-    how = (f"{n_tok} tokens ({name}): " + ("block inputs + one recomputed block" if activation_checkpointing
+    share = f", 1/{sp} of each video" if sp > 1 else ""
+    how = (f"{n_tok} tokens ({name}{share}): " + ("block inputs + one recomputed block" if activation_checkpointing
                                            else "all blocks' intermediates") + " + backward/no-grad working set")
     rows.append(("activations", peak, how))
     if causal_frames_per_block:
-        rows += _kv_cache_rows(gen, latent_shape, batch_size, causal_frames_per_block, local_window_frames,
-                               sink_frames)
+        rows += [(n, b / sp, how + (f" / {sp} (heads split)" if sp > 1 else ""))
+                 for n, b, how in _kv_cache_rows(gen, latent_shape, batch_size, causal_frames_per_block,
+                                                 local_window_frames, sink_frames)]
 
     if not offload_encoders:
         names = ["umt5-xxl", "wan-vae"] + (["clip-vit-h"] if gen.image else [])
@@ -235,6 +253,32 @@ def _estimate(
         rows.append(("frozen encoders", enc, " + ".join(names) + " (replicated)"))
     rows.append(("fixed overhead", overhead_gib * GIB, "CUDA context, NCCL buffers, fragmentation"))
     return rows
+
+
+def _check_sequence_parallel(net: NetSize, latent_shape: list[int], sp: int, gpus: int) -> None:
+    """The group size must divide the GPUs, the heads (Ulysses splits them) and the tokens of a frame."""
+    _, _, h, w = latent_shape
+    per_frame = (h // net.patch[1]) * (w // net.patch[2])
+    if sp < 1 or gpus % sp:
+        raise PlanError(f"sequence_parallel={sp} must be >= 1 and divide gpus={gpus}")
+    if net.heads % sp:
+        raise PlanError(f"sequence_parallel={sp} must divide the {net.heads} attention heads of {net.name}")
+    if per_frame % sp:
+        raise PlanError(f"sequence_parallel={sp} must divide the {per_frame} tokens per latent frame of "
+                        f"latent_shape {latent_shape}")
+
+
+def _sequence_parallel_sizes(nets: list[NetSize], latent_shape: list[int], gpus: int) -> list[int]:
+    """Group sizes > 1 that every trained net and the video allow on ``gpus`` GPUs, smallest first."""
+    sizes = []
+    for k in range(2, gpus + 1):
+        try:
+            for net in nets:
+                _check_sequence_parallel(net, latent_shape, k, gpus)
+        except PlanError:
+            continue
+        sizes.append(k)
+    return sizes
 
 
 def _kv_cache_rows(gen: NetSize, latent_shape: list[int], batch: int, fpb: int, window: int | None,
@@ -275,6 +319,7 @@ def plan(
     causal_frames_per_block: int | None = None,
     local_window_frames: int | None = None,
     sink_frames: int = 0,
+    sequence_parallel: int = 1,
 ) -> MemoryPlan:
     """Estimate per-GPU memory of a training recipe and say whether it fits.
 
@@ -295,6 +340,8 @@ def plan(
         causal_frames_per_block: latent frames per block of a causal (Self-Forcing) generator; None for a
             bidirectional one. Adds the rollout's KV cache.
         local_window_frames, sink_frames: the causal generator's rolling attention window and sink frames.
+        sequence_parallel: GPUs that split each video's tokens (Ulysses; ``scale.sequence_parallel``); must divide
+            ``gpus``, the heads and the tokens per latent frame. ``batch_size`` is then videos per group.
     """
     latent_shape = list(latent_shape or [16, 21, 60, 104])
     if len(latent_shape) != 4 or min(latent_shape) <= 0:
@@ -316,17 +363,17 @@ def plan(
                  overhead_gib=overhead_gib, causal_frames_per_block=causal_frames_per_block,
                  local_window_frames=local_window_frames, sink_frames=sink_frames)
     settings.update(causal_frames_per_block=causal_frames_per_block, local_window_frames=local_window_frames,
-                    sink_frames=sink_frames)
+                    sink_frames=sink_frames, sequence_parallel=sequence_parallel)
 
     def total(**change) -> float:
         kw = dict(gpus=gpus, batch_size=batch_size, activation_checkpointing=activation_checkpointing,
-                  offload_encoders=offload_encoders, **fixed)
+                  offload_encoders=offload_encoders, sequence_parallel=sequence_parallel, **fixed)
         kw.update(change)
         return sum(b for _, b, _ in _estimate(gen, crit, teach, **kw)) / GIB
 
     result = MemoryPlan(_estimate(gen, crit, teach, gpus=gpus, batch_size=batch_size,
-                                  activation_checkpointing=activation_checkpointing,
-                                  offload_encoders=offload_encoders, **fixed), gpu_memory_gib, settings)
+                                  activation_checkpointing=activation_checkpointing, offload_encoders=offload_encoders,
+                                  sequence_parallel=sequence_parallel, **fixed), gpu_memory_gib, settings)
     if result.fits:
         return result
     g = gpu_memory_gib
@@ -346,6 +393,16 @@ def plan(
         floor = total(gpus=10**9)
         result.advice.append(f"more GPUs alone cannot make it fit: the unsharded part (activations, encoders, "
                              f"overhead) is {floor:.1f} GiB")
+    trained = [n for n in (gen, crit) if n is not None]
+    larger = [k for k in _sequence_parallel_sizes(trained, latent_shape, gpus) if k > sequence_parallel]
+    fitting = next((k for k in larger if total(sequence_parallel=k) <= g), None)
+    if fitting is not None:
+        result.advice.append(f"split each video's tokens: sequence parallel over {fitting} GPUs "
+                             f"(scale.sequence_parallel: {fitting}, tensor_parallel_size: {fitting}): "
+                             f"{total(sequence_parallel=fitting):.1f} GiB")
+    elif larger:
+        result.advice.append(f"sequence parallel over {larger[-1]} GPUs (the most {gpus} GPUs allow): "
+                             f"{total(sequence_parallel=larger[-1]):.1f} GiB")
     best = total(activation_checkpointing=True, offload_encoders=True, batch_size=1)
     result.advice.append(f"all of checkpointing + offloaded encoders + batch 1 on {gpus} GPUs: {best:.1f} GiB")
     return result

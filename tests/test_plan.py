@@ -116,3 +116,34 @@ def test_causal_generator_adds_its_kv_cache():
     assert windowed.row("past K/V copies (window)") == pytest.approx(cache * 45 / 21)
     with pytest.raises(PlanError, match="causal_frames_per_block"):
         plan(**kw, causal_frames_per_block=4)
+
+
+def test_sequence_parallel_by_hand_and_when_720p_14b_needs_it():
+    """At 720p (75,600 tokens) the 14B DMD recipe's activations alone pass 80 GiB on any number of GPUs; splitting
+    each video's tokens over k GPUs divides the per-token terms by k (docs/parallelism.md)."""
+    hd = [16, 21, 90, 160]
+    one = plan(latent_shape=hd)
+    assert not one.fits
+    assert any("sequence parallel over 2 GPUs (scale.sequence_parallel: 2" in a for a in one.advice), one.advice
+    four = plan(latent_shape=hd, sequence_parallel=4)
+    assert four.fits and four.total_gib < 60
+    # By hand, 1.3B on 8 GPUs, sp = 2: tokens per GPU N/2; text keys/values replicated; + Ulysses buffers 14d.
+    kw = dict(generator="wan2.1-t2v-1.3b", critic="wan2.1-t2v-1.3b", teacher="wan2.1-t2v-1.3b", gpus=8,
+              offload_encoders=True)
+    sp2 = plan(**kw, sequence_parallel=2)
+    n = N // 2
+    stored = LAYERS * 4 * D * n + 12 * D * n + LAYERS * 12 * D * T
+    assert sp2.row("activations") == stored + (64 * D + 4 * F) * n + (8 * D + 4 * F) * n + 14 * D * n
+    assert sp2.row("weights (trainable)") == plan(**kw).row("weights (trainable)")  # still over all 8 GPUs
+    causal = [plan(**kw, causal_frames_per_block=3, sequence_parallel=k).row("KV cache (causal rollout)")
+              for k in (1, 2)]
+    assert causal[1] == causal[0] / 2
+
+
+def test_sequence_parallel_sizes_that_cannot_split_are_refused():
+    with pytest.raises(PlanError, match=r"sequence_parallel=8 must divide the 12 attention heads"):
+        plan(generator="wan2.1-t2v-1.3b", critic="wan2.1-t2v-1.3b", teacher=None, gpus=8, sequence_parallel=8)
+    with pytest.raises(PlanError, match=r"sequence_parallel=3 must be >= 1 and divide gpus=8"):
+        plan(gpus=8, sequence_parallel=3)
+    with pytest.raises(PlanError, match=r"sequence_parallel=8 must divide the 1612 tokens per latent frame"):
+        plan(gpus=64, sequence_parallel=8, latent_shape=[16, 21, 62, 104])

@@ -25,7 +25,7 @@ WORKER = Path(__file__).parent / "dist" / "sharded_worker.py"
 
 
 def run(out: Path, steps: int, batch: int, nproc: int, ckpt_in: str = "-", ckpt_out: str | None = None,
-        variant: str = "dmd", dtype: str = "fp32") -> dict:
+        variant: str = "dmd", dtype: str = "fp32", sp: int = 1) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(WORKER), str(out), str(steps), str(batch), ckpt_in]
     if nproc == 1:
@@ -33,7 +33,7 @@ def run(out: Path, steps: int, batch: int, nproc: int, ckpt_in: str = "-", ckpt_
     if ckpt_out:
         cmd.append(ckpt_out)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "SFPLUS_TEST_VARIANT": variant,
-           "SFPLUS_TEST_PARAM_DTYPE": dtype}
+           "SFPLUS_TEST_PARAM_DTYPE": dtype, "SFPLUS_TEST_SP": str(sp)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return torch.load(out, weights_only=True)

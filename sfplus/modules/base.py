@@ -24,6 +24,7 @@ from torch import nn
 from sfplus.callbacks.progress import default_callbacks
 from sfplus.conditioning.conditioner import Cond, Conditioner, ToyConditioner
 from sfplus.known_warnings import excuse_frozen_eval_modules
+from sfplus.layout import Layout, mesh_layout, set_layout
 from sfplus.modules.contract import OutputIndex
 from sfplus.modules.groups import Scale, as_group
 from sfplus.nets.fp8 import quantize_dit_fp8
@@ -65,6 +66,8 @@ class RecipeModule(L.LightningModule):
         self._micro = 0  # micro-batch index inside the current (accumulated) update
         self._weights_pending = False
         self._sharded_trainable: list[nn.Module] = []  # set by prepare_nets
+        self._layout: Layout | None = None  # data x sequence parallel position; None: plain data parallelism
+        self._sp_group = None  # the sequence-parallel process group (scale.sequence_parallel > 1)
         self.conditioner = conditioner
         self.seed = seed
         self.iteration = 0
@@ -91,9 +94,13 @@ class RecipeModule(L.LightningModule):
         Frozen nets (the teacher) may be stored in ``frozen_dtype``; EMA copies stay fp32 (they average
         small updates).
         """
-        mesh = self.data_parallel_mesh()
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is not None or self.scale.sequence_parallel > 1:  # checks the mesh against scale.sequence_parallel
+            mesh, self._sp_group, self._layout = mesh_layout(mesh, self.scale.sequence_parallel)
+        set_layout(self._layout)  # the batch samplers split data over data-parallel ranks only
         parallelize(trainable, frozen, ema, mesh, activation_checkpointing=self.activation_checkpointing,
-                    compile=self.compile_blocks, param_dtype=self.param_dtype, frozen_dtype=self.frozen_dtype)
+                    compile=self.compile_blocks, param_dtype=self.param_dtype, frozen_dtype=self.frozen_dtype,
+                    sequence_parallel=self._sp_group)
         sharded = mesh is not None and mesh.size() > 1
         self._sharded_trainable = list(trainable) if sharded else []
 
@@ -147,7 +154,9 @@ class RecipeModule(L.LightningModule):
         update's global batch — the rows rank ``m*W + r`` of ``accumulate * W`` ranks would hold — so 8 GPUs
         accumulating 8 micro-batches reproduce 64 GPUs.
         """
-        start = (self._micro * self.trainer.world_size + self.global_rank) * batch
+        rank, world = ((self._layout.data_rank, self._layout.data_world) if self._layout is not None
+                       else (self.global_rank, self.trainer.world_size))  # a sequence-parallel group shares rows
+        start = (self._micro * world + rank) * batch
         return SampleNoise.for_rows(self.seed, self.trainer.global_step, kind, rows=range(start, start + batch),
                                     device=self.device)
 
@@ -320,6 +329,7 @@ class RecipeModule(L.LightningModule):
                 i for i in keep
                 if not writer.exists(batch["text"][i], int(batch["index"][i]), int(batch["sample"][i]))
             ]
+        keep = self._agree_in_sequence_group(keep)
         nothing = {"videos": None, "index": torch.empty(0, dtype=torch.long)}
         if not keep and not self._generation_is_collective():
             return nothing
@@ -327,7 +337,19 @@ class RecipeModule(L.LightningModule):
         # written still generates one (its first row) and drops it, so every rank runs the same forwards.
         rows = keep or [0]
         out = self._generate_rows(batch, rows)
-        return out if keep else nothing
+        writes = self._layout is None or self._layout.sp_rank == 0  # one copy per sequence-parallel group
+        return out if keep and writes else nothing
+
+    def _agree_in_sequence_group(self, keep: list[int]) -> list[int]:
+        """The items to generate as the group's first rank sees them: the ranks of a sequence-parallel group split
+        one forward, so they must generate the same rows even if an output appeared between their checks."""
+        if self._sp_group is None:
+            return keep
+        import torch.distributed as dist
+
+        box = [keep]
+        dist.broadcast_object_list(box, group=self._sp_group, group_src=0)
+        return box[0]
 
     def _generation_is_collective(self) -> bool:
         return any(is_sharded(net) for net in self.children() if hasattr(net, "blocks"))

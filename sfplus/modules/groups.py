@@ -29,6 +29,8 @@ class Scale:
         compile: ``torch.compile`` every transformer block (costs 15-30 s of compilation at start).
         fp8: predict only — FP8 block linears (sfplus.nets.fp8); refused in fit (they have no backward).
         accumulate_grad_batches: micro-batches per optimizer update; N GPUs accumulating k reproduce N*k GPUs.
+        sequence_parallel: ranks that split each sample's tokens (Ulysses, docs/parallelism.md); must equal the
+            ModelParallelStrategy's ``tensor_parallel_size`` and divide the heads and the tokens per frame.
     """
 
     activation_checkpointing: bool = False
@@ -37,12 +39,15 @@ class Scale:
     compile: bool = False
     fp8: bool = False
     accumulate_grad_batches: int = 1
+    sequence_parallel: int = 1
 
     # Frozen: one instance is the default of every recipe's signature, so nothing may change it in place.
 
     def __post_init__(self) -> None:
         if self.accumulate_grad_batches < 1:
             raise ValueError(f"scale.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
+        if self.sequence_parallel < 1:
+            raise ValueError(f"scale.sequence_parallel must be >= 1, got {self.sequence_parallel}")
 
 
 @dataclass

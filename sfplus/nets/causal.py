@@ -160,7 +160,9 @@ class KVCache:
     Memory: with no window the buffers hold `max_frames` frames; with a window they hold sink_frames +
     local_window_frames frames as a ring (oldest non-sink frame evicted first; RoPE positions stay absolute because
     keys are rotated before they are stored). Buffers are [B, slots·S, heads, head_dim] per layer, allocated on the
-    first write with the keys' dtype/device unless `dtype` and `device` are given.
+    first write with the keys' dtype/device and head count unless `dtype` and `device` are given (then with all
+    heads). Under sequence parallelism (sfplus.nets.sequence_parallel) a rank's keys are all tokens of
+    num_heads / sp heads: each rank's cache holds its heads of the global sequence.
     """
 
     def __init__(
@@ -204,8 +206,9 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def _allocate(self, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (self.batch_size, self.slots * self.tokens_per_frame, self.num_heads, self.head_dim)
+    def _allocate(self, dtype: torch.dtype, device: torch.device, heads: int | None = None) -> None:
+        heads = self.num_heads if heads is None else heads
+        shape = (self.batch_size, self.slots * self.tokens_per_frame, heads, self.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
 
@@ -333,7 +336,10 @@ class KVCacheStep:
     def _write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         cache = self.cache
         if not cache.k:
-            cache._allocate(k.dtype, k.device)
+            cache._allocate(k.dtype, k.device, k.shape[2])
+        elif cache.k[layer].shape[2] != k.shape[2]:
+            raise ValueError(f"KVCache holds {cache.k[layer].shape[2]} heads per token but the model attends with "
+                             f"{k.shape[2]} (sequence parallel: build the cache without dtype/device, or reset it)")
         if self._index is None:  # planned once per forward, shared by all layers
             device = cache.k[0].device
             self._index = (cache._token_index(self._write_frames, device),

@@ -29,6 +29,7 @@ from einops import rearrange
 from sfplus.nets.attention import attention
 from sfplus.nets.causal import BlockCausal, KVCache, KVCacheStep, block_causal_mask, teacher_forcing_mask
 from sfplus.nets.rope import apply_rope, rope_cos_sin, rope_split
+from sfplus.nets.sequence_parallel import SequenceShard
 
 __all__ = ["WanConfig", "WanDiT", "sinusoidal_embedding"]
 
@@ -188,20 +189,27 @@ class SelfAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_step: KVCacheStep | None = None,
         layer: int = 0,
+        sp: SequenceShard | None = None,
     ) -> torch.Tensor:
         """x [B, L, dim] -> [B, L, dim] (weight dtype). cos/sin [L, head_dim/2] RoPE tables for these tokens.
 
         With `kv_step`, x holds only the current block's tokens; its keys/values are written (detached) into the
         cache and the queries attend to the cached earlier frames plus the block's own live keys/values.
+        With `sp` (Ulysses), x holds this rank's tokens; q, k, v are traded for all tokens of heads/sp heads, so the
+        masks and the KV cache see the global sequence (the cache holds this rank's heads only).
         """
         v = _split_heads(run_linear(self.v, x), self.num_heads)
         q = _split_heads(self.norm_q(run_linear(self.q, x)), self.num_heads)
         k = _split_heads(self.norm_k(run_linear(self.k, x)), self.num_heads)
         q = apply_rope(q, cos, sin).to(v.dtype)
         k = apply_rope(k, cos, sin).to(v.dtype)
+        if sp is not None:  # one all-to-all for q, k, v: [B, L_local, H, 3d] -> [B, L, H/sp, 3d]
+            q, k, v = sp.heads_to_sequence(torch.cat([q, k, v], dim=-1)).chunk(3, dim=-1)
         if kv_step is not None:
             k, v = kv_step.update(layer, k, v)
         out = attention(q, k, v, block_mask=block_mask, attn_mask=attn_mask)
+        if sp is not None:
+            out = sp.sequence_to_heads(out)
         return run_linear(self.o, out.flatten(2))
 
 
@@ -294,6 +302,7 @@ class WanBlock(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_step: KVCacheStep | None = None,
         layer: int = 0,
+        sp: SequenceShard | None = None,
     ) -> torch.Tensor:
         """x [B, L, dim]; e0 [B, Tf, 6, dim] float32 (Tf = 1 or one row per frame, L divisible by Tf) -> [B, L, dim]."""
         b, length, dim = x.shape
@@ -308,7 +317,7 @@ class WanBlock(nn.Module):
             return (y.float().view(b, frames, -1, dim) * gate).view(b, length, dim)
 
         y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), cos, sin, block_mask=block_mask,
-                           attn_mask=attn_mask, kv_step=kv_step, layer=layer)
+                           attn_mask=attn_mask, kv_step=kv_step, layer=layer, sp=sp)
         x = x + gated(y, gate_sa)
         if isinstance(context_kv, CrossContext):
             context_kv = context_kv.kv(self.cross_attn, layer)
@@ -372,6 +381,7 @@ class WanDiT(nn.Module):
         if config.image_dim is not None:
             self.img_emb = MLPProj(config.image_dim, dim)
         self._mask_cache: dict[tuple, object] = {}
+        self.sequence_parallel = None  # an SPGroup: split every forward's tokens (sfplus.nets.sequence_parallel)
 
     # ------------------------------------------------------------------ init and helpers
     @torch.no_grad()
@@ -507,6 +517,9 @@ class WanDiT(nn.Module):
         batch = x.shape[0]
         grid = tuple(n // p for n, p in zip(x.shape[2:], cfg.patch_size))
         frames, tokens_per_frame = grid[0], grid[1] * grid[2]
+        # Sequence parallel: this rank's share of every frame's tokens (the whole sequence without it).
+        sp = None if self.sequence_parallel is None else SequenceShard(self.sequence_parallel, tokens_per_frame)
+        local_per_frame = tokens_per_frame if sp is None else sp.local_tokens_per_frame
 
         w = self.patch_embedding.weight
         tokens = self.patch_embedding(x.to(w.dtype)).flatten(2).transpose(1, 2)  # [B, L, dim], L = F'·H'·W'
@@ -527,22 +540,26 @@ class WanDiT(nn.Module):
             block_mask, attn_mask = self._causal_mask(causal, frames, tokens_per_frame, x.device)
         kv_step = None if kv_cache is None else kv_cache.begin(frame_offset, frames, tokens_per_frame, batch)
 
+        if sp is not None:  # masks, the KV cache and `frames` stay global; tokens and their RoPE rows are split
+            tokens, cos, sin = sp.split(tokens), sp.split_table(cos), sp.split_table(sin)
+
         context_kvs = self._context_kvs(context, clip_fea, kv_cache)
         hidden: dict = {}
         for i, block in enumerate(self.blocks):
             ctx_i = context_kvs if isinstance(context_kvs, CrossContext) else context_kvs[i]
             tokens = block(tokens, e0, ctx_i, cos, sin, block_mask=block_mask, attn_mask=attn_mask,
-                           kv_step=kv_step, layer=i)
+                           kv_step=kv_step, layer=i, sp=sp)
             if i in wanted:
-                hidden[i] = tokens
+                hidden[i] = tokens if sp is None else sp.gather(tokens)
         if isinstance(context_kvs, CrossContext) and context_kvs.collected is not None:
             kv_cache.set_cross(context_kvs.collected)
         if kv_cache is not None:
             kv_cache.commit(kv_step)
         if clean_x is not None:  # keep the noisy half
-            tokens, e = tokens[:, frames * tokens_per_frame:], e[:, frames:]
+            tokens, e = tokens[:, frames * local_per_frame:], e[:, frames:]
             hidden = {i: h[:, frames * tokens_per_frame:] for i, h in hidden.items()}
-        flow = self.unpatchify(self.head(tokens, e), grid)
+        out = self.head(tokens, e)
+        flow = self.unpatchify(out if sp is None else sp.gather(out), grid)
         if not wanted:
             return flow
         hidden["e"] = e

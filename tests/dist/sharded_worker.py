@@ -4,7 +4,8 @@
 
 Environment: ``SFPLUS_TEST_VARIANT`` picks the recipe (:data:`VARIANTS`: DMD or SiD, bidirectional or causal, with
 or without the GAN head; default ``dmd``), ``SFPLUS_TEST_PARAM_DTYPE`` the FSDP2 compute dtype (``fp32`` default,
-or ``bf16``, which also runs the trainer in ``bf16-mixed`` as the shipped Wan configs do).
+or ``bf16``, which also runs the trainer in ``bf16-mixed`` as the shipped Wan configs do), ``SFPLUS_TEST_SP`` the
+sequence-parallel group size (default 1; the ranks form a (world / sp) x sp mesh, BATCH is per data-parallel rank).
 
 Writes the full (gathered) generator, EMA and critic (and GAN head) state dicts and the counters to OUT.pt on rank 0.
 """
@@ -78,11 +79,13 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     variant = VARIANTS[os.environ.get("SFPLUS_TEST_VARIANT", "dmd")]
     param_dtype = os.environ.get("SFPLUS_TEST_PARAM_DTYPE", "fp32")
+    sp = int(os.environ.get("SFPLUS_TEST_SP", "1"))
     teacher, prompts = make_inputs(out.parent)
     module = DistillModule(
         net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
-        teacher_checkpoint=teacher, dfake_gen_update_ratio=2, generator_optimizer={"lr": 1e-3}, critic_optimizer={"lr": 1e-3},
-        video_shape=SHAPE, seed=5, scale={"param_dtype": param_dtype, "activation_checkpointing": world > 1},
+        teacher_checkpoint=teacher, dfake_gen_update_ratio=2, generator_optimizer={"lr": 1e-3},
+        critic_optimizer={"lr": 1e-3}, video_shape=SHAPE, seed=5,
+        scale={"param_dtype": param_dtype, "activation_checkpointing": world > 1, "sequence_parallel": sp},
         **variant,
     )
     if "gan" in variant:
@@ -90,7 +93,7 @@ def main() -> None:
                                      batches_per_epoch=3)
     else:
         data = PromptDataModule(prompts, batch_size=batch, batches_per_epoch=3)
-    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if world > 1 else "auto"
+    strategy = ModelParallelStrategy(data_parallel_size=world // sp, tensor_parallel_size=sp) if world > 1 else "auto"
     trainer = L.Trainer(
         accelerator="cpu", devices=world, strategy=strategy, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
