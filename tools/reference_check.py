@@ -240,6 +240,7 @@ class ReplayNoise:
     def __init__(self, randn: list[torch.Tensor], randint: list[torch.Tensor], shared: list[int], device):
         self.randn_q = [sf_layout(v) for v in randn]
         self.randint_q, self.shared_q, self.device = list(randint), list(shared), device
+        self.rand_q: list[torch.Tensor] = []
         self.batch = None
 
     def __len__(self):
@@ -264,6 +265,12 @@ class ReplayNoise:
             raise AssertionError(f"sfplus integer range [{low}, {high}) does not hold the tape's {v.tolist()}")
         return v.clone()
 
+    def rand(self):
+        """[B] uniforms, replayed (the reference's grid-index draws, divided by the grid size)."""
+        if not self.rand_q:
+            raise AssertionError("sfplus drew an extra uniform")
+        return self.rand_q.pop(0).clone()
+
     def shared_randint(self, kind, high):
         v = self.shared_q.pop(0)
         if not 0 <= v < high:
@@ -271,9 +278,9 @@ class ReplayNoise:
         return v
 
     def done(self):
-        if self.randn_q or self.randint_q or self.shared_q:
+        if self.randn_q or self.randint_q or self.shared_q or self.rand_q:
             raise AssertionError(f"sfplus left draws unused: {len(self.randn_q)} normals, {len(self.randint_q)} "
-                                 f"integers, {len(self.shared_q)} shared")
+                                 f"integers, {len(self.shared_q)} shared, {len(self.rand_q)} uniforms")
 
 
 def as_sample_noise(replay_noise: ReplayNoise):
@@ -293,6 +300,11 @@ def as_sample_noise(replay_noise: ReplayNoise):
 
         def randint(self, low, high):
             return replay_noise.randint(low, high)
+
+        def rand(self, *shape):
+            if shape:
+                raise AssertionError("the replay holds per-sample uniforms only")
+            return replay_noise.rand()
 
     return _Replay()
 
@@ -435,10 +447,17 @@ class World:
         if i2v:
             self.y[:, :4] = (torch.rand(self.B, 4, f, h, w, generator=g) > 0.5).float()
 
-    def build_dmd(self, guidance: float, gc: bool = False):
+    def build_dmd(self, guidance: float, gc: bool = False, cls=None, after_init=None, **extra):
+        """The reference's DMD (or ``cls``: SiD, CausVid, ...) with the three nets loaded from this world's files.
+        ``after_init(model)`` runs right after the constructor (run-time patches of attributes it leaves unset);
+        ``extra`` are more config keys."""
         torch.manual_seed(0)
         args = dmd_args(i2v=self.i2v, causal=self.causal, names=self.names, guidance=guidance, gc=gc)
-        dmd = self.ref.DMD(args, self.device)
+        for k, v in extra.items():
+            setattr(args, k, v)
+        dmd = (cls or self.ref.DMD)(args, self.device)
+        if after_init is not None:
+            after_init(dmd)
         nets = {}
         for role, wrapper in (("gen", dmd.generator), ("real", dmd.real_score), ("fake", dmd.fake_score)):
             nets[role] = load_both(self.cfg, self.files[role], wrapper.model, self.device)
@@ -813,6 +832,290 @@ def infer_causal(ref, opts):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the objectives the reference cannot run as shipped (B6-B9): SiD, CausVid (+ teacher forcing), ODE regression,
+# causal diffusion (+ teacher forcing), DMD2's GAN term; and the teacher's UniPC sampler
+
+
+def bidir_case(world, dmd, nets, kind, exit_index, t_raw, seed, sf_generator_loss):
+    """One bidirectional-rollout training case (the tape of ``bidirectional_dmd``); returns (loss_ref, loss_sf,
+    gradient diff of the trained net). ``sf_generator_loss(x, t, eps, cond, uncond)`` is sfplus's objective."""
+    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
+    from sfplus.modules.distill_parts import BidirectionalRollout, ExitSteps
+    from sfplus.objectives.dmd import critic_flow_loss
+
+    B, F_ = world.B, world.F
+    shape = [B, F_, world.C, world.H, world.W]
+    normals = world.normals(exit_index + 2, seed=seed)
+    tape = Tape(normals, [torch.tensor([F_ // 3]), torch.tensor([exit_index]), t_raw])
+    sf_noise = ReplayNoise(normals, [t_raw], [exit_index], world.device)
+    sf_noise.batch = B
+    g = as_sample_noise(sf_noise)
+    rollout = BidirectionalRollout(warp_timesteps([1000, 750, 500, 250], 5.0), ExitSteps(4),
+                                   [world.C, F_, world.H, world.W])
+    ref_cond = {"prompt_embeds": world.ctx.to(world.device)}
+    ref_uncond = {"prompt_embeds": world.neg.to(world.device)}
+    cond, uncond = world.cond(), world.cond(neg=True)
+    with replay(tape), cuda_calls_are_noops(world.device):
+        fn = dmd.generator_loss if kind == "generator" else dmd.critic_loss
+        loss_ref, _ = fn(shape, ref_cond, ref_uncond, None)
+    tape.done()
+    loss_ref.backward()
+    if kind == "generator":
+        ro = rollout(nets["gen"], cond, g, sf_noise, kind="gen", grad=True)
+        t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+        loss_sf = sf_generator_loss(ro.x0, t, g.randn_like(ro.x0), cond, uncond, ro.loss_mask)
+        model_ref, model_sf = dmd.generator.model, nets["gen"]
+    else:
+        with torch.no_grad():
+            ro = rollout(nets["gen"], cond, g, sf_noise, kind="critic", grad=False)
+        t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+        loss_sf = critic_flow_loss(nets["fake"], ro.x0.detach(), t, g.randn_like(ro.x0), cond)
+        model_ref, model_sf = dmd.fake_score.model, nets["fake"]
+    sf_noise.done()
+    loss_sf.backward()
+    return loss_ref, loss_sf, grad_diff(model_ref, model_sf)
+
+
+def report_pair(name, kind, loss_ref, loss_sf, gd, tol, **extra):
+    report(name, f"{kind} loss", abs(float(loss_ref) - float(loss_sf)) / abs(float(loss_ref)), tol,
+           ref=float(loss_ref), sfplus=float(loss_sf), **extra)
+    extra.pop("t_raw", None)
+    report(name, f"{kind} gradients ({gd['grad_params']} tensors, worst {gd['grad_worst_param']} "
+           f"{gd['grad_worst']:.1e})", gd["grad_rel"], tol, **extra)
+
+
+def sid(ref, opts):
+    """SiD generator loss (bidirectional T2V rollout, s = 5, alpha = 1) and its critic (DMD's flow loss)."""
+    from model.sid import SiD
+
+    from sfplus.modules.distill_parts import SiDObjective
+
+    def b6(model):
+        model.min_score_timestep = 0
+        model.num_training_frames = 21
+        model.independent_first_frame = False
+
+    patch("B6 (SiD rows): after `SiD.__init__` the three attributes it reads but never sets are assigned their DMD "
+          "defaults: `min_score_timestep = 0`, `num_training_frames = 21`, `independent_first_frame = False` (T2V: "
+          "SiD's losses have no `clip_fea`/`y` parameters, so I2V cannot be run without rewriting them)")
+    world = World(ref, opts, i2v=False, causal=False, tag="sid")
+    guidance = 5.0
+    objective = SiDObjective(guidance + 1.0, 1.0)
+    for variant in ("aligned", "as shipped + B6"):
+        for exit_index, t_raw in cases(opts):
+            t_raw = torch.tensor(t_raw[:world.B]).view(world.B, 1)
+            for kind in ("generator", "critic"):
+                dmd, nets = world.build_dmd(guidance, cls=SiD, after_init=b6)
+                if variant == "aligned":
+                    align_score_grids(dmd)
+
+                def sf_loss(x, t, eps, cond, uncond, mask):
+                    return objective.generator_loss(x, t, eps, fake=nets["fake"], real=nets["real"], cond=cond,
+                                                    uncond=uncond, mask=mask)[0]
+
+                seed = 500 + exit_index + (kind == "critic")
+                loss_ref, loss_sf, gd = bidir_case(world, dmd, nets, kind, exit_index, t_raw, seed, sf_loss)
+                tol = opts.tol if variant == "aligned" else float("inf")
+                report_pair(f"SiD, bidirectional T2V, s=5 ({variant})", kind, loss_ref, loss_sf, gd, tol,
+                            exit=exit_index, t_raw=t_raw.flatten().tolist())
+                del dmd, nets
+
+
+def _block_values(per_frame: torch.Tensor, fpb: int = 3) -> list[torch.Tensor]:
+    """sfplus draws per (sample, block): the tape's [B, F] block-constant values as one [B] draw per block."""
+    return [per_frame[:, j].clone() for j in range(0, per_frame.shape[1], fpb)]
+
+
+def _block_index(B: int, F_: int, high: int, seed: int, fpb: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    per_block = torch.randint(0, high, (B, F_ // fpb), generator=g)
+    return per_block.repeat_interleave(fpb, dim=1)
+
+
+def causvid(ref, opts):
+    """CausVid (causal generator, data-simulated inputs) without and with teacher forcing: DMD generator loss and
+    the critic's flow loss."""
+    from model.causvid import CausVid
+    from utils.loss import get_denoising_loss
+
+    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
+    from sfplus.modules.distill_parts import CausVidStep, DMDObjective
+    from sfplus.nets.causal import BlockCausal
+    from sfplus.objectives.dmd import critic_flow_loss
+
+    def b7(model):
+        model.denoising_loss_func = get_denoising_loss("flow")()
+
+    patch("B7 (CausVid rows): `denoising_loss_func` (read by `CausVid.critic_loss`, never set: CausVid derives from "
+          "BaseModel) is set to the reference's own `utils.loss.get_denoising_loss('flow')()`, as SelfForcingModel "
+          "does; the clean latents the trainer never passes (`clean_latent=None`) are passed directly")
+    guidance = 3.0
+    world = World(ref, opts, i2v=False, causal=True, tag="causvid")
+    B, F_ = world.B, world.F
+    shape = [B, F_, world.C, world.H, world.W]
+    steps = warp_timesteps([1000, 750, 500, 250], 5.0)
+    g0 = torch.Generator().manual_seed(600)
+    x_clean = torch.randn(*shape, generator=g0)
+    for tf in (False, True):
+        for variant in ("aligned", "as shipped + B7"):
+            for case, t_raw in enumerate(([417, 83], [906, 5])[: opts.cases]):
+                t_raw = torch.tensor(t_raw[:B]).view(B, 1)
+                for kind in ("generator", "critic"):
+                    dmd, nets = world.build_dmd(guidance, cls=CausVid, after_init=b7, teacher_forcing=tf)
+                    if variant == "aligned":
+                        align_score_grids(dmd)
+                    idx = _block_index(B, F_, 4, seed=610 + case + 2 * (kind == "critic"))
+                    g = torch.Generator().manual_seed(620 + case + 2 * (kind == "critic"))
+                    sim = [torch.randn(*shape, generator=g) for _ in range(4)]
+                    eps = torch.randn(*shape, generator=g)
+                    picked = torch.stack(sim, 1).gather(1, idx.view(B, 1, F_, 1, 1, 1).expand(
+                        B, 1, F_, *shape[2:])).squeeze(1)  # each frame's noise of its block's step
+                    tape = Tape(sim + [eps], [idx, t_raw])
+                    sf_noise = ReplayNoise([picked, eps], _block_values(idx) + [t_raw], [], world.device)
+                    sf_noise.batch = B
+                    gs = as_sample_noise(sf_noise)
+                    ref_cond = {"prompt_embeds": world.ctx.to(world.device)}
+                    ref_uncond = {"prompt_embeds": world.neg.to(world.device)}
+                    cond, uncond = world.cond(), world.cond(neg=True)
+                    with replay(tape), cuda_calls_are_noops(world.device):
+                        fn = dmd.generator_loss if kind == "generator" else dmd.critic_loss
+                        loss_ref, _ = fn(shape, ref_cond, ref_uncond, x_clean.to(world.device))
+                    tape.done()
+                    loss_ref.backward()
+                    step = CausVidStep(steps, BlockCausal(3), teacher_forcing=tf)
+                    real = sf_layout(x_clean).to(world.device)
+                    if kind == "generator":
+                        ro = step(nets["gen"], cond, gs, sf_noise, kind="gen", grad=True, real=real)
+                        t = score_timesteps_from_raw(gs.randint(0, 1000), F_, shift=5.0).to(world.device)
+                        loss_sf, _ = DMDObjective(guidance + 1.0).generator_loss(
+                            ro.x0, t, gs.randn_like(ro.x0), fake=nets["fake"], real=nets["real"], cond=cond,
+                            uncond=uncond, mask=ro.loss_mask)
+                        model_ref, model_sf = dmd.generator.model, nets["gen"]
+                    else:
+                        with torch.no_grad():
+                            ro = step(nets["gen"], cond, gs, sf_noise, kind="critic", grad=False, real=real)
+                        t = score_timesteps_from_raw(gs.randint(0, 1000), F_, shift=5.0).to(world.device)
+                        loss_sf = critic_flow_loss(nets["fake"], ro.x0.detach(), t, gs.randn_like(ro.x0), cond)
+                        model_ref, model_sf = dmd.fake_score.model, nets["fake"]
+                    sf_noise.done()
+                    loss_sf.backward()
+                    tol = opts.tol if variant == "aligned" else float("inf")
+                    name = f"CausVid{' + teacher forcing' if tf else ''}, causal 3-frame blocks, s=3 ({variant})"
+                    report_pair(name, kind, loss_ref, loss_sf, grad_diff(model_ref, model_sf), tol,
+                                t_raw=t_raw.flatten().tolist(), exit=f"k per block {idx[:, ::3].tolist()}")
+                    del dmd, nets
+
+
+def single_generator_model(ref, world, module, cls, shift: float, step_list, **extra):
+    """The reference's ODERegression / CausalDiffusion, built through the smallest run-time patch of B8, with the
+    generator's weights from ``world``."""
+    import model.base as mb
+
+    module.WanTextEncoder = module.WanVAEWrapper = mb.WanTextEncoder  # the empty stand-in (see import_reference)
+    if not getattr(cls, "_refcheck_patched", False):
+        shipped = cls._initialize_models
+
+        def initialize_models(self, args, device=None):
+            shipped(self, args)
+            self.scheduler = self.generator.get_scheduler()
+
+        cls._initialize_models = initialize_models
+        cls._refcheck_patched = True
+    patch("B8 (ODE-regression / causal-diffusion rows): the shipped `_initialize_models(self, args)` overrides are "
+          "wrapped to accept the `(args, device)` that `BaseModel.__init__` passes, and after them "
+          "`self.scheduler = self.generator.get_scheduler()` is set (the overrides never set it; BaseModel does "
+          "exactly this). Their `WanTextEncoder` / `WanVAEWrapper` (imported by name) are the empty stand-ins. The "
+          "generator they build without a model name (default 'Wan2.1-T2V-14B') is registered at the run's size")
+    ref.registry["Wan2.1-T2V-14B"] = ref_registry_entry(world.cfg)
+    torch.manual_seed(0)
+    args = SimpleNamespace(generator_type="causal", i2v=False, mixed_precision=False, denoising_step_list=step_list,
+                           warp_denoising_step=True, model_kwargs={"timestep_shift": shift}, num_frame_per_block=3,
+                           independent_first_frame=False, gradient_checkpointing=False, num_train_timestep=1000,
+                           guidance_scale=3.0, timestep_shift=shift, **extra)
+    m = cls(args, world.device)
+    net = load_both(world.cfg, world.files["gen"], m.generator.model, world.device)
+    m.generator.seq_len = world.F * world.tokens_per_frame
+    m = m.to(world.device)
+    m.generator.model.freqs = m.generator.model.freqs.to(world.device)
+    return m, net
+
+
+def ode_regression(ref, opts):
+    """ODE regression of the causal generator on 5-snapshot trajectories at [1000, 960, 888.9, 727.3, 0]."""
+    import model.ode_regression as mode
+
+    from sfplus.flow import warp_timesteps
+    from sfplus.nets.causal import BlockCausal
+    from sfplus.objectives.ode import ode_regression_loss
+
+    world = World(ref, opts, i2v=False, causal=True, tag="ode")
+    B, F_ = world.B, world.F
+    table = warp_timesteps([1000, 750, 500, 250], 8.0) + [0.0]
+    g0 = torch.Generator().manual_seed(700)
+    traj = torch.randn(B, 5, F_, world.C, world.H, world.W, generator=g0)  # reference layout [B, K, F, C, H, W]
+    for case in range(opts.cases):
+        m, net = single_generator_model(ref, world, mode, mode.ODERegression, 8.0, [1000, 750, 500, 250, 0])
+        idx = _block_index(B, F_, 5, seed=710 + case)
+        if case == 0:  # one block of each sample at the clean end (t = 0: excluded from the loss)
+            idx[:, :3] = 4
+        tape = Tape([], [idx])
+        with replay(tape), cuda_calls_are_noops(world.device):
+            loss_ref, _ = m.generator_loss(traj.to(world.device), {"prompt_embeds": world.ctx.to(world.device)})
+        tape.done()
+        loss_ref.backward()
+        sf_noise = ReplayNoise([], _block_values(idx), [], world.device)
+        sf_noise.batch = B
+        loss_sf = ode_regression_loss(net, traj.permute(0, 1, 3, 2, 4, 5).to(world.device), table, world.cond(),
+                                      frames_per_block=3, causal=BlockCausal(3), generator=as_sample_noise(sf_noise))
+        sf_noise.done()
+        loss_sf.backward()
+        report_pair("ODE regression, causal 3-frame blocks, shift-8 steps (as shipped + B8)", "generator", loss_ref,
+                    loss_sf, grad_diff(m.generator.model, net), opts.tol, exit=f"k per block {idx[:, ::3].tolist()}")
+        del m, net
+
+
+def causal_diffusion(ref, opts):
+    """Causal diffusion (diffusion forcing) and teacher forcing: the flow-matching loss of a causal model."""
+    import model.diffusion as mdiff
+
+    from sfplus.modules.diffusion import DiffusionModule
+    from sfplus.nets.causal import BlockCausal
+
+    world = World(ref, opts, i2v=False, causal=True, tag="diff")
+    B, F_ = world.B, world.F
+    shape = [B, F_, world.C, world.H, world.W]
+    g0 = torch.Generator().manual_seed(800)
+    x_clean = torch.randn(*shape, generator=g0)
+    for tf in (False, True):
+        for case in range(opts.cases):
+            m, net = single_generator_model(ref, world, mdiff, mdiff.CausalDiffusion, 5.0, [1000, 750, 500, 250],
+                                            teacher_forcing=tf, noise_augmentation_max_timestep=0)
+            idx = _block_index(B, F_, 1000, seed=810 + case)
+            eps = torch.randn(*shape, generator=g0)
+            tape = Tape([eps], [idx])
+            with replay(tape), cuda_calls_are_noops(world.device):
+                loss_ref, _ = m.generator_loss(shape, {"prompt_embeds": world.ctx.to(world.device)}, None,
+                                               x_clean.to(world.device))
+            tape.done()
+            loss_ref.backward()
+            # sfplus draws sigma_lin = 1 - u per block; the reference's grid index i is sigma_lin = 1 - i / 1000
+            sf_noise = ReplayNoise([], [], [], world.device)
+            sf_noise.rand_q = [v.double() / 1000 for v in _block_values(idx)] + ([torch.zeros(B)] if tf else [])
+            sf_noise.batch = B
+            module = SimpleNamespace(causal=BlockCausal(3), train_shift=5.0, model=net, teacher_forcing=tf,
+                                     noise_augmentation_max_timestep=0, device=world.device)
+            loss_sf = DiffusionModule._causal_loss(module, sf_layout(x_clean).to(world.device),
+                                                   sf_layout(eps).to(world.device), world.cond(),
+                                                   as_sample_noise(sf_noise))
+            sf_noise.done()
+            loss_sf.backward()
+            name = f"causal diffusion{' + teacher forcing' if tf else ''}, 3-frame blocks, shift 5 (as shipped + B8)"
+            report_pair(name, "diffusion", loss_ref, loss_sf, grad_diff(m.generator.model, net), opts.tol,
+                        exit=f"grid index per block {idx[:, ::3].tolist()}")
+            del m, net
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -842,6 +1145,10 @@ def main(argv=None):
         "causal": lambda: causal_dmd(ref, opts),
         "infer_bidir": lambda: infer_bidirectional(ref, opts),
         "infer_causal": lambda: infer_causal(ref, opts),
+        "sid": lambda: sid(ref, opts),
+        "causvid": lambda: causvid(ref, opts),
+        "ode": lambda: ode_regression(ref, opts),
+        "diffusion": lambda: causal_diffusion(ref, opts),
     }
     rows = opts.rows or list(table)
     t0 = time.time()
