@@ -108,6 +108,26 @@ def import_reference():
     from torch.nn.attention.flex_attention import flex_attention as eager_flex
 
     wcausal.flex_attention = eager_flex
+    if not torch.cuda.is_available():
+        dense_masks: dict = {}
+
+        def dense_flex(query, key, value, block_mask=None, **kw):
+            """flex_attention with the block mask's own ``mask_mod`` evaluated densely, through SDPA."""
+            lq, lk = query.shape[-2], key.shape[-2]
+            if block_mask is None:
+                return F.scaled_dot_product_attention(query, key, value)
+            ck = (id(block_mask), lq, lk)
+            if ck not in dense_masks:
+                zero = torch.zeros((), dtype=torch.long, device=query.device)
+                q_idx = torch.arange(lq, device=query.device)[:, None]
+                kv_idx = torch.arange(lk, device=query.device)[None, :]
+                dense_masks.clear()
+                dense_masks[ck] = (block_mask, block_mask.mask_mod(zero, zero, q_idx, kv_idx).expand(lq, lk))
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=dense_masks[ck][1])
+
+        wcausal.flex_attention = dense_flex
+        patch("CPU runs only: `causal_model.flex_attention` evaluates the block mask's own `mask_mod` densely and "
+              "calls SDPA (FlexAttention has no backward on the CPU; same mask, same maths)")
     patch("`causal_model.flex_attention`: the eager function instead of the module-level "
           "`torch.compile(..., mode='max-autotune-no-cudagraphs')` wrapper (same maths; no Inductor on the CPU image)")
 
@@ -909,7 +929,7 @@ def sid(ref, opts):
                 if variant == "aligned":
                     align_score_grids(dmd)
 
-                def sf_loss(x, t, eps, cond, uncond, mask):
+                def sf_loss(x, t, eps, cond, uncond, mask, nets=nets):
                     return objective.generator_loss(x, t, eps, fake=nets["fake"], real=nets["real"], cond=cond,
                                                     uncond=uncond, mask=mask)[0]
 
