@@ -12,7 +12,7 @@ through sfplus's own loader ``sfplus.weights.read_dit_state_dict``), fed the SAM
 
 usage:
   python tools/reference_check.py [--device cpu|cuda] [--size small|1.3b] [--latent FxHxW] [--json OUT.json] [row ...]
-rows: bidir_t2v bidir_i2v causal infer_bidir infer_causal (default: all)
+rows: bidir_t2v bidir_i2v causal infer_bidir infer_causal sid causvid ode diffusion gan infer_teacher (default: all)
 
 Never imported by the package or its tests.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -440,10 +441,12 @@ def dmd_args(*, i2v: bool, causal: bool, names: dict, guidance: float, gc: bool)
 class World:
     """Weights, nets and inputs shared by the checks of one recipe."""
 
-    def __init__(self, ref, opts, *, i2v: bool, causal: bool, tag: str):
+    def __init__(self, ref, opts, *, i2v: bool, causal: bool, tag: str, layers: int | None = None):
         self.ref, self.opts, self.i2v, self.causal = ref, opts, i2v, causal
         self.device = torch.device(opts.device)
         self.cfg = wan_config(opts.size, i2v)
+        if layers is not None:
+            self.cfg = dataclasses.replace(self.cfg, num_layers=layers)
         self.tmp = tempfile.mkdtemp(prefix="refcheck-")
         self.names = {}
         self.files = {}
@@ -1135,6 +1138,205 @@ def causal_diffusion(ref, opts):
             del m, net
 
 
+def import_with_real_diffusers(name: str):
+    """Import a reference module that needs the real diffusers (its schedulers' ConfigMixin), not the bench shim."""
+    import importlib
+
+    shim = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "diffusers" or k.startswith("diffusers.")}
+    sys.path.remove(SHIMS)
+    try:
+        return importlib.import_module(name)
+    finally:
+        for k in [k for k in sys.modules if k == "diffusers" or k.startswith("diffusers.")]:
+            del sys.modules[k]
+        sys.modules.update(shim)
+        sys.path.insert(0, SHIMS)
+
+
+class PromptText(torch.nn.Module):
+    """Text stand-in: the negative prompt's embeddings for the negative prompt, the prompt's otherwise."""
+
+    def __init__(self, ctx, neg, negative_prompt):
+        super().__init__()
+        self.ctx, self.neg, self.negative_prompt = ctx, neg, negative_prompt
+
+    def forward(self, text_prompts):
+        return {"prompt_embeds": self.neg if text_prompts[0] == self.negative_prompt else self.ctx}
+
+
+def infer_teacher(ref, opts):
+    """The reference's only teacher sampler, BidirectionalDiffusionInferencePipeline (Wan's UniPC, 50 steps, shift
+    8, Wan-style CFG), vs sfplus's unipc_sample."""
+    from sfplus.sampling.unipc import unipc_sample
+
+    bdi = import_with_real_diffusers("pipeline.bidirectional_diffusion_inference")
+    patch("teacher-sampler row: `pipeline.bidirectional_diffusion_inference` (and the Wan UniPC solver it imports) is "
+          "imported with the installed diffusers instead of the bench shim (the solver needs diffusers' ConfigMixin)")
+    world = World(ref, opts, i2v=False, causal=False, tag="teacher")
+    dmd, nets = world.build_dmd(5.0)
+    args = SimpleNamespace(num_train_timestep=1000, guidance_scale=5.0, negative_prompt="a negative prompt")
+    vae = LatentCatcher()
+    pipe = bdi.BidirectionalDiffusionInferencePipeline(
+        args, world.device, generator=dmd.real_score,
+        text_encoder=PromptText(world.ctx.to(world.device), world.neg.to(world.device), args.negative_prompt), vae=vae)
+    g = torch.Generator().manual_seed(900)
+    noise = torch.randn(world.B, world.F, world.C, world.H, world.W, generator=g)
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with torch.no_grad():
+            pipe.inference(noise.to(world.device), ["a prompt"] * world.B)
+    finally:
+        if quiet is None:
+            os.environ.pop("TQDM_DISABLE")
+    with torch.no_grad():
+        out = unipc_sample(nets["real"], sf_layout(noise).to(world.device), world.cond(), world.cond(neg=True),
+                           num_steps=50, shift=8.0, guidance_scale=5.0)
+    report("teacher sampler: BidirectionalDiffusionInferencePipeline (UniPC, 50 steps, shift 8, CFG 5) vs sfplus "
+           "unipc_sample", "latents out (100 DiT calls each)", rel(vae.latents.permute(0, 2, 1, 3, 4), out), opts.tol)
+
+
+GAN_BLOCKS = (13, 21, 29)  # hard-coded in the reference's WanModel classify mode
+
+
+def gan(ref, opts, r_sigma: float):
+    """DMD2's GAN term: the generator's adversarial loss and the discriminator loss with finite-difference R1 / R2
+    (the reference's GAN model, non-relativistic, num_class 1), with a 30-block critic so that the reference's
+    hard-coded blocks (13, 21, 29) exist. R1 uses ``r_sigma``, R2 ``2 r_sigma``: a finite difference divided by
+    sigma amplifies fp32 rounding of the logits by ~1/sigma, so the judged rows use 0.5 and the shipped 0.01 is
+    reported."""
+    import model.gan as mgan
+    import wan.modules.model as wmodel
+
+    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
+    from sfplus.modules.distill_parts import BidirectionalRollout, ExitSteps
+    from sfplus.nets.discriminator import DiscriminatorHead
+    from sfplus.objectives.gan import gan_critic_loss, gan_generator_term
+
+    wrapper_cls = ref.ww.WanDiffusionWrapper
+    if not getattr(wrapper_cls, "_refcheck_gan", False):
+        def adding_cls_branch(self, atten_dim=1536, num_class=4, time_embed_dim=0):
+            d, heads = self.model.dim, self.model.num_heads
+            self._cls_pred_branch = torch.nn.Sequential(torch.nn.LayerNorm(3 * d + (d if time_embed_dim else 0)),
+                                                        torch.nn.Linear(3 * d + (d if time_embed_dim else 0), d),
+                                                        torch.nn.SiLU(), torch.nn.Linear(d, num_class))
+            self._register_tokens = wmodel.RegisterTokens(num_registers=3, dim=d)
+            self._gan_ca_blocks = torch.nn.ModuleList(
+                wmodel.GanAttentionBlock(dim=d, ffn_dim=4 * d, num_heads=heads) for _ in range(3))
+
+        wrapper_cls.adding_cls_branch = adding_cls_branch
+        wrapper_cls._refcheck_gan = True
+    patch("B9 (GAN rows): `WanDiffusionWrapper.adding_cls_branch` replaced by a re-implementation that builds the "
+          "same modules (LayerNorm -> Linear -> SiLU -> Linear, 3 `RegisterTokens`, 3 `GanAttentionBlock`s: the "
+          "reference's own classes) at the critic's width and head count instead of the hard-coded 1536 / 12 heads "
+          "/ FFN 8192 (FFN 4 x width, as sfplus's head); its last Linear takes the width it is given (shipped: "
+          "1536 after a Linear to `self.dim`, which breaks every width but 1536)")
+    patch("B9 (GAN rows): `GAN.num_training_frames` (read by `_run_generator`, never set by `GAN.__init__`) = 21; for "
+          "`critic_loss` `_run_generator` returns a 5th value (None) since the critic unpacks 5 (it returns 4); the "
+          "generator loss gets a copy of the conditioning (it doubles `prompt_embeds` in place); R1 and R2 weights "
+          "are > 0 (with `r2_weight = 0` the shipped code reads `r2_loss` before assignment)")
+    o = SimpleNamespace(**vars(opts))
+    world = World(ref, o, i2v=False, causal=False, tag="gan", layers=max(30, SIZES[opts.size]["num_layers"]))
+    B, F_ = world.B, world.F
+    shape = [B, F_, world.C, world.H, world.W]
+    steps = warp_timesteps([1000, 750, 500, 250], 5.0)
+    g0 = torch.Generator().manual_seed(1000)
+    x_real = torch.randn(*shape, generator=g0)
+    extra = dict(num_class=1, relativistic_discriminator=False, gan_g_weight=1e-2, gan_d_weight=1e-2,
+                 r1_weight=0.5, r2_weight=0.25, r1_sigma=r_sigma, r2_sigma=2 * r_sigma)
+
+    def after_init(model):
+        model.num_training_frames = 21
+
+    for exit_index, t_raw in cases(opts):
+        t_raw = torch.tensor(t_raw[:B]).view(B, 1)
+        for kind in ("generator", "critic"):
+            model, nets = world.build_dmd(5.0, cls=mgan.GAN, after_init=after_init, **extra)
+            align_score_grids(model)
+            fs = model.fake_score
+            with torch.no_grad():  # perturb the head (no unit norms, no zero heads), as the nets' weights
+                gp = torch.Generator().manual_seed(1001)
+                for _name, p in [*fs._cls_pred_branch.named_parameters(), *fs._gan_ca_blocks.named_parameters(),
+                                ("register_tokens", fs._register_tokens.register_tokens)]:
+                    p.add_(0.05 * torch.randn(p.shape, generator=gp).to(p.device) *
+                           (p.std() if p.numel() > 1 and p.std() > 0 else 1.0))
+            pairs = {"register_tokens": fs._register_tokens.register_tokens}
+            for i, blk in enumerate(fs._gan_ca_blocks):
+                for k, p in blk.named_parameters():
+                    pairs[f"gan_blocks.{i}.{k.replace('cross_attn.', '')}"] = p
+            for k, p in fs._cls_pred_branch.named_parameters():
+                pairs[f"cls_pred_branch.{k}"] = p
+            d = world.cfg.dim
+            head = DiscriminatorHead(d, world.cfg.num_heads, 3, ffn_dim=4 * d)
+            missing, unexpected = head.load_state_dict({k: v.detach().cpu() for k, v in pairs.items()}, strict=False)
+            assert not unexpected and all(".norm2." in k for k in missing), (missing, unexpected)
+            head = head.to(world.device)
+            normals = world.normals(exit_index + 2 + (1 if kind == "generator" else 2), seed=1010 + exit_index)
+            sf_normals = normals[:-1] if kind == "generator" else normals  # the reference's fresh real noise
+            tape = Tape(normals, [torch.tensor([F_ // 3]), torch.tensor([exit_index]), t_raw])
+            sf_noise = ReplayNoise(sf_normals, [t_raw], [exit_index], world.device)
+            sf_noise.batch = B
+            g = as_sample_noise(sf_noise)
+            rollout = BidirectionalRollout(steps, ExitSteps(4), [world.C, F_, world.H, world.W])
+            ref_cond = {"prompt_embeds": world.ctx.to(world.device)}
+            cond = world.cond()
+            real = sf_layout(x_real).to(world.device)
+            with replay(tape), cuda_calls_are_noops(world.device):
+                if kind == "generator":
+                    loss_ref = model.generator_loss(shape, dict(ref_cond), None, x_real.to(world.device))
+                    parts_ref = {}
+                else:
+                    shipped = model._run_generator
+                    model._run_generator = lambda *a, _f=shipped, **k: (*_f(*a, **k), None)
+                    (ld, r1, r2), _ = model.critic_loss(shape, ref_cond, None, None, x_real.to(world.device))
+                    loss_ref = ld + 0.5 * (r1 + r2)
+                    parts_ref = {"loss_d": ld, "r1": r1 / extra["r1_weight"], "r2": r2 / extra["r2_weight"]}
+            tape.done()
+            loss_ref.backward()
+            if kind == "generator":
+                ro = rollout(nets["gen"], cond, g, sf_noise, kind="gen", grad=True)
+                t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+                loss_sf, logs = gan_generator_term(nets["fake"], head, ro.x0, t, g.randn_like(ro.x0), cond,
+                                                   GAN_BLOCKS, x_real=real, gan_g_weight=extra["gan_g_weight"])
+            else:
+                with torch.no_grad():
+                    ro = rollout(nets["gen"], cond, g, sf_noise, kind="critic", grad=False)
+                t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+                loss_sf, logs = gan_critic_loss(nets["fake"], head, real, ro.x0.detach(), t, g.randn_like(ro.x0),
+                                                cond, GAN_BLOCKS, gan_d_weight=extra["gan_d_weight"],
+                                                r1_weight=extra["r1_weight"], r2_weight=extra["r2_weight"],
+                                                r1_sigma=extra["r1_sigma"], r2_sigma=extra["r2_sigma"], generator=g)
+            sf_noise.done()
+            loss_sf.backward()
+            name = (f"DMD2 GAN term, bidirectional T2V, 30-block critic, blocks (13, 21, 29), R1/R2 sigma {r_sigma:g}/"
+                    f"{2 * r_sigma:g} (aligned + B9)")
+            tol = opts.tol if r_sigma >= 0.1 else float("inf")
+            what = "generator adversarial term" if kind == "generator" else "discriminator loss L_D + (R1 + R2)/2"
+            report(name, what, abs(float(loss_ref) - float(loss_sf)) / abs(float(loss_ref)), tol,
+                   exit=exit_index, t_raw=t_raw.flatten().tolist(), ref=float(loss_ref), sfplus=float(loss_sf))
+            for k, v in parts_ref.items():
+                report(name, f"  {k}", abs(float(v) - float(logs[k])) / abs(float(v)), tol, exit=exit_index)
+            if kind == "generator":
+                gd = grad_diff(model.generator.model, nets["gen"])
+                report(name, f"generator gradients ({gd['grad_params']} tensors, worst {gd['grad_worst_param']} "
+                       f"{gd['grad_worst']:.1e})", gd["grad_rel"], tol, exit=exit_index)
+            else:
+                gd = grad_diff(model.fake_score.model, nets["fake"])
+                report(name, f"critic trunk gradients ({gd['grad_params']} tensors, worst {gd['grad_worst_param']} "
+                       f"{gd['grad_worst']:.1e})", gd["grad_rel"], tol, exit=exit_index)
+                sf_p = dict(head.named_parameters())
+                num = den = 0.0
+                worst, worst_name = 0.0, ""
+                for k, p in pairs.items():
+                    a, b = p.grad.double().cpu(), sf_p[k].grad.double().cpu()
+                    num, den = num + (a - b).pow(2).sum().item(), den + a.pow(2).sum().item()
+                    if rel(a, b) > worst:
+                        worst, worst_name = rel(a, b), k
+                report(name, f"discriminator head gradients ({len(pairs)} tensors, worst {worst_name} {worst:.1e})",
+                       math.sqrt(num / den), tol, exit=exit_index)
+            del model, nets, head
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -1169,6 +1371,8 @@ def main(argv=None):
         "causvid": lambda: causvid(ref, opts),
         "ode": lambda: ode_regression(ref, opts),
         "diffusion": lambda: causal_diffusion(ref, opts),
+        "gan": lambda: (gan(ref, opts, 0.5), gan(ref, opts, 0.01)),
+        "infer_teacher": lambda: infer_teacher(ref, opts),
     }
     rows = opts.rows or list(table)
     t0 = time.time()
