@@ -12,7 +12,7 @@ through sfplus's own loader ``sfplus.weights.read_dit_state_dict``), fed the SAM
 
 usage:
   python tools/reference_check.py [--device cpu|cuda] [--size small|1.3b] [--latent FxHxW] [--json OUT.json] [row ...]
-rows: bidir_t2v bidir_i2v causal infer_bidir infer_causal (default: all)
+rows: bidir_t2v bidir_i2v causal infer_bidir infer_causal sid causvid ode diffusion gan infer_teacher (default: all)
 
 Never imported by the package or its tests.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -108,6 +109,26 @@ def import_reference():
     from torch.nn.attention.flex_attention import flex_attention as eager_flex
 
     wcausal.flex_attention = eager_flex
+    if not torch.cuda.is_available():
+        dense_masks: dict = {}
+
+        def dense_flex(query, key, value, block_mask=None, **kw):
+            """flex_attention with the block mask's own ``mask_mod`` evaluated densely, through SDPA."""
+            lq, lk = query.shape[-2], key.shape[-2]
+            if block_mask is None:
+                return F.scaled_dot_product_attention(query, key, value)
+            ck = (id(block_mask), lq, lk)
+            if ck not in dense_masks:
+                zero = torch.zeros((), dtype=torch.long, device=query.device)
+                q_idx = torch.arange(lq, device=query.device)[:, None]
+                kv_idx = torch.arange(lk, device=query.device)[None, :]
+                dense_masks.clear()
+                dense_masks[ck] = (block_mask, block_mask.mask_mod(zero, zero, q_idx, kv_idx).expand(lq, lk))
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=dense_masks[ck][1])
+
+        wcausal.flex_attention = dense_flex
+        patch("CPU runs only: `causal_model.flex_attention` evaluates the block mask's own `mask_mod` densely and "
+              "calls SDPA (FlexAttention has no backward on the CPU; same mask, same maths)")
     patch("`causal_model.flex_attention`: the eager function instead of the module-level "
           "`torch.compile(..., mode='max-autotune-no-cudagraphs')` wrapper (same maths; no Inductor on the CPU image)")
 
@@ -240,6 +261,7 @@ class ReplayNoise:
     def __init__(self, randn: list[torch.Tensor], randint: list[torch.Tensor], shared: list[int], device):
         self.randn_q = [sf_layout(v) for v in randn]
         self.randint_q, self.shared_q, self.device = list(randint), list(shared), device
+        self.rand_q: list[torch.Tensor] = []
         self.batch = None
 
     def __len__(self):
@@ -264,6 +286,12 @@ class ReplayNoise:
             raise AssertionError(f"sfplus integer range [{low}, {high}) does not hold the tape's {v.tolist()}")
         return v.clone()
 
+    def rand(self):
+        """[B] uniforms, replayed (the reference's grid-index draws, divided by the grid size)."""
+        if not self.rand_q:
+            raise AssertionError("sfplus drew an extra uniform")
+        return self.rand_q.pop(0).clone()
+
     def shared_randint(self, kind, high):
         v = self.shared_q.pop(0)
         if not 0 <= v < high:
@@ -271,9 +299,9 @@ class ReplayNoise:
         return v
 
     def done(self):
-        if self.randn_q or self.randint_q or self.shared_q:
+        if self.randn_q or self.randint_q or self.shared_q or self.rand_q:
             raise AssertionError(f"sfplus left draws unused: {len(self.randn_q)} normals, {len(self.randint_q)} "
-                                 f"integers, {len(self.shared_q)} shared")
+                                 f"integers, {len(self.shared_q)} shared, {len(self.rand_q)} uniforms")
 
 
 def as_sample_noise(replay_noise: ReplayNoise):
@@ -293,6 +321,11 @@ def as_sample_noise(replay_noise: ReplayNoise):
 
         def randint(self, low, high):
             return replay_noise.randint(low, high)
+
+        def rand(self, *shape):
+            if shape:
+                raise AssertionError("the replay holds per-sample uniforms only")
+            return replay_noise.rand()
 
     return _Replay()
 
@@ -408,10 +441,12 @@ def dmd_args(*, i2v: bool, causal: bool, names: dict, guidance: float, gc: bool)
 class World:
     """Weights, nets and inputs shared by the checks of one recipe."""
 
-    def __init__(self, ref, opts, *, i2v: bool, causal: bool, tag: str):
+    def __init__(self, ref, opts, *, i2v: bool, causal: bool, tag: str, layers: int | None = None):
         self.ref, self.opts, self.i2v, self.causal = ref, opts, i2v, causal
         self.device = torch.device(opts.device)
         self.cfg = wan_config(opts.size, i2v)
+        if layers is not None:
+            self.cfg = dataclasses.replace(self.cfg, num_layers=layers)
         self.tmp = tempfile.mkdtemp(prefix="refcheck-")
         self.names = {}
         self.files = {}
@@ -435,10 +470,17 @@ class World:
         if i2v:
             self.y[:, :4] = (torch.rand(self.B, 4, f, h, w, generator=g) > 0.5).float()
 
-    def build_dmd(self, guidance: float, gc: bool = False):
+    def build_dmd(self, guidance: float, gc: bool = False, cls=None, after_init=None, **extra):
+        """The reference's DMD (or ``cls``: SiD, CausVid, ...) with the three nets loaded from this world's files.
+        ``after_init(model)`` runs right after the constructor (run-time patches of attributes it leaves unset);
+        ``extra`` are more config keys."""
         torch.manual_seed(0)
         args = dmd_args(i2v=self.i2v, causal=self.causal, names=self.names, guidance=guidance, gc=gc)
-        dmd = self.ref.DMD(args, self.device)
+        for k, v in extra.items():
+            setattr(args, k, v)
+        dmd = (cls or self.ref.DMD)(args, self.device)
+        if after_init is not None:
+            after_init(dmd)
         nets = {}
         for role, wrapper in (("gen", dmd.generator), ("real", dmd.real_score), ("fake", dmd.fake_score)):
             nets[role] = load_both(self.cfg, self.files[role], wrapper.model, self.device)
@@ -813,6 +855,493 @@ def infer_causal(ref, opts):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the objectives the reference cannot run as shipped (B6-B9): SiD, CausVid (+ teacher forcing), ODE regression,
+# causal diffusion (+ teacher forcing), DMD2's GAN term; and the teacher's UniPC sampler
+
+
+def bidir_case(world, dmd, nets, kind, exit_index, t_raw, seed, sf_generator_loss):
+    """One bidirectional-rollout training case (the tape of ``bidirectional_dmd``); returns (loss_ref, loss_sf,
+    gradient diff of the trained net). ``sf_generator_loss(x, t, eps, cond, uncond)`` is sfplus's objective."""
+    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
+    from sfplus.modules.distill_parts import BidirectionalRollout, ExitSteps
+    from sfplus.objectives.dmd import critic_flow_loss
+
+    B, F_ = world.B, world.F
+    shape = [B, F_, world.C, world.H, world.W]
+    normals = world.normals(exit_index + 2, seed=seed)
+    tape = Tape(normals, [torch.tensor([F_ // 3]), torch.tensor([exit_index]), t_raw])
+    sf_noise = ReplayNoise(normals, [t_raw], [exit_index], world.device)
+    sf_noise.batch = B
+    g = as_sample_noise(sf_noise)
+    rollout = BidirectionalRollout(warp_timesteps([1000, 750, 500, 250], 5.0), ExitSteps(4),
+                                   [world.C, F_, world.H, world.W])
+    ref_cond = {"prompt_embeds": world.ctx.to(world.device)}
+    ref_uncond = {"prompt_embeds": world.neg.to(world.device)}
+    cond, uncond = world.cond(), world.cond(neg=True)
+    with replay(tape), cuda_calls_are_noops(world.device):
+        fn = dmd.generator_loss if kind == "generator" else dmd.critic_loss
+        loss_ref, _ = fn(shape, ref_cond, ref_uncond, None)
+    tape.done()
+    loss_ref.backward()
+    if kind == "generator":
+        ro = rollout(nets["gen"], cond, g, sf_noise, kind="gen", grad=True)
+        t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+        loss_sf = sf_generator_loss(ro.x0, t, g.randn_like(ro.x0), cond, uncond, ro.loss_mask)
+        model_ref, model_sf = dmd.generator.model, nets["gen"]
+    else:
+        with torch.no_grad():
+            ro = rollout(nets["gen"], cond, g, sf_noise, kind="critic", grad=False)
+        t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+        loss_sf = critic_flow_loss(nets["fake"], ro.x0.detach(), t, g.randn_like(ro.x0), cond)
+        model_ref, model_sf = dmd.fake_score.model, nets["fake"]
+    sf_noise.done()
+    loss_sf.backward()
+    return loss_ref, loss_sf, grad_diff(model_ref, model_sf)
+
+
+def report_pair(name, kind, loss_ref, loss_sf, gd, tol, **extra):
+    report(name, f"{kind} loss", abs(float(loss_ref) - float(loss_sf)) / abs(float(loss_ref)), tol,
+           ref=float(loss_ref), sfplus=float(loss_sf), **extra)
+    extra.pop("t_raw", None)
+    report(name, f"{kind} gradients ({gd['grad_params']} tensors, worst {gd['grad_worst_param']} "
+           f"{gd['grad_worst']:.1e})", gd["grad_rel"], tol, **extra)
+
+
+def sid(ref, opts):
+    """SiD generator loss (bidirectional T2V rollout, s = 5, alpha = 1) and its critic (DMD's flow loss)."""
+    from model.sid import SiD
+
+    from sfplus.modules.distill_parts import SiDObjective
+
+    def b6(model):
+        model.min_score_timestep = 0
+        model.num_training_frames = 21
+        model.independent_first_frame = False
+
+    patch("B6 (SiD rows): after `SiD.__init__` the three attributes it reads but never sets are assigned their DMD "
+          "defaults: `min_score_timestep = 0`, `num_training_frames = 21`, `independent_first_frame = False` (T2V: "
+          "SiD's losses have no `clip_fea`/`y` parameters, so I2V cannot be run without rewriting them)")
+    world = World(ref, opts, i2v=False, causal=False, tag="sid")
+    guidance = 5.0
+    objective = SiDObjective(guidance + 1.0, 1.0)
+    for variant in ("aligned", "as shipped + B6"):
+        for exit_index, t_raw in cases(opts):
+            t_raw = torch.tensor(t_raw[:world.B]).view(world.B, 1)
+            for kind in ("generator", "critic"):
+                dmd, nets = world.build_dmd(guidance, cls=SiD, after_init=b6)
+                if variant == "aligned":
+                    align_score_grids(dmd)
+
+                def sf_loss(x, t, eps, cond, uncond, mask, nets=nets):
+                    return objective.generator_loss(x, t, eps, fake=nets["fake"], real=nets["real"], cond=cond,
+                                                    uncond=uncond, mask=mask)[0]
+
+                seed = 500 + exit_index + (kind == "critic")
+                loss_ref, loss_sf, gd = bidir_case(world, dmd, nets, kind, exit_index, t_raw, seed, sf_loss)
+                tol = opts.tol if variant == "aligned" else float("inf")
+                report_pair(f"SiD, bidirectional T2V, s=5 ({variant})", kind, loss_ref, loss_sf, gd, tol,
+                            exit=exit_index, t_raw=t_raw.flatten().tolist())
+                del dmd, nets
+
+
+def _block_values(per_frame: torch.Tensor, fpb: int = 3) -> list[torch.Tensor]:
+    """sfplus draws per (sample, block): the tape's [B, F] block-constant values as one [B] draw per block."""
+    return [per_frame[:, j].clone() for j in range(0, per_frame.shape[1], fpb)]
+
+
+def _block_index(B: int, F_: int, high: int, seed: int, fpb: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    per_block = torch.randint(0, high, (B, F_ // fpb), generator=g)
+    return per_block.repeat_interleave(fpb, dim=1)
+
+
+def causvid(ref, opts):
+    """CausVid (causal generator, data-simulated inputs) without and with teacher forcing: DMD generator loss and
+    the critic's flow loss."""
+    from model.causvid import CausVid
+    from utils.loss import get_denoising_loss
+
+    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
+    from sfplus.modules.distill_parts import CausVidStep, DMDObjective
+    from sfplus.nets.causal import BlockCausal
+    from sfplus.objectives.dmd import critic_flow_loss
+
+    def b7(model):
+        model.denoising_loss_func = get_denoising_loss("flow")()
+
+    patch("B7 (CausVid rows): `denoising_loss_func` (read by `CausVid.critic_loss`, never set: CausVid derives from "
+          "BaseModel) is set to the reference's own `utils.loss.get_denoising_loss('flow')()`, as SelfForcingModel "
+          "does; the clean latents the trainer never passes (`clean_latent=None`) are passed directly")
+    guidance = 3.0
+    world = World(ref, opts, i2v=False, causal=True, tag="causvid")
+    B, F_ = world.B, world.F
+    shape = [B, F_, world.C, world.H, world.W]
+    steps = warp_timesteps([1000, 750, 500, 250], 5.0)
+    g0 = torch.Generator().manual_seed(600)
+    x_clean = torch.randn(*shape, generator=g0)
+    for tf in (False, True):
+        for variant in ("aligned", "as shipped + B7"):
+            for case, t_raw in enumerate(([417, 83], [906, 5])[: opts.cases]):
+                t_raw = torch.tensor(t_raw[:B]).view(B, 1)
+                for kind in ("generator", "critic"):
+                    dmd, nets = world.build_dmd(guidance, cls=CausVid, after_init=b7, teacher_forcing=tf)
+                    if variant == "aligned":
+                        align_score_grids(dmd)
+                    idx = _block_index(B, F_, 4, seed=610 + case + 2 * (kind == "critic"))
+                    g = torch.Generator().manual_seed(620 + case + 2 * (kind == "critic"))
+                    sim = [torch.randn(*shape, generator=g) for _ in range(4)]
+                    eps = torch.randn(*shape, generator=g)
+                    picked = torch.stack(sim, 1).gather(1, idx.view(B, 1, F_, 1, 1, 1).expand(
+                        B, 1, F_, *shape[2:])).squeeze(1)  # each frame's noise of its block's step
+                    tape = Tape(sim + [eps], [idx, t_raw])
+                    sf_noise = ReplayNoise([picked, eps], _block_values(idx) + [t_raw], [], world.device)
+                    sf_noise.batch = B
+                    gs = as_sample_noise(sf_noise)
+                    ref_cond = {"prompt_embeds": world.ctx.to(world.device)}
+                    ref_uncond = {"prompt_embeds": world.neg.to(world.device)}
+                    cond, uncond = world.cond(), world.cond(neg=True)
+                    with replay(tape), cuda_calls_are_noops(world.device):
+                        fn = dmd.generator_loss if kind == "generator" else dmd.critic_loss
+                        loss_ref, _ = fn(shape, ref_cond, ref_uncond, x_clean.to(world.device))
+                    tape.done()
+                    loss_ref.backward()
+                    step = CausVidStep(steps, BlockCausal(3), teacher_forcing=tf)
+                    real = sf_layout(x_clean).to(world.device)
+                    if kind == "generator":
+                        ro = step(nets["gen"], cond, gs, sf_noise, kind="gen", grad=True, real=real)
+                        t = score_timesteps_from_raw(gs.randint(0, 1000), F_, shift=5.0).to(world.device)
+                        loss_sf, _ = DMDObjective(guidance + 1.0).generator_loss(
+                            ro.x0, t, gs.randn_like(ro.x0), fake=nets["fake"], real=nets["real"], cond=cond,
+                            uncond=uncond, mask=ro.loss_mask)
+                        model_ref, model_sf = dmd.generator.model, nets["gen"]
+                    else:
+                        with torch.no_grad():
+                            ro = step(nets["gen"], cond, gs, sf_noise, kind="critic", grad=False, real=real)
+                        t = score_timesteps_from_raw(gs.randint(0, 1000), F_, shift=5.0).to(world.device)
+                        loss_sf = critic_flow_loss(nets["fake"], ro.x0.detach(), t, gs.randn_like(ro.x0), cond)
+                        model_ref, model_sf = dmd.fake_score.model, nets["fake"]
+                    sf_noise.done()
+                    loss_sf.backward()
+                    tol = opts.tol if variant == "aligned" else float("inf")
+                    name = f"CausVid{' + teacher forcing' if tf else ''}, causal 3-frame blocks, s=3 ({variant})"
+                    report_pair(name, kind, loss_ref, loss_sf, grad_diff(model_ref, model_sf), tol,
+                                t_raw=t_raw.flatten().tolist(), exit=f"k per block {idx[:, ::3].tolist()}")
+                    del dmd, nets
+
+
+def single_generator_model(ref, world, module, cls, shift: float, step_list, **extra):
+    """The reference's ODERegression / CausalDiffusion, built through the smallest run-time patch of B8, with the
+    generator's weights from ``world``."""
+    import model.base as mb
+
+    module.WanTextEncoder = module.WanVAEWrapper = mb.WanTextEncoder  # the empty stand-in (see import_reference)
+    if not getattr(cls, "_refcheck_patched", False):
+        shipped = cls._initialize_models
+
+        def initialize_models(self, args, device=None):
+            shipped(self, args)
+            self.scheduler = self.generator.get_scheduler()
+
+        cls._initialize_models = initialize_models
+        cls._refcheck_patched = True
+    patch("B8 (ODE-regression / causal-diffusion rows): the shipped `_initialize_models(self, args)` overrides are "
+          "wrapped to accept the `(args, device)` that `BaseModel.__init__` passes, and after them "
+          "`self.scheduler = self.generator.get_scheduler()` is set (the overrides never set it; BaseModel does "
+          "exactly this). Their `WanTextEncoder` / `WanVAEWrapper` (imported by name) are the empty stand-ins. The "
+          "generator they build without a model name (default 'Wan2.1-T2V-14B') is registered at the run's size")
+    ref.registry["Wan2.1-T2V-14B"] = ref_registry_entry(world.cfg)
+    torch.manual_seed(0)
+    args = SimpleNamespace(generator_type="causal", i2v=False, mixed_precision=False, denoising_step_list=step_list,
+                           warp_denoising_step=True, model_kwargs={"timestep_shift": shift}, num_frame_per_block=3,
+                           independent_first_frame=False, gradient_checkpointing=False, num_train_timestep=1000,
+                           guidance_scale=3.0, timestep_shift=shift, **extra)
+    m = cls(args, world.device)
+    net = load_both(world.cfg, world.files["gen"], m.generator.model, world.device)
+    m.generator.seq_len = world.F * world.tokens_per_frame
+    m = m.to(world.device)
+    m.generator.model.freqs = m.generator.model.freqs.to(world.device)
+    return m, net
+
+
+def ode_regression(ref, opts):
+    """ODE regression of the causal generator on 5-snapshot trajectories at [1000, 960, 888.9, 727.3, 0]."""
+    import model.ode_regression as mode
+
+    from sfplus.flow import warp_timesteps
+    from sfplus.nets.causal import BlockCausal
+    from sfplus.objectives.ode import ode_regression_loss
+
+    world = World(ref, opts, i2v=False, causal=True, tag="ode")
+    B, F_ = world.B, world.F
+    table = warp_timesteps([1000, 750, 500, 250], 8.0) + [0.0]
+    g0 = torch.Generator().manual_seed(700)
+    traj = torch.randn(B, 5, F_, world.C, world.H, world.W, generator=g0)  # reference layout [B, K, F, C, H, W]
+    for case in range(opts.cases):
+        m, net = single_generator_model(ref, world, mode, mode.ODERegression, 8.0, [1000, 750, 500, 250, 0])
+        idx = _block_index(B, F_, 5, seed=710 + case)
+        if case == 0:  # one block of each sample at the clean end (t = 0: excluded from the loss)
+            idx[:, :3] = 4
+        tape = Tape([], [idx])
+        with replay(tape), cuda_calls_are_noops(world.device):
+            loss_ref, _ = m.generator_loss(traj.to(world.device), {"prompt_embeds": world.ctx.to(world.device)})
+        tape.done()
+        loss_ref.backward()
+        sf_noise = ReplayNoise([], _block_values(idx), [], world.device)
+        sf_noise.batch = B
+        loss_sf = ode_regression_loss(net, traj.permute(0, 1, 3, 2, 4, 5).to(world.device), table, world.cond(),
+                                      frames_per_block=3, causal=BlockCausal(3), generator=as_sample_noise(sf_noise))
+        sf_noise.done()
+        loss_sf.backward()
+        report_pair("ODE regression, causal 3-frame blocks, shift-8 steps (as shipped + B8)", "generator", loss_ref,
+                    loss_sf, grad_diff(m.generator.model, net), opts.tol, exit=f"k per block {idx[:, ::3].tolist()}")
+        del m, net
+
+
+def causal_diffusion(ref, opts):
+    """Causal diffusion (diffusion forcing) and teacher forcing: the flow-matching loss of a causal model."""
+    import model.diffusion as mdiff
+
+    from sfplus.modules.diffusion import DiffusionModule
+    from sfplus.nets.causal import BlockCausal
+
+    world = World(ref, opts, i2v=False, causal=True, tag="diff")
+    B, F_ = world.B, world.F
+    shape = [B, F_, world.C, world.H, world.W]
+    g0 = torch.Generator().manual_seed(800)
+    x_clean = torch.randn(*shape, generator=g0)
+    for tf in (False, True):
+        for case in range(opts.cases):
+            m, net = single_generator_model(ref, world, mdiff, mdiff.CausalDiffusion, 5.0, [1000, 750, 500, 250],
+                                            teacher_forcing=tf, noise_augmentation_max_timestep=0)
+            idx = _block_index(B, F_, 1000, seed=810 + case)
+            eps = torch.randn(*shape, generator=g0)
+            tape = Tape([eps], [idx])
+            with replay(tape), cuda_calls_are_noops(world.device):
+                loss_ref, _ = m.generator_loss(shape, {"prompt_embeds": world.ctx.to(world.device)}, None,
+                                               x_clean.to(world.device))
+            tape.done()
+            loss_ref.backward()
+            # sfplus draws sigma_lin = 1 - u per block; the reference's grid index i is sigma_lin = 1 - i / 1000
+            sf_noise = ReplayNoise([], [], [], world.device)
+            sf_noise.rand_q = [v.double() / 1000 for v in _block_values(idx)] + ([torch.zeros(B)] if tf else [])
+            sf_noise.batch = B
+            module = SimpleNamespace(causal=BlockCausal(3), train_shift=5.0, model=net, teacher_forcing=tf,
+                                     noise_augmentation_max_timestep=0, device=world.device)
+            loss_sf = DiffusionModule._causal_loss(module, sf_layout(x_clean).to(world.device),
+                                                   sf_layout(eps).to(world.device), world.cond(),
+                                                   as_sample_noise(sf_noise))
+            sf_noise.done()
+            loss_sf.backward()
+            name = f"causal diffusion{' + teacher forcing' if tf else ''}, 3-frame blocks, shift 5 (as shipped + B8)"
+            report_pair(name, "diffusion", loss_ref, loss_sf, grad_diff(m.generator.model, net), opts.tol,
+                        exit=f"grid index per block {idx[:, ::3].tolist()}")
+            del m, net
+
+
+def import_with_real_diffusers(name: str):
+    """Import a reference module that needs the real diffusers (its schedulers' ConfigMixin), not the bench shim."""
+    import importlib
+
+    shim = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "diffusers" or k.startswith("diffusers.")}
+    sys.path.remove(SHIMS)
+    try:
+        return importlib.import_module(name)
+    finally:
+        for k in [k for k in sys.modules if k == "diffusers" or k.startswith("diffusers.")]:
+            del sys.modules[k]
+        sys.modules.update(shim)
+        sys.path.insert(0, SHIMS)
+
+
+class PromptText(torch.nn.Module):
+    """Text stand-in: the negative prompt's embeddings for the negative prompt, the prompt's otherwise."""
+
+    def __init__(self, ctx, neg, negative_prompt):
+        super().__init__()
+        self.ctx, self.neg, self.negative_prompt = ctx, neg, negative_prompt
+
+    def forward(self, text_prompts):
+        return {"prompt_embeds": self.neg if text_prompts[0] == self.negative_prompt else self.ctx}
+
+
+def infer_teacher(ref, opts):
+    """The reference's only teacher sampler, BidirectionalDiffusionInferencePipeline (Wan's UniPC, 50 steps, shift
+    8, Wan-style CFG), vs sfplus's unipc_sample."""
+    from sfplus.sampling.unipc import unipc_sample
+
+    bdi = import_with_real_diffusers("pipeline.bidirectional_diffusion_inference")
+    patch("teacher-sampler row: `pipeline.bidirectional_diffusion_inference` (and the Wan UniPC solver it imports) is "
+          "imported with the installed diffusers instead of the bench shim (the solver needs diffusers' ConfigMixin)")
+    world = World(ref, opts, i2v=False, causal=False, tag="teacher")
+    dmd, nets = world.build_dmd(5.0)
+    args = SimpleNamespace(num_train_timestep=1000, guidance_scale=5.0, negative_prompt="a negative prompt")
+    vae = LatentCatcher()
+    pipe = bdi.BidirectionalDiffusionInferencePipeline(
+        args, world.device, generator=dmd.real_score,
+        text_encoder=PromptText(world.ctx.to(world.device), world.neg.to(world.device), args.negative_prompt), vae=vae)
+    g = torch.Generator().manual_seed(900)
+    noise = torch.randn(world.B, world.F, world.C, world.H, world.W, generator=g)
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with torch.no_grad():
+            pipe.inference(noise.to(world.device), ["a prompt"] * world.B)
+    finally:
+        if quiet is None:
+            os.environ.pop("TQDM_DISABLE")
+    with torch.no_grad():
+        out = unipc_sample(nets["real"], sf_layout(noise).to(world.device), world.cond(), world.cond(neg=True),
+                           num_steps=50, shift=8.0, guidance_scale=5.0)
+    report("teacher sampler: BidirectionalDiffusionInferencePipeline (UniPC, 50 steps, shift 8, CFG 5) vs sfplus "
+           "unipc_sample", "latents out (100 DiT calls each)", rel(vae.latents.permute(0, 2, 1, 3, 4), out), opts.tol)
+
+
+GAN_BLOCKS = (13, 21, 29)  # hard-coded in the reference's WanModel classify mode
+
+
+def gan(ref, opts, r_sigma: float):
+    """DMD2's GAN term: the generator's adversarial loss and the discriminator loss with finite-difference R1 / R2
+    (the reference's GAN model, non-relativistic, num_class 1), with a 30-block critic so that the reference's
+    hard-coded blocks (13, 21, 29) exist. R1 uses ``r_sigma``, R2 ``2 r_sigma``: a finite difference divided by
+    sigma amplifies fp32 rounding of the logits by ~1/sigma, so the judged rows use 0.5 and the shipped 0.01 is
+    reported."""
+    import model.gan as mgan
+    import wan.modules.model as wmodel
+
+    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
+    from sfplus.modules.distill_parts import BidirectionalRollout, ExitSteps
+    from sfplus.nets.discriminator import DiscriminatorHead
+    from sfplus.objectives.gan import gan_critic_loss, gan_generator_term
+
+    wrapper_cls = ref.ww.WanDiffusionWrapper
+    if not getattr(wrapper_cls, "_refcheck_gan", False):
+        def adding_cls_branch(self, atten_dim=1536, num_class=4, time_embed_dim=0):
+            d, heads = self.model.dim, self.model.num_heads
+            self._cls_pred_branch = torch.nn.Sequential(torch.nn.LayerNorm(3 * d + (d if time_embed_dim else 0)),
+                                                        torch.nn.Linear(3 * d + (d if time_embed_dim else 0), d),
+                                                        torch.nn.SiLU(), torch.nn.Linear(d, num_class))
+            self._register_tokens = wmodel.RegisterTokens(num_registers=3, dim=d)
+            self._gan_ca_blocks = torch.nn.ModuleList(
+                wmodel.GanAttentionBlock(dim=d, ffn_dim=4 * d, num_heads=heads) for _ in range(3))
+
+        wrapper_cls.adding_cls_branch = adding_cls_branch
+        wrapper_cls._refcheck_gan = True
+    patch("B9 (GAN rows): `WanDiffusionWrapper.adding_cls_branch` replaced by a re-implementation that builds the "
+          "same modules (LayerNorm -> Linear -> SiLU -> Linear, 3 `RegisterTokens`, 3 `GanAttentionBlock`s: the "
+          "reference's own classes) at the critic's width and head count instead of the hard-coded 1536 / 12 heads "
+          "/ FFN 8192 (FFN 4 x width, as sfplus's head); its last Linear takes the width it is given (shipped: "
+          "1536 after a Linear to `self.dim`, which breaks every width but 1536)")
+    patch("B9 (GAN rows): `GAN.num_training_frames` (read by `_run_generator`, never set by `GAN.__init__`) = 21; for "
+          "`critic_loss` `_run_generator` returns a 5th value (None) since the critic unpacks 5 (it returns 4); the "
+          "generator loss gets a copy of the conditioning (it doubles `prompt_embeds` in place); R1 and R2 weights "
+          "are > 0 (with `r2_weight = 0` the shipped code reads `r2_loss` before assignment)")
+    o = SimpleNamespace(**vars(opts))
+    world = World(ref, o, i2v=False, causal=False, tag="gan", layers=max(30, SIZES[opts.size]["num_layers"]))
+    B, F_ = world.B, world.F
+    shape = [B, F_, world.C, world.H, world.W]
+    steps = warp_timesteps([1000, 750, 500, 250], 5.0)
+    g0 = torch.Generator().manual_seed(1000)
+    x_real = torch.randn(*shape, generator=g0)
+    extra = dict(num_class=1, relativistic_discriminator=False, gan_g_weight=1e-2, gan_d_weight=1e-2,
+                 r1_weight=0.5, r2_weight=0.25, r1_sigma=r_sigma, r2_sigma=2 * r_sigma)
+
+    def after_init(model):
+        model.num_training_frames = 21
+
+    for exit_index, t_raw in cases(opts):
+        t_raw = torch.tensor(t_raw[:B]).view(B, 1)
+        for kind in ("generator", "critic"):
+            model, nets = world.build_dmd(5.0, cls=mgan.GAN, after_init=after_init, **extra)
+            align_score_grids(model)
+            fs = model.fake_score
+            with torch.no_grad():  # perturb the head (no unit norms, no zero heads), as the nets' weights
+                gp = torch.Generator().manual_seed(1001)
+                for _name, p in [*fs._cls_pred_branch.named_parameters(), *fs._gan_ca_blocks.named_parameters(),
+                                ("register_tokens", fs._register_tokens.register_tokens)]:
+                    p.add_(0.05 * torch.randn(p.shape, generator=gp).to(p.device) *
+                           (p.std() if p.numel() > 1 and p.std() > 0 else 1.0))
+            pairs = {"register_tokens": fs._register_tokens.register_tokens}
+            for i, blk in enumerate(fs._gan_ca_blocks):
+                for k, p in blk.named_parameters():
+                    pairs[f"gan_blocks.{i}.{k.replace('cross_attn.', '')}"] = p
+            for k, p in fs._cls_pred_branch.named_parameters():
+                pairs[f"cls_pred_branch.{k}"] = p
+            d = world.cfg.dim
+            head = DiscriminatorHead(d, world.cfg.num_heads, 3, ffn_dim=4 * d)
+            missing, unexpected = head.load_state_dict({k: v.detach().cpu() for k, v in pairs.items()}, strict=False)
+            assert not unexpected and all(".norm2." in k for k in missing), (missing, unexpected)
+            head = head.to(world.device)
+            normals = world.normals(exit_index + 2 + (1 if kind == "generator" else 2), seed=1010 + exit_index)
+            sf_normals = normals[:-1] if kind == "generator" else normals  # the reference's fresh real noise
+            tape = Tape(normals, [torch.tensor([F_ // 3]), torch.tensor([exit_index]), t_raw])
+            sf_noise = ReplayNoise(sf_normals, [t_raw], [exit_index], world.device)
+            sf_noise.batch = B
+            g = as_sample_noise(sf_noise)
+            rollout = BidirectionalRollout(steps, ExitSteps(4), [world.C, F_, world.H, world.W])
+            ref_cond = {"prompt_embeds": world.ctx.to(world.device)}
+            cond = world.cond()
+            real = sf_layout(x_real).to(world.device)
+            with replay(tape), cuda_calls_are_noops(world.device):
+                if kind == "generator":
+                    loss_ref = model.generator_loss(shape, dict(ref_cond), None, x_real.to(world.device))
+                    parts_ref = {}
+                else:
+                    shipped = model._run_generator
+                    model._run_generator = lambda *a, _f=shipped, **k: (*_f(*a, **k), None)
+                    (ld, r1, r2), _ = model.critic_loss(shape, ref_cond, None, None, x_real.to(world.device))
+                    loss_ref = ld + 0.5 * (r1 + r2)
+                    parts_ref = {"loss_d": ld, "r1": r1 / extra["r1_weight"], "r2": r2 / extra["r2_weight"]}
+            tape.done()
+            loss_ref.backward()
+            if kind == "generator":
+                ro = rollout(nets["gen"], cond, g, sf_noise, kind="gen", grad=True)
+                t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+                loss_sf, logs = gan_generator_term(nets["fake"], head, ro.x0, t, g.randn_like(ro.x0), cond,
+                                                   GAN_BLOCKS, x_real=real, gan_g_weight=extra["gan_g_weight"])
+            else:
+                with torch.no_grad():
+                    ro = rollout(nets["gen"], cond, g, sf_noise, kind="critic", grad=False)
+                t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
+                loss_sf, logs = gan_critic_loss(nets["fake"], head, real, ro.x0.detach(), t, g.randn_like(ro.x0),
+                                                cond, GAN_BLOCKS, gan_d_weight=extra["gan_d_weight"],
+                                                r1_weight=extra["r1_weight"], r2_weight=extra["r2_weight"],
+                                                r1_sigma=extra["r1_sigma"], r2_sigma=extra["r2_sigma"], generator=g)
+            sf_noise.done()
+            loss_sf.backward()
+            name = (f"DMD2 GAN term, bidirectional T2V, 30-block critic, blocks (13, 21, 29), R1/R2 sigma {r_sigma:g}/"
+                    f"{2 * r_sigma:g} (aligned + B9)")
+            tol = opts.tol if r_sigma >= 0.1 else float("inf")
+            # R1 / R2 divide a difference of fp32 logits by sigma (and square it): rounding is amplified, so the
+            # penalty parts and the critic-side gradients (dominated by them) are judged at 10x the tolerance
+            tol_fd = 10 * tol
+            what = "generator adversarial term" if kind == "generator" else "discriminator loss L_D + (R1 + R2)/2"
+            report(name, what, abs(float(loss_ref) - float(loss_sf)) / abs(float(loss_ref)), tol,
+                   exit=exit_index, t_raw=t_raw.flatten().tolist(), ref=float(loss_ref), sfplus=float(loss_sf))
+            for k, v in parts_ref.items():
+                report(name, f"  {k}", abs(float(v) - float(logs[k])) / abs(float(v)), tol if k == "loss_d" else tol_fd,
+                       exit=exit_index)
+            if kind == "generator":
+                gd = grad_diff(model.generator.model, nets["gen"])
+                report(name, f"generator gradients ({gd['grad_params']} tensors, worst {gd['grad_worst_param']} "
+                       f"{gd['grad_worst']:.1e})", gd["grad_rel"], tol, exit=exit_index)
+            else:
+                gd = grad_diff(model.fake_score.model, nets["fake"])
+                report(name, f"critic trunk gradients ({gd['grad_params']} tensors, worst {gd['grad_worst_param']} "
+                       f"{gd['grad_worst']:.1e})", gd["grad_rel"], tol_fd, exit=exit_index)
+                sf_p = dict(head.named_parameters())
+                num = den = 0.0
+                worst, worst_name = 0.0, ""
+                for k, p in pairs.items():
+                    a, b = p.grad.double().cpu(), sf_p[k].grad.double().cpu()
+                    num, den = num + (a - b).pow(2).sum().item(), den + a.pow(2).sum().item()
+                    if rel(a, b) > worst:
+                        worst, worst_name = rel(a, b), k
+                report(name, f"discriminator head gradients ({len(pairs)} tensors, worst {worst_name} {worst:.1e})",
+                       math.sqrt(num / den), tol_fd, exit=exit_index)
+            del model, nets, head
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -842,6 +1371,12 @@ def main(argv=None):
         "causal": lambda: causal_dmd(ref, opts),
         "infer_bidir": lambda: infer_bidirectional(ref, opts),
         "infer_causal": lambda: infer_causal(ref, opts),
+        "sid": lambda: sid(ref, opts),
+        "causvid": lambda: causvid(ref, opts),
+        "ode": lambda: ode_regression(ref, opts),
+        "diffusion": lambda: causal_diffusion(ref, opts),
+        "gan": lambda: (gan(ref, opts, 0.5), gan(ref, opts, 0.01)),
+        "infer_teacher": lambda: infer_teacher(ref, opts),
     }
     rows = opts.rows or list(table)
     t0 = time.time()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sfplus.conditioning.conditioner import Cond, Conditioner
-from sfplus.flow import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma, x0_to_flow
+from sfplus.flow import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma, training_weight, x0_to_flow
 from sfplus.modules.base import SingleNetModule, default_toy_conditioner
 from sfplus.modules.groups import Optimizer, Scale, as_group
 from sfplus.nets.causal import BlockCausal
@@ -145,16 +145,19 @@ class DiffusionModule(SingleNetModule):
                                      shift=self.train_shift, generator=noise, device=self.device)
         x_t = add_noise(latents, eps, t)
         target = eps.float() - latents.float()
+        # Per-frame squared error weighted by the reference's bell curve at the training shift, then the mean over
+        # (sample, frame): docs/algorithms.md, 'Causal diffusion (teacher forcing)', step 4.
+        w = training_weight(t.float(), self.train_shift)
         if not self.teacher_forcing:
             v = self.model(x_t, t, **cond, causal=self.causal).float()
-            return ((v - target) ** 2).mean()
+            return (((v - target) ** 2).mean(dim=(1, 3, 4)) * w).mean()
         # Noise augmentation of the clean context re-uses eps (as the reference does; docs/algorithms.md, 'Causal
         # diffusion (teacher forcing)').
         aug = noise.rand() * self.noise_augmentation_max_timestep
         t_aug = aug.view(b, 1).expand(b, frames).float().to(self.device)
         context = add_noise(latents, eps, t_aug) if self.noise_augmentation_max_timestep > 0 else latents
         x0 = teacher_forced_x0(self.model, context, x_t, t, cond, self.causal, context_t=t_aug)
-        return ((x0_to_flow(x_t, x0, t) - target) ** 2).mean()
+        return (((x0_to_flow(x_t, x0, t) - target) ** 2).mean(dim=(1, 3, 4)) * w).mean()
 
     def sample(
         self, cond: Cond, uncond: Cond | None, noise: torch.Tensor, generator: SampleNoise | torch.Generator

@@ -82,7 +82,8 @@ class DiscriminatorHead(nn.Module):
         time_token: append ``time_token_scale * e`` (the critic's time embedding) as one more token
             (reference ``concat_time_embeddings``; scale 10).
         num_classes: logits per sample (1 for the binary GAN).
-        eps: epsilon of all norms.
+        eps: epsilon of the GAN blocks' and register tokens' norms (the classifier's LayerNorm uses 1e-5, as the
+            reference's).
     Register tokens start as N(0, 0.02²) and are RMS-normalised before use.
     """
 
@@ -113,7 +114,9 @@ class DiscriminatorHead(nn.Module):
         self.register_tokens = nn.Parameter(torch.randn(num_blocks * tokens_per_block, dim) * 0.02)
         self.gan_blocks = nn.ModuleList(GanAttentionBlock(dim, num_heads, ffn_dim, eps) for _ in range(num_blocks))
         n_tok = num_blocks * tokens_per_block + int(time_token)
-        self.cls_pred_branch = nn.Sequential(nn.LayerNorm(n_tok * dim, eps=eps), nn.Linear(n_tok * dim, dim),
+        # The classifier's LayerNorm keeps torch's default eps 1e-5, as the reference's (found by
+        # tools/reference_check.py: eps 1e-6 moved the GAN generator gradients by 5e-6).
+        self.cls_pred_branch = nn.Sequential(nn.LayerNorm(n_tok * dim), nn.Linear(n_tok * dim, dim),
                                              nn.SiLU(), nn.Linear(dim, num_classes))
 
     def reset_parameters(self) -> None:

@@ -100,3 +100,11 @@ def test_bf16_head_on_fp32_hidden():
     head = DiscriminatorHead(32, 2, 1).to(torch.bfloat16)
     out = head([torch.randn(2, 8, 32)])
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_classifier_layernorm_eps_is_the_references():
+    """The reference's `_cls_pred_branch` LayerNorm keeps torch's default eps (1e-5); reference_check found sfplus's
+    1e-6 as a 5e-6 relative gradient difference of the GAN generator term."""
+    head = DiscriminatorHead(16, 2, 3)
+    assert head.cls_pred_branch[0].eps == 1e-5
+    assert head.gan_blocks[0].norm3.eps == 1e-6  # the GAN blocks' WanLayerNorms keep Wan's 1e-6
