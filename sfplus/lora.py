@@ -30,7 +30,7 @@ from torch import nn
 
 from sfplus.modules.groups import LoRA
 
-__all__ = ["ADAPTERS", "AdapterSwitch", "LoRANet", "attach_adapters", "fresh_adapter", "load_base_weights",
+__all__ = ["ADAPTERS", "AdapterSwitch", "BaseNet", "LoRANet", "attach_adapters", "fresh_adapter", "load_base_weights",
            "require_peft", "set_adapter_state", "wan_key"]
 
 #: The adapters of a LoRA distillation: the trained generator and critic, and the generator's EMA.
@@ -166,6 +166,29 @@ class LoRANet(nn.Module):
         return self.base(*args, **kwargs)
 
 
+class BaseNet(nn.Module):
+    """The teacher: the shared base with adapters off. It owns the base (registered as ``net``, so moving, sharding
+    and checkpoint filtering of the recipe's teacher slot apply to it); calling it selects no adapter first — the
+    base itself may have been left running another adapter by the last generator or critic call."""
+
+    def __init__(self, base: nn.Module, switch: AdapterSwitch) -> None:
+        super().__init__()
+        self.net = base
+        self.__dict__["switch"] = switch
+
+    @property
+    def config(self):
+        return self.net.config
+
+    @property
+    def blocks(self):
+        return self.net.blocks
+
+    def forward(self, *args, **kwargs):
+        self.switch.select(None)
+        return self.net(*args, **kwargs)
+
+
 def _shapes_view(shapes: dict[str, tuple[int, ...]]):
     """An object whose ``state_dict()`` has meta tensors of ``shapes`` (what ``check_state_dict`` compares with)."""
 
@@ -254,3 +277,57 @@ def set_adapter_state(net: LoRANet, sd: dict[str, torch.Tensor], source: str = "
         for k, v in sd.items():
             own[k].copy_(v)
 
+
+
+def check_lora_recipe(config: LoRA, *, teacher_net, generator_checkpoint, critic_checkpoint, fp8: bool) -> None:
+    """Refuse, in one line each, recipe settings that a single shared base cannot honour; and check peft is there."""
+    require_peft()
+    if teacher_net is not None:
+        raise ValueError("lora: the teacher IS the base the adapters sit on; teacher_net (another preset) cannot be "
+                         "used with lora")
+    for name, value in (("generator_checkpoint", generator_checkpoint), ("critic_checkpoint", critic_checkpoint)):
+        if value is not None:
+            raise ValueError(f"lora: {name} does not apply (generator and critic are the base + an adapter); start "
+                             "the generator's adapter from a LoRA file with lora.generator_init")
+    if fp8:
+        raise ValueError("lora: scale.fp8 swaps the block linears the adapters wrap; predict from merged weights "
+                         "(sfplus export --base ...) for FP8")
+
+
+def build_lora_nets(base: nn.Module, config: LoRA,
+                    frozen_dtype: str | None) -> tuple[BaseNet, LoRANet, LoRANet, LoRANet]:
+    """Attach the :data:`ADAPTERS` to ``base`` and return (teacher, generator, critic, generator_ema) nets; the
+    generator's and critic's adapters require grad, the EMA's does not; base weights are stored in
+    ``frozen_dtype``."""
+    switch = attach_adapters(base, config)
+    generator, critic, ema = (LoRANet(base, switch, name) for name in ADAPTERS)
+    generator.requires_grad_(True)
+    critic.requires_grad_(True)
+    ema.eval()
+    if frozen_dtype:
+        from sfplus.parallel import DTYPES
+
+        adapter = {id(p) for net in (generator, critic, ema) for p in net.parameters()}
+        for module in base.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and id(p) not in adapter:
+                    module._parameters[name] = nn.Parameter(p.data.to(DTYPES[frozen_dtype]), requires_grad=False)
+    return BaseNet(base, switch), generator, critic, ema
+
+
+def load_initial_adapters(generator: LoRANet, critic: LoRANet, ema: LoRANet, config: LoRA,
+                          base_weights: str | None, seed: int) -> None:
+    """Base from ``base_weights`` (the teacher's file); seeded fresh generator and critic adapters (the generator's
+    from ``config.generator_init`` when set); the EMA a copy of the generator's. The same on any world size."""
+    from sfplus.noise import stable_seed
+
+    if base_weights:
+        load_base_weights(generator.base, base_weights)
+    gen = fresh_adapter(generator, stable_seed(seed, "lora", "generator") % (2**63))
+    if config.generator_init:
+        from sfplus.weights.lora_files import lora_to_adapter, read_lora_file
+
+        gen = lora_to_adapter(read_lora_file(config.generator_init), gen, generator.scale, config.generator_init)
+    set_adapter_state(generator, gen)
+    set_adapter_state(critic, fresh_adapter(critic, stable_seed(seed, "lora", "critic") % (2**63)))
+    set_adapter_state(ema, gen)
