@@ -22,13 +22,21 @@ Each adapted ``nn.Linear`` ``W`` becomes peft's ``lora.Linear``: ``W x + s · B 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sfplus.modules.groups import LoRA
+from sfplus.noise import stable_seed
+from sfplus.parallel import DTYPES, is_sharded
+from sfplus.weights.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
+from sfplus.weights.lora_files import lora_to_adapter, read_lora_file
+from sfplus.weights.sharded_checkpoint import is_sharded_checkpoint
+from sfplus.weights.wan_folders import folder_shapes, iter_folder_shards, locate_weights
 
 __all__ = ["ADAPTERS", "AdapterSwitch", "BaseNet", "LoRANet", "attach_adapters", "fresh_adapter", "load_base_weights",
            "require_peft", "set_adapter_state", "wan_key"]
@@ -72,8 +80,6 @@ def attach_adapters(base: nn.Module, config: LoRA, adapters: tuple[str, ...] = A
     lora_config = peft.LoraConfig(r=config.rank, lora_alpha=config.rank if config.alpha is None else config.alpha,
                                   lora_dropout=config.dropout, target_modules=_target_regex(config.targets),
                                   bias="none")
-    import warnings
-
     with warnings.catch_warnings():  # several adapters on one model is the point here, not a mistake
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         for name in adapters:
@@ -203,8 +209,6 @@ def _assign(net: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """Copy full tensors into ``net``'s (possibly FSDP2-sharded) parameters, non-strictly."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from sfplus.parallel import is_sharded
-
     if is_sharded(net):
         set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True, strict=False))
         return
@@ -217,10 +221,6 @@ def _assign(net: nn.Module, sd: dict[str, torch.Tensor]) -> None:
 def load_base_weights(base: nn.Module, source: str | os.PathLike | dict[str, torch.Tensor]) -> None:
     """Load Wan-keyed DiT weights (any source :func:`sfplus.parallel.load_weights` reads) into the peft-wrapped
     ``base``: keys and shapes are checked against the base without its adapters; Wan folders stream file by file."""
-    from sfplus.weights.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
-    from sfplus.weights.sharded_checkpoint import is_sharded_checkpoint
-    from sfplus.weights.wan_folders import folder_shapes, iter_folder_shards, locate_weights
-
     own = {wan_key(k): k for k in base.state_dict() if not is_adapter_key(k)}
     shapes = {w: tuple(base.state_dict()[k].shape) for w, k in own.items()}
     name = "state dict" if isinstance(source, dict) else str(source)
@@ -243,8 +243,6 @@ def load_base_weights(base: nn.Module, source: str | os.PathLike | dict[str, tor
 def fresh_adapter(net: LoRANet, seed: int) -> dict[str, torch.Tensor]:
     """A fresh adapter state dict for ``net``, a function of ``seed`` alone (not of world size or device): ``A`` as
     peft initialises it (Kaiming-uniform, ``a = sqrt(5)``), ``B`` zero — so the adapted net starts as the base."""
-    import math
-
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, p in net.state_dict().items():
@@ -259,9 +257,6 @@ def fresh_adapter(net: LoRANet, seed: int) -> dict[str, torch.Tensor]:
 
 def set_adapter_state(net: LoRANet, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Load an adapter state dict (keys as ``net.state_dict()``) into ``net``, checked strictly, sharded or not."""
-    from sfplus.parallel import is_sharded
-    from sfplus.weights.checkpoints import check_state_dict
-
     check_state_dict(net, sd, source)
     if is_sharded(net):
         # The adapter's tensors live in the base's FSDP units: load them through the base, under its own keys
@@ -305,8 +300,6 @@ def build_lora_nets(base: nn.Module, config: LoRA,
     critic.requires_grad_(True)
     ema.eval()
     if frozen_dtype:
-        from sfplus.parallel import DTYPES
-
         adapter = {id(p) for net in (generator, critic, ema) for p in net.parameters()}
         for module in base.modules():
             for name, p in list(module._parameters.items()):
@@ -319,14 +312,10 @@ def load_initial_adapters(generator: LoRANet, critic: LoRANet, ema: LoRANet, con
                           base_weights: str | None, seed: int) -> None:
     """Base from ``base_weights`` (the teacher's file); seeded fresh generator and critic adapters (the generator's
     from ``config.generator_init`` when set); the EMA a copy of the generator's. The same on any world size."""
-    from sfplus.noise import stable_seed
-
     if base_weights:
         load_base_weights(generator.base, base_weights)
     gen = fresh_adapter(generator, stable_seed(seed, "lora", "generator") % (2**63))
     if config.generator_init:
-        from sfplus.weights.lora_files import lora_to_adapter, read_lora_file
-
         gen = lora_to_adapter(read_lora_file(config.generator_init), gen, generator.scale, config.generator_init)
     set_adapter_state(generator, gen)
     set_adapter_state(critic, fresh_adapter(critic, stable_seed(seed, "lora", "critic") % (2**63)))

@@ -30,6 +30,7 @@ from sfplus.toy.metrics import toy_metrics
 from sfplus.toy.videos import ToyVideoSpec, make_toy_batch, toy_prompts
 from sfplus.video_io import write_json_atomic
 from sfplus.weights.checkpoints import CheckpointError, read_dit_state_dict
+from sfplus.weights.lora_files import adapter_to_lora, merge_lora
 
 METRIC_KEYS = ("prompt_accuracy", "colour_accuracy", "direction_accuracy", "sharpness", "frechet_distance")
 
@@ -64,8 +65,6 @@ def _net(path: str, which: str, info: dict) -> torch.nn.Module:
     sd = read_dit_state_dict(path, which=which)
     lora = info.get("lora")
     if lora:  # a LoRA distillation's checkpoint holds adapters: score them merged into the base they trained on
-        from sfplus.weights.lora_files import adapter_to_lora, merge_lora
-
         sd = merge_lora(read_dit_state_dict(lora["base"]), adapter_to_lora(sd, lora["scale"]), f"LoRA of {path}")
     net.load_state_dict(sd, strict=True)
     return net.eval()

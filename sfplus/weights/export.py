@@ -38,6 +38,7 @@ from sfplus.nets.presets import get_config
 from sfplus.nets.wan import WanConfig, WanDiT
 from sfplus.weights.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
 from sfplus.weights.diffusers_keys import wan_to_diffusers
+from sfplus.weights.lora_files import adapter_to_lora, merge_lora, write_lora_file
 from sfplus.weights.sharded_checkpoint import LIGHTNING_META, is_sharded_checkpoint
 from sfplus.weights.state_dicts import MODULE_PREFIXES
 from sfplus.weights.wan_folders import detect_preset
@@ -275,8 +276,6 @@ def _lora_info(info: dict | None, source: str) -> dict:
 def _export_lora(sd: dict, info: dict | None, out: Path, layout: str, dtype: str, overwrite: bool,
                  source: str) -> Path:
     """The generator's adapter as one LoRA file (sfplus.weights.lora_files)."""
-    from sfplus.weights.lora_files import adapter_to_lora, write_lora_file
-
     if out.suffix != ".safetensors":
         raise ExportError(f"a LoRA is one file: out must end in .safetensors, got {out}")
     lora = adapter_to_lora(sd, _lora_info(info, source)["scale"])
@@ -294,8 +293,6 @@ def _export_lora(sd: dict, info: dict | None, out: Path, layout: str, dtype: str
 
 def _merged(sd: dict, info: dict | None, base: str | None, source: str) -> dict:
     """Full Wan weights: the base (``base`` or the checkpoint's teacher file) + the adapter."""
-    from sfplus.weights.lora_files import adapter_to_lora, merge_lora
-
     lora_info = _lora_info(info, source)
     base = base or lora_info.get("base")
     if not base:
