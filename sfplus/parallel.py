@@ -33,12 +33,18 @@ from sfplus.weights.wan_folders import folder_shapes, iter_folder_shards, locate
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def apply_activation_checkpointing(net: nn.Module) -> nn.Module:
-    """Wrap every block of ``net.blocks`` in a non-reentrant checkpoint (state-dict keys are unchanged)."""
+def apply_activation_checkpointing(net: nn.Module, context_fn=None) -> nn.Module:
+    """Wrap every block of ``net.blocks`` in a non-reentrant checkpoint (state-dict keys are unchanged).
 
+    ``context_fn``: torch.utils.checkpoint's — (forward context, recompute context), taken at each forward; a net
+    whose behaviour depends on state outside its inputs (the LoRA base's active adapter, sfplus.lora) restores that
+    state for the recompute with it.
+    """
+
+    kwargs = {} if context_fn is None else {"context_fn": context_fn}
     for i, block in enumerate(net.blocks):
         if not hasattr(block, "_checkpoint_wrapped_module"):
-            net.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            net.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **kwargs)
     return net
 
 
@@ -97,7 +103,7 @@ def settle_mixed_precision(net: nn.Module) -> None:
 def parallelize(
     trainable: list[nn.Module], frozen: list[nn.Module], ema: list[nn.Module], mesh, *,
     activation_checkpointing: bool = False, compile: bool = False, param_dtype: str = "bf16",
-    frozen_dtype: str | None = None, sequence_parallel=None,
+    frozen_dtype: str | None = None, sequence_parallel=None, checkpoint_context=None,
 ) -> None:
     """Lay a recipe's nets out for training: frozen nets (the teacher) and EMA copies are frozen and put in eval
     mode, the teacher stored in ``frozen_dtype``; then compile, activation checkpointing (trained DiTs only) and
@@ -105,6 +111,7 @@ def parallelize(
     DiT splits its tokens (Ulysses, sfplus.nets.sequence_parallel); ``mesh`` then spans all dp·sp ranks, and FSDP2's
     gradient mean over them is the data-parallel mean (see that module's docstring).
 
+    ``checkpoint_context``: the ``context_fn`` of the checkpoint wrappers (:func:`apply_activation_checkpointing`).
     Compiling comes before the checkpoint wrappers: a compiled block inside a checkpoint recomputes correctly,
     while compiling the wrapper (the checkpoint traced by dynamo) fails in backward under autocast.
     """
@@ -124,7 +131,7 @@ def parallelize(
     if activation_checkpointing:
         for net in trainable:
             if hasattr(net, "blocks"):  # the DiTs; a small head (the GAN discriminator) has nothing to recompute
-                apply_activation_checkpointing(net)
+                apply_activation_checkpointing(net, checkpoint_context)
     if mesh is None or mesh.size() == 1:
         # Nothing to shard on one device: the trainer's precision (bf16-mixed autocast, set in every shipped
         # config) gives the same bf16 compute with fp32 masters, without FSDP's copies.

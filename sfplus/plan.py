@@ -58,6 +58,12 @@ N/k; the text keys/values are replicated. The all-to-all buffers of one self-att
 working set (bf16 q, k, v packed to send and received, 2·6d, and the output traded back, 2d). Weights, gradients,
 optimizer states, EMA and teacher stay sharded over all ``gpus`` (FSDP2 over the data × sequence mesh).
 
+LoRA (``lora_rank``, :mod:`sfplus.lora`): ONE frozen base (``P·t/S``) serves as teacher, generator and critic; the
+trained states are two adapters of ``r·(18d + 2f)`` parameters per block (q/k/v/o of both attentions d→d, FFN d→f→d)
+with fp32 weights, gradients and AdamW states, plus the generator adapter's fp32 EMA. Activations are those of a
+full net plus, per token per adapted block, the bf16 input copies each adapter's ``A`` keeps for its backward
+(``16d + 2f``, :data:`LORA_GRAD_D` / :data:`LORA_GRAD_F`); the FSDP working set is the base's, without gradients.
+
 Not counted: the latents, noise and text features (MBs), the VAE decode of sample videos (run it outside the
 training step).
 """
@@ -90,6 +96,7 @@ CONTEXT_GRAD_D, CONTEXT_NOGRAD_D = 12, 4
 NOGRAD_D, NOGRAD_F = 24, 4
 ULYSSES_D = 14
 IMAGE_TOKENS = 257
+LORA_GRAD_D, LORA_GRAD_F = 16, 2
 
 
 class PlanError(ValueError):
@@ -163,7 +170,8 @@ class MemoryPlan:
         k = s.get("sequence_parallel", 1)
         batch = (f"batch {s['batch_size']} per sequence-parallel group of {k} GPUs (each GPU 1/{k} of the tokens)"
                  if k > 1 else f"batch {s['batch_size']}/GPU")
-        head = (f"per-GPU memory: generator {s['generator']}, critic {s['critic']}, teacher {s['teacher']}; "
+        lora = f" (LoRA rank {s['lora_rank']} on one shared base)" if s.get("lora_rank") else ""
+        head = (f"per-GPU memory: generator {s['generator']}, critic {s['critic']}, teacher {s['teacher']}{lora}; "
                 f"{s['gpus']} GPU(s), {batch}, latents {s['latent_shape']}, activation "
                 f"checkpointing {'on' if s['activation_checkpointing'] else 'off'}, encoders "
                 f"{'offloaded' if s['offload_encoders'] else 'on GPU'}")
@@ -192,13 +200,19 @@ def _estimate(
     latent_shape: list[int], activation_checkpointing: bool, offload_encoders: bool, ema: bool,
     master_dtype: str, teacher_dtype: str, overhead_gib: float, causal_frames_per_block: int | None = None,
     local_window_frames: int | None = None, sink_frames: int = 0, sequence_parallel: int = 1,
+    lora_rank: int | None = None,
 ) -> list[tuple[str, float, str]]:
-    sp = sequence_parallel
     m = _bytes_of(master_dtype, "master_dtype")
     t = _bytes_of(teacher_dtype, "teacher_dtype")
     trainable = [n for n in (gen, critic) if n is not None]
     p_train = sum(n.params for n in trainable)
     s = gpus
+    if lora_rank:
+        return _lora_rows(gen, lora_rank, t, s, ema) + _shared_rows(
+            gen, critic, teacher, trainable, s=s, batch_size=batch_size, latent_shape=latent_shape,
+            activation_checkpointing=activation_checkpointing, offload_encoders=offload_encoders,
+            overhead_gib=overhead_gib, causal_frames_per_block=causal_frames_per_block,
+            local_window_frames=local_window_frames, sink_frames=sink_frames, sp=sequence_parallel, lora=True)
     rows: list[tuple[str, float, str]] = [
         ("weights (trainable)", p_train * m / s, f"{p_train / 1e9:.3f} B params x {m} B / {s}"),
         ("gradients", p_train * m / s, f"{p_train / 1e9:.3f} B x {m} B / {s}"),
@@ -213,7 +227,41 @@ def _estimate(
         fsdp = max(2 * (n.root_params + 2 * n.block_params) + (6 * n.block_params if train else 0)
                    for n, train in nets)
         rows.append(("FSDP gathered blocks", fsdp, "2 B x (root + 2 blocks) + 6 B x 1 block (grads)"))
+    return rows + _shared_rows(
+        gen, critic, teacher, trainable, s=s, batch_size=batch_size, latent_shape=latent_shape,
+        activation_checkpointing=activation_checkpointing, offload_encoders=offload_encoders,
+        overhead_gib=overhead_gib, causal_frames_per_block=causal_frames_per_block,
+        local_window_frames=local_window_frames, sink_frames=sink_frames, sp=sequence_parallel)
 
+
+def lora_params(net: NetSize, rank: int) -> int:
+    """Parameters of one adapter on every block's attention q/k/v/o (both) and FFN linears."""
+    return net.layers * rank * (18 * net.dim + 2 * net.ffn_dim)
+
+
+def _lora_rows(gen: NetSize, rank: int, t: int, s: int, ema: bool) -> list[tuple[str, float, str]]:
+    p = lora_params(gen, rank)
+    rows = [
+        ("adapters (gen + critic)", 2 * p * 4 / s, f"2 x {p / 1e6:.1f} M params x 4 B / {s}"),
+        ("adapter gradients", 2 * p * 4 / s, f"2 x {p / 1e6:.1f} M x 4 B / {s}"),
+        ("adapter AdamW states", 2 * 2 * p * 4 / s, f"2 x 2 x {p / 1e6:.1f} M x 4 B / {s}"),
+    ]
+    if ema:
+        rows.append(("EMA (generator adapter)", p * 4 / s, f"{p / 1e6:.1f} M x 4 B / {s}"))
+    rows.append(("base (frozen, shared)", gen.params * t / s, f"{gen.params / 1e9:.3f} B x {t} B / {s}: teacher, "
+                 "generator and critic"))
+    if s > 1:
+        rows.append(("FSDP gathered blocks", 2 * (gen.root_params + 2 * gen.block_params),
+                     "2 B x (root + 2 blocks) of the base"))
+    return rows
+
+
+def _shared_rows(gen, critic, teacher, trainable, *, s, batch_size, latent_shape, activation_checkpointing,
+                 offload_encoders, overhead_gib, causal_frames_per_block, local_window_frames, sink_frames,
+                 sp: int = 1, lora: bool = False) -> list[tuple[str, float, str]]:
+    """Activations, KV cache, encoders and overhead: the same with full nets and with LoRA (``sp``: sequence-parallel
+    group size; ``s``: GPUs)."""
+    rows: list[tuple[str, float, str]] = []
     # ---- activations ----
     c, f_lat, h, w = latent_shape
     acts = []
@@ -222,11 +270,13 @@ def _estimate(
         if f_lat % pt or h % ph or w % pw:
             raise PlanError(f"latent_shape {latent_shape}: frames/height/width must be divisible by the patch "
                             f"{net.patch} of {net.name}")
-        _check_sequence_parallel(net, latent_shape, sp, gpus)
+        _check_sequence_parallel(net, latent_shape, sp, s)
         n_tok = (f_lat // pt) * (h // ph) * (w // pw) * batch_size // sp  # this GPU's share of the tokens
         ctx = (net.text_len + (IMAGE_TOKENS if net.image else 0)) * batch_size
         d, ff, layers = net.dim, net.ffn_dim, net.layers
         block_grad = (GRAD_BLOCK_D * d + GRAD_BLOCK_F * ff) * n_tok
+        if lora:
+            block_grad += (LORA_GRAD_D * d + LORA_GRAD_F * ff) * n_tok
         backward = (BACKWARD_D * d + BACKWARD_F * ff) * n_tok
         stored_blocks = layers * CHECKPOINT_INPUT_D * d * n_tok if activation_checkpointing else layers * block_grad
         stored = stored_blocks + HEAD_D * d * n_tok + layers * CONTEXT_GRAD_D * d * ctx
@@ -320,6 +370,7 @@ def plan(
     local_window_frames: int | None = None,
     sink_frames: int = 0,
     sequence_parallel: int = 1,
+    lora_rank: int | None = None,
 ) -> MemoryPlan:
     """Estimate per-GPU memory of a training recipe and say whether it fits.
 
@@ -342,6 +393,8 @@ def plan(
         local_window_frames, sink_frames: the causal generator's rolling attention window and sink frames.
         sequence_parallel: GPUs that split each video's tokens (Ulysses; ``scale.sequence_parallel``); must divide
             ``gpus``, the heads and the tokens per latent frame. ``batch_size`` is then videos per group.
+        lora_rank: LoRA distillation (``lora: {rank: ...}``): one frozen base in ``teacher_dtype`` shared by teacher,
+            generator and critic, which train rank-``lora_rank`` adapters (all presets must be the same).
     """
     latent_shape = list(latent_shape or [16, 21, 60, 104])
     if len(latent_shape) != 4 or min(latent_shape) <= 0:
@@ -355,15 +408,21 @@ def plan(
     gen = net_sizes(generator, "generator")
     crit = net_sizes(critic, "critic") if critic else None
     teach = net_sizes(teacher, "teacher") if teacher else None
+    if lora_rank is not None:
+        if lora_rank < 1:
+            raise PlanError(f"lora_rank must be >= 1, got {lora_rank}")
+        if {critic, teacher} != {generator}:
+            raise PlanError(f"lora_rank: generator, critic and teacher are one base; got generator {generator}, "
+                            f"critic {critic}, teacher {teacher}")
     settings = dict(generator=generator, critic=critic, teacher=teacher, gpus=gpus, batch_size=batch_size,
                     latent_shape=latent_shape, activation_checkpointing=activation_checkpointing,
                     offload_encoders=offload_encoders, ema=ema, master_dtype=master_dtype,
                     teacher_dtype=teacher_dtype, overhead_gib=overhead_gib)
     fixed = dict(latent_shape=latent_shape, ema=ema, master_dtype=master_dtype, teacher_dtype=teacher_dtype,
                  overhead_gib=overhead_gib, causal_frames_per_block=causal_frames_per_block,
-                 local_window_frames=local_window_frames, sink_frames=sink_frames)
+                 local_window_frames=local_window_frames, sink_frames=sink_frames, lora_rank=lora_rank)
     settings.update(causal_frames_per_block=causal_frames_per_block, local_window_frames=local_window_frames,
-                    sink_frames=sink_frames, sequence_parallel=sequence_parallel)
+                    sink_frames=sink_frames, sequence_parallel=sequence_parallel, lora_rank=lora_rank)
 
     def total(**change) -> float:
         kw = dict(gpus=gpus, batch_size=batch_size, activation_checkpointing=activation_checkpointing,

@@ -88,11 +88,12 @@ class RecipeModule(L.LightningModule):
         names = mesh.mesh_dim_names or ()
         return mesh["data_parallel"] if "data_parallel" in names else mesh
 
-    def prepare_nets(self, trainable: list[nn.Module], frozen: list[nn.Module], ema: list[nn.Module]) -> None:
+    def prepare_nets(self, trainable: list[nn.Module], frozen: list[nn.Module], ema: list[nn.Module],
+                     checkpoint_context=None) -> None:
         """Freeze, compile, checkpoint and shard the nets as ``scale`` says (:func:`sfplus.parallel.parallelize`).
 
         Frozen nets (the teacher) may be stored in ``frozen_dtype``; EMA copies stay fp32 (they average
-        small updates).
+        small updates). ``checkpoint_context``: see :func:`sfplus.parallel.parallelize`.
         """
         mesh = getattr(self, "device_mesh", None)
         if mesh is not None or self.scale.sequence_parallel > 1:  # checks the mesh against scale.sequence_parallel
@@ -100,7 +101,7 @@ class RecipeModule(L.LightningModule):
         set_layout(self._layout)  # the batch samplers split data over data-parallel ranks only
         parallelize(trainable, frozen, ema, mesh, activation_checkpointing=self.activation_checkpointing,
                     compile=self.compile_blocks, param_dtype=self.param_dtype, frozen_dtype=self.frozen_dtype,
-                    sequence_parallel=self._sp_group)
+                    sequence_parallel=self._sp_group, checkpoint_context=checkpoint_context)
         sharded = mesh is not None and mesh.size() > 1
         self._sharded_trainable = list(trainable) if sharded else []
 
@@ -225,8 +226,12 @@ class RecipeModule(L.LightningModule):
         return sd
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load everything but the frozen nets, which keep their current weights."""
-        frozen = {k: v for k, v in super().state_dict().items() if k.startswith(self.frozen_prefixes)}
+        """Load everything but the frozen nets, which keep their current weights. A tensor a frozen net shares with a
+        saved net (LoRA adapters live inside the shared base, sfplus.lora) is the saved net's to load."""
+        own = super().state_dict(keep_vars=True)
+        saved_key = {id(v): k for k, v in own.items() if not k.startswith(self.frozen_prefixes)}
+        frozen = {k: state_dict.get(saved_key.get(id(v), ""), v.detach()) for k, v in own.items()
+                  if k.startswith(self.frozen_prefixes)}
         return super().load_state_dict({**state_dict, **frozen}, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

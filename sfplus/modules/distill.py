@@ -9,6 +9,7 @@ from torch import nn
 
 from sfplus.conditioning.conditioner import Cond, Conditioner
 from sfplus.flow import score_timesteps_from_raw, unwarp_timestep
+from sfplus.lora import build_lora_nets, check_lora_recipe, load_initial_adapters
 from sfplus.modules.base import RecipeModule, default_toy_conditioner
 from sfplus.modules.distill_parts import (
     BidirectionalRollout,
@@ -18,7 +19,7 @@ from sfplus.modules.distill_parts import (
     SelfForcingRollout,
     SiDObjective,
 )
-from sfplus.modules.groups import GAN, FewStepSchedule, Optimizer, Scale, ScoreTimesteps, as_group
+from sfplus.modules.groups import GAN, FewStepSchedule, LoRA, Optimizer, Scale, ScoreTimesteps, as_group
 from sfplus.nets.causal import BlockCausal
 from sfplus.nets.discriminator import DiscriminatorHead
 from sfplus.nets.presets import build_dit
@@ -85,6 +86,10 @@ class DistillModule(RecipeModule):
             only the discriminator head learns (the trunk's lr is 0) and the generator waits.
         seed: base seed of training randomness; predict_seed: base seed of generated videos.
         scale: memory and speed settings (:class:`sfplus.modules.groups.Scale`).
+        lora: distil into LoRA adapters on ONE frozen base (:class:`sfplus.modules.groups.LoRA`, :mod:`sfplus.lora`;
+            needs the ``lora`` extra): the teacher is the base with adapters off, generator and critic the base with
+            their own adapter; EMA, optimizers and checkpoints hold the adapters only. ``scale.frozen_dtype`` then
+            sets the base's storage dtype. None: three full nets.
     """
 
     frozen_prefixes = ("teacher.", "conditioner.")
@@ -122,8 +127,13 @@ class DistillModule(RecipeModule):
         seed: int = 0,
         predict_seed: int = 0,
         scale: Scale = Scale(),
+        lora: LoRA | None = None,
     ) -> None:
         super().__init__(net, net_overrides, conditioner or default_toy_conditioner(), seed, scale)
+        self.lora = as_group(LoRA, lora, "lora")
+        if self.lora is not None:
+            check_lora_recipe(self.lora, teacher_net=teacher_net, generator_checkpoint=generator_checkpoint,
+                              critic_checkpoint=critic_checkpoint, fp8=self.fp8)
         if dfake_gen_update_ratio < 1:
             raise ValueError(f"dfake_gen_update_ratio must be >= 1, got {dfake_gen_update_ratio}")
         self.teacher_checkpoint = teacher_checkpoint
@@ -180,6 +190,8 @@ class DistillModule(RecipeModule):
     def configure_model(self) -> None:
         if self.generator is not None:
             return
+        if self.lora is not None:
+            return self._configure_lora()
         with self.net_context():
             self.teacher = self.build_teacher()
             self.generator = self.build_net()
@@ -192,8 +204,27 @@ class DistillModule(RecipeModule):
         if not self._weights_pending:
             self.load_initial_weights()
 
+    def _configure_lora(self) -> None:
+        """One base (the teacher slot) with the generator's, the critic's and the EMA's adapters (sfplus.lora)."""
+        with self.net_context():
+            nets = build_lora_nets(self.build_net(), self.lora, self.frozen_dtype)
+            self.teacher, self.generator, self.critic, self.generator_ema = nets
+            if self.gan is not None:
+                self.disc_head = self._build_head()
+        trainable = [self.teacher.net] + ([self.disc_head] if self.disc_head is not None else [])
+        self.prepare_nets(trainable, [], [], checkpoint_context=self.generator.switch.checkpoint_contexts)
+        if not self._weights_pending:
+            self.load_initial_weights()
+
     def load_initial_weights(self) -> None:
-        """Teacher from its file; generator and critic from theirs, or from the teacher's (reference default)."""
+        """Teacher from its file; generator and critic from theirs, or from the teacher's (reference default).
+        With LoRA: the base from the teacher's file, seeded fresh adapters (the generator's from
+        ``lora.generator_init`` when set), the EMA a copy of the generator's."""
+        if self.lora is not None:
+            load_initial_adapters(self.generator, self.critic, self.generator_ema, self.lora, self.teacher_checkpoint,
+                                  self.seed)
+            return self._load_head()
+
         if self.teacher_checkpoint:
             load_weights(self.teacher, self.teacher_checkpoint)
         for net, path in ((self.generator, self.generator_checkpoint), (self.critic, self.critic_checkpoint)):
@@ -203,6 +234,9 @@ class DistillModule(RecipeModule):
             else:
                 copy_weights(net, self.teacher)
         copy_weights(self.generator_ema, self.generator)
+        self._load_head()
+
+    def _load_head(self) -> None:
         if self.disc_head is not None:
             # Fresh weights from the seed alone, built whole on the CPU and then loaded (sharded or not): the same
             # head whatever the world size or construction device.
@@ -231,6 +265,13 @@ class DistillModule(RecipeModule):
                            "lr": critic_lr * self.gan.head_lr_multiplier})
         c = self.critic_optimizer.build(groups)
         return [g, c]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.lora is not None:  # what `sfplus export` needs to write the LoRA file (sfplus.weights.lora_files)
+            checkpoint["sfplus"]["lora"] = {"rank": self.lora.rank, "alpha": self.lora.alpha,
+                                            "scale": self.lora.scale, "targets": list(self.lora.targets),
+                                            "base": self.teacher_checkpoint}
 
     def counters(self) -> dict[str, int]:
         return {**super().counters(), "generator_steps": self.generator_steps, "critic_steps": self.critic_steps,

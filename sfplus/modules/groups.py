@@ -176,3 +176,56 @@ def as_group(cls: type[G], value: G | dict | None, name: str, base: G | None = N
     if unknown:
         raise ValueError(f"unknown {name} option(s) {unknown}; known: {sorted(known)}")
     return replace(base, **value) if base is not None else cls(**value)
+
+
+#: WanDiT block linears a LoRA may adapt (names inside ``blocks.{i}.``; the Wan-original key names).
+LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img",
+                "ffn.0", "ffn.2")
+#: What the field's Wan LoRAs adapt (lightx2v's StepDistill LoRAs, diffusers' Wan LoRA loader): attention + FFN.
+DEFAULT_LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                        "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+
+
+@dataclass
+class LoRA:
+    """Distil into low-rank adapters on ONE frozen base (:mod:`sfplus.lora`, through peft): the teacher is the base
+    with adapters off; the generator and the critic are the base with their own adapter on.
+
+    Each adapted linear ``W x`` becomes ``W x + (alpha / rank) · B A x`` with ``A`` [rank, in] and ``B`` [out, rank]
+    (``B`` starts at zero, so generator and critic start as the teacher).
+
+    Args:
+        rank: rank of every adapter (the generator's and the critic's).
+        alpha: LoRA scale numerator (None: ``rank``, i.e. scale 1).
+        dropout: dropout on the adapters' input (0 keeps training a function of the seeded noise streams alone).
+        targets: block linears to adapt, by Wan name inside ``blocks.{i}.`` (:data:`LORA_TARGETS`); I2V nets may add
+            ``cross_attn.k_img`` / ``cross_attn.v_img``.
+        generator_init: a LoRA file (Wan/ComfyUI ``diffusion_model.`` or diffusers ``transformer.`` layout, what
+            ``sfplus export --lora`` writes) to start the generator's adapter from (and its EMA); None: fresh.
+    """
+
+    rank: int = 64
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    generator_init: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora.rank must be a positive int, got {self.rank!r}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be positive (or null for alpha = rank), got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        self.targets = list(self.targets)
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(f"lora.targets {unknown or '[]'} not adaptable; choose from {list(LORA_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"lora.targets lists a linear twice: {self.targets}")
+
+    @property
+    def scale(self) -> float:
+        """The factor on ``B A x``: ``alpha / rank``."""
+        return (self.rank if self.alpha is None else self.alpha) / self.rank

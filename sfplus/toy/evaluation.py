@@ -30,6 +30,7 @@ from sfplus.toy.metrics import toy_metrics
 from sfplus.toy.videos import ToyVideoSpec, make_toy_batch, toy_prompts
 from sfplus.video_io import write_json_atomic
 from sfplus.weights.checkpoints import CheckpointError, read_dit_state_dict
+from sfplus.weights.lora_files import adapter_to_lora, merge_lora
 
 METRIC_KEYS = ("prompt_accuracy", "colour_accuracy", "direction_accuracy", "sharpness", "frechet_distance")
 
@@ -61,7 +62,11 @@ def _checkpoint_info(path: str) -> dict[str, Any]:
 
 def _net(path: str, which: str, info: dict) -> torch.nn.Module:
     net = build_dit(info["net"], **info.get("net_overrides", {}))
-    net.load_state_dict(read_dit_state_dict(path, which=which), strict=True)
+    sd = read_dit_state_dict(path, which=which)
+    lora = info.get("lora")
+    if lora:  # a LoRA distillation's checkpoint holds adapters: score them merged into the base they trained on
+        sd = merge_lora(read_dit_state_dict(lora["base"]), adapter_to_lora(sd, lora["scale"]), f"LoRA of {path}")
+    net.load_state_dict(sd, strict=True)
     return net.eval()
 
 

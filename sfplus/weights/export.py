@@ -38,6 +38,7 @@ from sfplus.nets.presets import get_config
 from sfplus.nets.wan import WanConfig, WanDiT
 from sfplus.weights.checkpoints import CheckpointError, check_state_dict, read_dit_state_dict
 from sfplus.weights.diffusers_keys import wan_to_diffusers
+from sfplus.weights.lora_files import adapter_to_lora, merge_lora, write_lora_file
 from sfplus.weights.sharded_checkpoint import LIGHTNING_META, is_sharded_checkpoint
 from sfplus.weights.state_dicts import MODULE_PREFIXES
 from sfplus.weights.wan_folders import detect_preset
@@ -187,6 +188,8 @@ def export_generator(
     shard_size_gb: float | None = None,
     preset: str | None = None,
     overwrite: bool = False,
+    merge: bool = False,
+    base: str | None = None,
 ) -> Path:
     """Export the generator of a checkpoint as Wan-original or diffusers safetensors.
 
@@ -201,6 +204,11 @@ def export_generator(
         preset: architecture (a preset name) when the checkpoint does not say it; default: the checkpoint's
             ``sfplus`` entry, else detected from the tensor shapes.
         overwrite: replace an existing ``out``.
+        merge: a LoRA distillation's checkpoint (``lora:``, :mod:`sfplus.lora`) holds adapters only. By default its
+            generator (EMA) adapter is written as one LoRA ``.safetensors`` file in ``layout`` (``wan``: the
+            ``diffusion_model.`` keys diffusers' ``WanPipeline.load_lora_weights`` and ComfyUI read;
+            ``diffusers``: ``transformer.`` keys); with ``merge``, merged into the base as full weights instead.
+        base: the base weights to merge into (default: the checkpoint's teacher file).
 
     Returns:
         The written path.
@@ -221,6 +229,10 @@ def export_generator(
         raise ExportError(f"{out_path} exists; pass overwrite=True to replace it")
 
     sd, info = read_generator(ckpt_path, which)
+    if any(".lora_A." in k for k in sd):
+        if not merge:
+            return _export_lora(sd, info, out_path, layout, dtype, overwrite, str(ckpt_path))
+        sd = _merged(sd, info, base, str(ckpt_path))
     cfg = _resolve_config(preset, info, sd, str(ckpt_path))
     with torch.device("meta"):
         skeleton = WanDiT(cfg)
@@ -252,6 +264,40 @@ def export_generator(
         if tmp.exists():
             shutil.rmtree(tmp)
     return out_path
+
+
+def _lora_info(info: dict | None, source: str) -> dict:
+    lora = (info or {}).get("lora")
+    if not isinstance(lora, dict) or "scale" not in lora:
+        raise ExportError(f"{source} holds LoRA adapters but no 'lora' entry (scale) in its sfplus info")
+    return lora
+
+
+def _export_lora(sd: dict, info: dict | None, out: Path, layout: str, dtype: str, overwrite: bool,
+                 source: str) -> Path:
+    """The generator's adapter as one LoRA file (sfplus.weights.lora_files)."""
+    if out.suffix != ".safetensors":
+        raise ExportError(f"a LoRA is one file: out must end in .safetensors, got {out}")
+    lora = adapter_to_lora(sd, _lora_info(info, source)["scale"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write_lora_file(lora, tmp, layout, DTYPES[dtype])
+        _replace(tmp, out, overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _merged(sd: dict, info: dict | None, base: str | None, source: str) -> dict:
+    """Full Wan weights: the base (``base`` or the checkpoint's teacher file) + the adapter."""
+    lora_info = _lora_info(info, source)
+    base = base or lora_info.get("base")
+    if not base:
+        raise ExportError(f"{source}: merging a LoRA needs the base weights; pass base=PATH")
+    return merge_lora(read_dit_state_dict(base), adapter_to_lora(sd, lora_info["scale"]), f"LoRA of {source}")
 
 
 def main(argv: list[str] | None = None, exit_on_error: bool = True) -> None:

@@ -37,6 +37,10 @@ VARIANTS = {
     "causal-sid": {"causal": {"frames_per_block": 1}, "distribution_loss": "sid"},
     "causal-dmd-gan": {"causal": {"frames_per_block": 1},
                        "gan": {"blocks": [0, 1], "g_weight": 0.1, "d_weight": 0.1}},
+    # LoRA on one shared base (sfplus.lora): bidirectional DMD, causal SiD with the GAN head.
+    "lora-dmd": {"lora": {"rank": 4, "alpha": 8.0}},
+    "lora-causal-sid-gan": {"causal": {"frames_per_block": 1}, "distribution_loss": "sid", "lora": {"rank": 4},
+                            "gan": {"blocks": [0, 1], "g_weight": 0.1, "d_weight": 0.1}},
 }
 SHAPE = [3, 2, 4, 4]
 
@@ -72,6 +76,17 @@ def full_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
 
+def lora_states(module) -> dict[str, dict[str, torch.Tensor]]:
+    """Each adapter's state dict (keys as its LoRANet's) and the base's own weights ("base"), gathered."""
+    full = full_state(module.teacher.net)
+    out = {"base": {k: v for k, v in full.items() if ".lora_" not in k}}
+    for name in ("generator", "critic", "generator_ema"):
+        tag = f".{name}."
+        out[name] = {k.replace(tag, "."): v for k, v in full.items()
+                     if (f".lora_A{tag}" in k or f".lora_B{tag}" in k)}
+    return out
+
+
 def main() -> None:
     out, steps, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     ckpt_in = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] != "-" else None
@@ -104,7 +119,11 @@ def main() -> None:
     if ckpt_out:
         trainer.save_checkpoint(ckpt_out)
     nets = ("generator", "generator_ema", "critic") + (("disc_head",) if module.disc_head is not None else ())
-    states = {name: full_state(getattr(module, name)) for name in nets}
+    if module.lora is not None:  # the adapters live in the base's FSDP units: gather the base, split by adapter
+        states = lora_states(module)
+        states.update({name: full_state(getattr(module, name)) for name in nets if name == "disc_head"})
+    else:
+        states = {name: full_state(getattr(module, name)) for name in nets}
     if trainer.global_rank == 0:
         torch.save({**states, "counters": module.counters()}, out)
     exit_in_step()
