@@ -428,6 +428,7 @@ class RecipeModule(L.LightningModule):
         latents = self.generate_latents(prompts, index, sample, base_seed, image)
         return latents, to_uint8_video(self.conditioner.decode(latents))
 
+    @torch.no_grad()  # on a generator function: around each step, in whichever thread runs it
     def stream(
         self, prompts: list[str], index: torch.Tensor, sample: torch.Tensor, base_seed: int, image: Cond | None = None,
     ) -> Iterator[torch.Tensor]:
