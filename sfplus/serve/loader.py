@@ -31,7 +31,8 @@ def module_from_config(config: str | Path) -> RecipeModule:
         raise ValueError(f"{config}: no 'model:' section with a class_path (a recipe config, as for sfplus predict)")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--model", type=L.LightningModule)
-    module = parser.instantiate_classes(parser.parse_object({"model": section})).model
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    module = instantiate(parser.parse_object({"model": section})).model
     if not isinstance(module, RecipeModule):
         raise ValueError(f"{config}: {type(module).__name__} is not an sfplus recipe module; sfplus serve generates "
                          "with sfplus.modules.DistillModule, DiffusionModule or ODEInitModule")
