@@ -15,7 +15,7 @@ import torch
 from sfplus.modules.base import RecipeModule
 from sfplus.weights.checkpoints import CheckpointError
 
-__all__ = ["load_generator", "module_from_config"]
+__all__ = ["load_generator", "module_from_config", "prepare_for_serving"]
 
 
 def module_from_config(config: str | Path) -> RecipeModule:
@@ -54,8 +54,13 @@ def load_generator(config: str | Path, ckpt_path: str | Path | None, device: tor
         module.on_load_checkpoint(ckpt)  # checks the keys and shapes, naming what does not match; sets counters
         module.load_state_dict(ckpt["state_dict"])
         del ckpt
+    return prepare_for_serving(module, device)
+
+
+def prepare_for_serving(module: RecipeModule, device: torch.device) -> RecipeModule:
+    """Drop the DiTs generation does not read (e.g. the critic and the teacher), then eval mode on ``device``."""
     keep = module.sampling_net()
     for name, child in list(module.named_children()):
         if hasattr(child, "blocks") and child is not keep:
-            setattr(module, name, None)  # e.g. the critic and the teacher: never read by generation
+            setattr(module, name, None)
     return module.eval().requires_grad_(False).to(device)
