@@ -140,7 +140,7 @@ def write_tiny_causal_run(root: Path, frames: int = 8, size: int = 8, frames_per
             "net": "tiny", "net_overrides": dict(TINY),
             "conditioner": {"class_path": "sfplus.conditioning.ToyConditioner",
                             "init_args": {"text_dim": 16, "text_len": 8}},
-            "teacher_checkpoint": teacher, "generator_type": "causal", "frames_per_block": frames_per_block,
+            "teacher_checkpoint": teacher, "causal": {"frames_per_block": frames_per_block},
             "video_shape": [3, frames, size, size], "predict_weights": "generator"}},
     }
     config = root / "config.yaml"

@@ -57,7 +57,7 @@ def test_causal_generator_ema_and_teacher_reach_tensorboard_as_videos(tmp_path):
     # 4 latent frames in 2 causal blocks; the toy codec maps a latent frame to a frame of 4x4 pixels.
     module = DistillModule(net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
                            teacher_checkpoint=write_tiny_teacher(tmp_path / "t.safetensors"), video_shape=[3, 4, 4, 4],
-                           generator_type="causal", frames_per_block=2, dfake_gen_update_ratio=2)
+                           causal={"frames_per_block": 2}, dfake_gen_update_ratio=2)
     prompts = ["a red square moving left", "a green square moving down"]
     trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=TensorBoardLogger(str(tmp_path), name="tb"),
                         callbacks=[EMA(decay=0.5, start_iteration=1),

@@ -139,7 +139,15 @@ def test_queue_positions_and_a_client_that_leaves(server):
 
     completed = state.queue.completed
     assert asyncio.run(scenario())[-1] == "done"
+    _wait_idle(state, completed + 2)
     assert state.queue.completed == completed + 2 and state.queue.running is None
+
+
+def _wait_idle(state, completed: int) -> None:
+    """Until the worker has finished ``completed`` jobs: it clears a job up just after its client was told "done"."""
+    deadline = time.monotonic() + 30
+    while state.queue.completed < completed and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _live_tensor_bytes() -> int:
@@ -159,11 +167,14 @@ def test_memory_after_twenty_generations_is_what_it_was_after_the_first(server):
     the toy text encoder keeps a vector per word it has seen, 64 bytes each, which is its design, not a leak)."""
     url, state = server
     words = ["red", "blue", "square", "moving", "left", "up"]
+    start = state.queue.completed
     request(url, prompt=" ".join(words), seed=0)
+    _wait_idle(state, start + 1)
     after_first = _live_tensor_bytes()
     for i in range(19):
         prompt = " ".join(words[(i + j) % len(words)] for j in range(4))
         assert request(url, prompt=prompt, seed=i + 1)[0][-1]["type"] == "done"
+    _wait_idle(state, start + 20)
     assert _live_tensor_bytes() == after_first
     assert len(state.videos) == 2 and len(list(state.settings.video_dir.iterdir())) == 2  # keep_videos
 

@@ -44,9 +44,9 @@ def build(args) -> torch.nn.Module:
         conditioner = WanConditioner.from_modules(ToyTextEncoder(dim=cfg.text_dim, max_len=cfg.text_len),
                                                   WanVAECodec(vae))
     h, w = args.size if len(args.size) == 2 else args.size * 2
-    module = DistillModule(net=args.net, conditioner=conditioner, generator_type="causal", frames_per_block=3,
+    module = DistillModule(net=args.net, conditioner=conditioner, causal={"frames_per_block": 3},
                            video_shape=[cfg.in_dim, args.frames, h, w], predict_weights="generator",
-                           timestep_shift=5.0)
+                           schedule={"shift": 5.0})
     module.configure_model()
     return module
 
