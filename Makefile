@@ -1,15 +1,17 @@
 # The two commands of the README:
 #   make demo       set up, then distil the shipped toy teacher with DMD, generate MP4s, print the toy metrics
 #   make test       set up, then lint (ruff) and run the test suite (what CI runs)
-# and one more:
+# and more:
 #   make demo-full  the same, training the toy teacher first (configs/toy/teacher.yaml)
+#   make serve-demo after `make demo`: `sfplus serve` of the demo's student on http://127.0.0.1:7860
+#   make browser    install Debian's chromium (tests/test_serve_browser.py drives it; CI runs this before `make test`)
 PYTHON ?= python3
 VENV ?= .venv
 # A CPU build is enough for the toy task and the tests; override for a CUDA machine, e.g. TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-full test clean-demo
+.PHONY: setup demo demo-full serve-demo browser test clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +29,17 @@ demo: setup
 
 demo-full: setup
 	$(BIN)/python tools/toy_demo.py --train-teacher
+
+serve-demo: setup
+	OMP_NUM_THREADS=1 $(BIN)/sfplus serve --config configs/toy/dmd.yaml --ckpt_path runs/toy-dmd/checkpoints/last.ckpt \
+		--device cpu --fps 8
+
+# Debian's chromium through apt (as root, or with sudo); nothing to do if it is there.
+browser:
+	@command -v chromium >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	@chromium --version
 
 test: setup
 	$(BIN)/ruff check .

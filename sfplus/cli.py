@@ -3,6 +3,7 @@
     sfplus fit --config configs/toy/teacher.yaml
     sfplus predict --config configs/toy/dmd.yaml --ckpt_path runs/toy-dmd/checkpoints/last.ckpt
     sfplus toy-eval --teacher ... --student ...
+    sfplus serve --config configs/toy/dmd.yaml --ckpt_path runs/toy-dmd/checkpoints/last.ckpt
 
 Errors that come from the user's input (files, keys, values, output folders, a full disk) are printed as one
 ``sfplus: error: ...`` line, the last one printed; set ``SFPLUS_DEBUG=1`` to see the traceback.
@@ -37,7 +38,7 @@ from omegaconf import OmegaConf
 import sfplus.callbacks  # noqa: F401
 import sfplus.conditioning.conditioner  # noqa: F401
 import sfplus.datamodules  # noqa: F401
-from sfplus import plan
+from sfplus import plan, serve
 from sfplus.callbacks import Preemption
 from sfplus.cli_errors import (
     check_config_files,
@@ -193,7 +194,7 @@ def refuse_fsdp_strategy(strategy: Any) -> None:
 
 
 def _tool_commands() -> dict[str, Callable]:
-    return {"toy-eval": evaluation.main, "export": export.main, "plan": plan.main}
+    return {"toy-eval": evaluation.main, "export": export.main, "plan": plan.main, "serve": serve.main}
 
 
 def _fail(message: object, details: str | None = None) -> None:

@@ -123,3 +123,34 @@ def cli_error_line(args: list[str], capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return err.strip().splitlines()[-1]
+
+
+def write_tiny_causal_run(root: Path, frames: int = 8, size: int = 8, frames_per_block: int = 1) -> tuple[Path, Path]:
+    """A config and a checkpoint of a tiny causal DMD generator (random weights) that ``sfplus serve`` and
+    ``sfplus predict`` load: ``frames`` latent (= pixel, toy codec) frames of ``size`` x ``size`` pixels in blocks of
+    ``frames_per_block``. Returns (config path, checkpoint path)."""
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    teacher = write_tiny_teacher(root / "teacher.safetensors")
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False},
+        "model": {"class_path": "sfplus.modules.DistillModule", "init_args": {
+            "net": "tiny", "net_overrides": dict(TINY),
+            "conditioner": {"class_path": "sfplus.conditioning.ToyConditioner",
+                            "init_args": {"text_dim": 16, "text_len": 8}},
+            "teacher_checkpoint": teacher, "causal": {"frames_per_block": frames_per_block},
+            "video_shape": [3, frames, size, size], "predict_weights": "generator"}},
+    }
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    from sfplus.serve.loader import module_from_config
+
+    module = module_from_config(config)
+    module.configure_model()
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    path = root / "last.ckpt"
+    torch.save(ckpt, path)
+    return config, path

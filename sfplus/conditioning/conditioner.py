@@ -84,6 +84,10 @@ class Conditioner(nn.Module):
         """Pixels [B, 3, T, H, W] in [-1, 1] → latents [B, C, F, h, w]."""
         return self.codec.encode(video)
 
+    def video_codec(self) -> nn.Module:
+        """The codec :meth:`decode` uses (streaming decoding block by block goes through its ``stream_decoder``)."""
+        return self.codec
+
 
 class ToyConditioner(Conditioner):
     """The built-in toy task's frozen side: a hashed-word text encoder and a lossless codec.

@@ -286,6 +286,10 @@ class WanConditioner(Conditioner):
         """Latents [B, 16, F, h, w] → pixels [B, 3, 1 + 4(F-1), 8h, 8w] in [-1, 1]."""
         return self._codec().decode(latents.to(self.device))
 
+    def video_codec(self) -> nn.Module:
+        """The Wan VAE codec (loaded now if it was not yet)."""
+        return self._codec()
+
     @torch.no_grad()
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """Pixels [B, 3, 1 + 4k, H, W] in [-1, 1] → normalised latents [B, 16, 1 + k, H/8, W/8]."""

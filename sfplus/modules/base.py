@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -75,6 +75,7 @@ class RecipeModule(L.LightningModule):
         self._warned_position = False
         self.last_update: str | None = None
         self.automatic_optimization = False  # alternating updates, own clipping and counters
+        self._weights_choice: tuple[str, dict[str, Any]] | None = None  # see using_weights
 
     # ---- nets -------------------------------------------------------------------------------------------------
     def build_net(self) -> nn.Module:
@@ -375,6 +376,59 @@ class RecipeModule(L.LightningModule):
             "sampler": self.sampler_description(),
         }
 
+    # ---- which weights sample (SampleLogger: generator, EMA and teacher side by side) ------------------------------
+    def sample_weights(self) -> tuple[str, ...]:
+        """Names of the weights :meth:`using_weights` can switch generation to (subclasses list theirs)."""
+        return ()
+
+    @contextlib.contextmanager
+    def using_weights(self, name: str, **options: Any) -> Iterator[None]:
+        """Generate from the weights ``name`` (one of :meth:`sample_weights`) inside the block instead of the
+        recipe's default choice; ``options`` go to that weights' sampler (e.g. the teacher's ``steps``)."""
+        if name not in self.sample_weights():
+            raise ValueError(f"{type(self).__name__} cannot sample from {name!r}; it has: "
+                             f"{', '.join(self.sample_weights()) or 'no named weights'}")
+        saved = self._weights_choice
+        self._weights_choice = (name, options)
+        try:
+            yield
+        finally:
+            self._weights_choice = saved
+
+    def weights_choice(self) -> tuple[str | None, dict[str, Any]]:
+        """(name, sampler options) set by :meth:`using_weights`, or (None, {}) for the recipe's default."""
+        return self._weights_choice or (None, {})
+
+    def sample_blocks(
+        self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator
+    ) -> Iterator[torch.Tensor]:
+        """The sampled latents as consecutive blocks along frames, each yielded once final: a causal generator
+        yields one per causal block (streaming); other samplers the whole video [B, C, F, H, W] at once."""
+        yield self.sample(cond, uncond, noise, generator)
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def _generation_inputs(
+        self, prompts: list[str], index: torch.Tensor, sample: torch.Tensor, base_seed: int, image: Cond | None,
+    ) -> tuple[Cond, Cond, torch.Tensor, SampleNoise]:
+        """(cond, uncond, starting noise [B, C, F, H, W], re-noising streams) of :meth:`generate`."""
+        cond = self.conditioner.text(prompts, self.device)
+        uncond = self.conditioner.negative(len(prompts), self.device)
+        shape = self.video_shape
+        if image is not None:
+            cond, uncond = {**cond, **image}, {**uncond, **image}
+            shape = [self.video_shape[0], *image["y"].shape[2:]]
+        noise = self.noise_for(index, sample, shape, base_seed)
+        pairs = zip(index.tolist(), sample.tolist())
+        renoise = SampleNoise([stable_seed("renoise", base_seed, i, s) for i, s in pairs], self.device)
+        return cond, uncond, noise, renoise
+
+    @torch.no_grad()
+    def generate_latents(
+        self, prompts: list[str], index: torch.Tensor, sample: torch.Tensor, base_seed: int, image: Cond | None = None,
+    ) -> torch.Tensor:
+        """The latents [B, C, F, H, W] of :meth:`generate`, not decoded (so only one rank need decode)."""
+        return self.sample(*self._generation_inputs(prompts, index, sample, base_seed, image))
+
     @torch.no_grad()
     def generate(
         self, prompts: list[str], index: torch.Tensor, sample: torch.Tensor, base_seed: int, image: Cond | None = None,
@@ -386,17 +440,22 @@ class RecipeModule(L.LightningModule):
         rank it was generated in. ``image``: I2V conditioning (:meth:`image_condition`); the video then takes the
         image's size (Wan's size rule), not ``video_shape``. Batch generation and the sample logger both call this.
         """
-        cond = self.conditioner.text(prompts, self.device)
-        uncond = self.conditioner.negative(len(prompts), self.device)
-        shape = self.video_shape
-        if image is not None:
-            cond, uncond = {**cond, **image}, {**uncond, **image}
-            shape = [self.video_shape[0], *image["y"].shape[2:]]
-        noise = self.noise_for(index, sample, shape, base_seed)
-        pairs = zip(index.tolist(), sample.tolist())
-        renoise = SampleNoise([stable_seed("renoise", base_seed, i, s) for i, s in pairs], self.device)
-        latents = self.sample(cond, uncond, noise, renoise)
+        latents = self.generate_latents(prompts, index, sample, base_seed, image)
         return latents, to_uint8_video(self.conditioner.decode(latents))
+
+    @torch.no_grad()  # on a generator function: around each step, in whichever thread runs it
+    def stream(
+        self, prompts: list[str], index: torch.Tensor, sample: torch.Tensor, base_seed: int, image: Cond | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """:meth:`generate`'s videos as uint8 frame blocks [B, T_n, H, W, 3], each yielded as soon as its latent
+        block is final and decoded (the codec's streaming decoder, caches carried over): a causal generator yields
+        one block per causal block, others the whole video at the end. The blocks concatenate to :meth:`generate`'s
+        video (same seeds). Stopping the iteration early stops generation there (``sfplus serve`` cancels so)."""
+        from sfplus.sampling.streaming import stream_video
+
+        latent_blocks = self.sample_blocks(*self._generation_inputs(prompts, index, sample, base_seed, image))
+        for pixels in stream_video(latent_blocks, self.conditioner.video_codec()):
+            yield to_uint8_video(pixels)
 
 
 def default_toy_conditioner() -> Conditioner:
@@ -439,3 +498,13 @@ class SingleNetModule(RecipeModule):
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.model_ema, self.model)]
+
+    def sample_weights(self) -> tuple[str, ...]:
+        return ("model", "ema")
+
+    def sampling_net(self) -> nn.Module:
+        """The net generation reads: as :meth:`using_weights` says, else the EMA once it started."""
+        name, _ = self.weights_choice()
+        if name is not None:
+            return self.model if name == "model" else self.model_ema
+        return self.model_ema if self.ema_started else self.model

@@ -4,6 +4,8 @@ in a hook)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -31,14 +33,32 @@ class EMAHost(Protocol):
 
 @runtime_checkable
 class VideoSource(Protocol):
-    """A module that generates videos for prompts (what :class:`sfplus.callbacks.SampleLogger` calls; batch
-    generation goes through the same method)."""
+    """A module that generates videos for prompts (what :class:`sfplus.callbacks.SampleLogger` and ``sfplus serve``
+    call; batch generation goes through the same methods). :class:`sfplus.modules.base.RecipeModule` is one."""
 
     iteration: int
 
     def generate(self, prompts: list[str], index: torch.Tensor, sample: torch.Tensor, base_seed: int,
                  image: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents, uint8 videos [B, T, H, W, 3]); each video a function of its prompt, seed, index and sample."""
+        ...
+
+    def generate_latents(self, prompts: list[str], index: torch.Tensor, sample: torch.Tensor, base_seed: int,
+                         image: dict | None = None) -> torch.Tensor:
+        """``generate``'s latents [B, C, F, H, W], not decoded."""
+        ...
+
+    def stream(self, prompts: list[str], index: torch.Tensor, sample: torch.Tensor, base_seed: int,
+               image: dict | None = None) -> Iterator[torch.Tensor]:
+        """``generate``'s videos as uint8 frame blocks [B, T_n, H, W, 3], each as soon as it is decoded."""
+        ...
+
+    def sample_weights(self) -> tuple[str, ...]:
+        """Names ``using_weights`` accepts (e.g. generator, ema, teacher)."""
+        ...
+
+    def using_weights(self, name: str, **options) -> AbstractContextManager[None]:
+        """Generate from the weights ``name`` inside the ``with`` block."""
         ...
 
 

@@ -162,7 +162,7 @@ class DiffusionModule(SingleNetModule):
     def sample(
         self, cond: Cond, uncond: Cond | None, noise: torch.Tensor, generator: SampleNoise | torch.Generator
     ) -> torch.Tensor:
-        net = self.model_ema if self.ema_started else self.model
+        net = self.sampling_net()
         if self.causal is not None:
             # Block by block with clean context through the KV caches (docs/algorithms.md, 'Causal diffusion
             # sampler'): what a teacher-forced model was trained on; all frames at once under the causal mask

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -28,8 +29,7 @@ from sfplus.objectives.dmd import critic_flow_loss
 from sfplus.objectives.gan import gan_critic_loss, gan_generator_term
 from sfplus.parallel import copy_weights, load_weights
 from sfplus.rollout.bidirectional import Rollout
-from sfplus.sampling.samplers import few_step_sample
-from sfplus.sampling.streaming import causal_sample
+from sfplus.sampling.samplers import few_step_sample, teacher_sample
 
 # Signature defaults (frozen: shared by every instance), also the base a partial group from a dict fills in.
 GENERATOR_OPTIMIZER = Optimizer(lr=2e-6, betas=(0.0, 0.999))  # the reference's
@@ -406,22 +406,44 @@ class DistillModule(RecipeModule):
                       prog_bar=False)
 
     # ---- generation -------------------------------------------------------------------------------------------
+    def sample_weights(self) -> tuple[str, ...]:
+        return ("generator", "ema", "teacher")
+
     def sampling_net(self) -> nn.Module:
+        name, _ = self.weights_choice()
+        if name is not None:
+            return self.generator_ema if name == "ema" else self.generator
         if self.predict_weights == "ema" and self.ema_started:
             return self.generator_ema
         return self.generator
 
-    def sample(
+    def sample_blocks(
         self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator
-    ) -> torch.Tensor:
-        if self.causal is not None:
+    ) -> Iterator[torch.Tensor]:
+        name, options = self.weights_choice()
+        if name == "teacher":
+            # The teacher's own many-step CFG sampler from the same noise (the SampleLogger's reference row):
+            # ``steps`` and ``shift`` from the caller, the real score's guidance scale.
+            yield teacher_sample(self.teacher, noise, cond, uncond, num_steps=int(options.get("steps", 40)),
+                                 shift=float(options.get("shift", self.schedule.shift)),
+                                 guidance_scale=self.guidance_scale)
+        elif self.causal is not None:
+            from sfplus.sampling.streaming import causal_generate
+
             c = self.causal
-            return causal_sample(
+            yield from causal_generate(
                 self.sampling_net(), noise, self.timesteps, cond, frames_per_block=c.frames_per_block,
                 generator=generator, independent_first_frame=c.independent_first_frame,
                 local_window_frames=c.local_window_frames, sink_frames=c.sink_frames, context_noise=self.context_noise,
             )
-        return few_step_sample(self.sampling_net(), noise, self.timesteps, cond, generator)
+        else:
+            yield few_step_sample(self.sampling_net(), noise, self.timesteps, cond, generator)
+
+    def sample(
+        self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator
+    ) -> torch.Tensor:
+        blocks = list(self.sample_blocks(cond, uncond, noise, generator))
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
 
     def sampler_description(self) -> dict[str, Any]:
         weights = "ema" if (self.predict_weights == "ema" and self.ema_started) else "generator"

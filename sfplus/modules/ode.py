@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,7 +16,6 @@ from sfplus.nets.causal import BlockCausal
 from sfplus.noise import SampleNoise
 from sfplus.objectives.ode import ode_regression_loss
 from sfplus.parallel import copy_weights
-from sfplus.sampling.streaming import causal_sample
 
 # Signature defaults (frozen: shared by every instance), also the base a partial group from a dict fills in.
 ODE_SCHEDULE = FewStepSchedule(shift=8.0)  # the reference's ODE trajectories: [1000, 750, 500, 250] at shift 8
@@ -143,18 +143,22 @@ class ODEInitModule(SingleNetModule):
         return loss.detach()
 
     # ---- generation ---------------------------------------------------------------------------------------------
-    def sampling_net(self) -> nn.Module:
-        return self.model_ema if self.ema_started else self.model
-
-    def sample(
+    def sample_blocks(
         self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator
-    ) -> torch.Tensor:
+    ) -> Iterator[torch.Tensor]:
+        from sfplus.sampling.streaming import causal_generate
+
         c = self.causal
-        return causal_sample(
+        yield from causal_generate(
             self.sampling_net(), noise, self.timesteps, cond, frames_per_block=c.frames_per_block,
             generator=generator, independent_first_frame=c.independent_first_frame,
             local_window_frames=c.local_window_frames, sink_frames=c.sink_frames, context_noise=self.context_noise,
         )
+
+    def sample(
+        self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator
+    ) -> torch.Tensor:
+        return torch.cat(list(self.sample_blocks(cond, uncond, noise, generator)), dim=2)
 
     def sampler_description(self) -> dict[str, Any]:
         return {"kind": "causal-few-step", "timesteps": self.timesteps,
