@@ -3,8 +3,8 @@
 from sfplus.callbacks.checkpointing import AtomicCheckpoint, resume_path
 from sfplus.callbacks.ema import EMA
 from sfplus.callbacks.preemption import Preemption
-from sfplus.callbacks.progress import ProgressLog
 from sfplus.callbacks.sample_logger import SampleLogger
 from sfplus.callbacks.video_writer import VideoWriter
+from sfplus.progress import ProgressLog
 
 __all__ = ["AtomicCheckpoint", "EMA", "Preemption", "ProgressLog", "SampleLogger", "VideoWriter", "resume_path"]

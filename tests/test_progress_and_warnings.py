@@ -12,7 +12,6 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch import nn
 
 from sfplus.callbacks import ProgressLog
-from sfplus.callbacks.progress import format_duration
 from sfplus.known_warnings import (
     CUSTOM_PREDICT_SAMPLER,
     LIGHTNING_TIPS,
@@ -21,6 +20,7 @@ from sfplus.known_warnings import (
     silence_known_warnings,
     unexpected_eval_modules,
 )
+from sfplus.progress import format_duration
 
 
 class _Tiny(L.LightningModule):

@@ -21,7 +21,6 @@ import lightning as L
 import torch
 from torch import nn
 
-from sfplus.callbacks.progress import default_callbacks
 from sfplus.conditioning.conditioner import Cond, Conditioner, ToyConditioner
 from sfplus.known_warnings import excuse_frozen_eval_modules
 from sfplus.layout import Layout, mesh_layout, set_layout
@@ -31,6 +30,7 @@ from sfplus.nets.fp8 import quantize_dit_fp8
 from sfplus.nets.presets import build_dit, get_config
 from sfplus.noise import SampleNoise, stable_seed
 from sfplus.parallel import copy_weights, is_sharded, load_weights, parallelize, settle_mixed_precision
+from sfplus.progress import default_callbacks
 from sfplus.weights.checkpoints import CheckpointError
 
 
