@@ -26,6 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 from einops import rearrange
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 from sfplus.modules.base import to_uint8_video
 from sfplus.modules.contract import VideoSource
@@ -55,8 +56,6 @@ def gif_bytes(frames: np.ndarray, fps: float) -> bytes:
 
 def video_summary(tag: str, frames: np.ndarray, fps: float):
     """A TensorBoard image summary holding ``frames`` [T, H, W, 3] as an animated GIF (what ``add_video`` writes)."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
     _, h, w, c = frames.shape
     image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=gif_bytes(frames, fps))
     return Summary(value=[Summary.Value(tag=tag, image=image)])

@@ -37,8 +37,8 @@ def apply_activation_checkpointing(net: nn.Module, context_fn=None) -> nn.Module
     """Wrap every block of ``net.blocks`` in a non-reentrant checkpoint (state-dict keys are unchanged).
 
     ``context_fn``: torch.utils.checkpoint's — (forward context, recompute context), taken at each forward; a net
-    whose behaviour depends on state outside its inputs (the LoRA base's active adapter, sfplus.lora) restores that
-    state for the recompute with it.
+    whose behaviour depends on state outside its inputs (the LoRA base's active adapter, sfplus.modules.lora)
+    restores that state for the recompute with it.
     """
 
     kwargs = {} if context_fn is None else {"context_fn": context_fn}

@@ -58,11 +58,12 @@ N/k; the text keys/values are replicated. The all-to-all buffers of one self-att
 working set (bf16 q, k, v packed to send and received, 2·6d, and the output traded back, 2d). Weights, gradients,
 optimizer states, EMA and teacher stay sharded over all ``gpus`` (FSDP2 over the data × sequence mesh).
 
-LoRA (``lora_rank``, :mod:`sfplus.lora`): ONE frozen base (``P·t/S``) serves as teacher, generator and critic; the
-trained states are two adapters of ``r·(18d + 2f)`` parameters per block (q/k/v/o of both attentions d→d, FFN d→f→d)
-with fp32 weights, gradients and AdamW states, plus the generator adapter's fp32 EMA. Activations are those of a
-full net plus, per token per adapted block, the bf16 input copies each adapter's ``A`` keeps for its backward
-(``16d + 2f``, :data:`LORA_GRAD_D` / :data:`LORA_GRAD_F`); the FSDP working set is the base's, without gradients.
+LoRA (``lora_rank``, :mod:`sfplus.modules.lora`): ONE frozen base (``P·t/S``) serves as teacher, generator and
+critic; the trained states are two adapters of ``r·(18d + 2f)`` parameters per block (q/k/v/o of both attentions
+d→d, FFN d→f→d) with fp32 weights, gradients and AdamW states, plus the generator adapter's fp32 EMA. Activations
+are those of a full net plus, per token per adapted block, the bf16 input copies each adapter's ``A`` keeps for its
+backward (``16d + 2f``, :data:`LORA_GRAD_D` / :data:`LORA_GRAD_F`); the FSDP working set is the base's, without
+gradients.
 
 Not counted: the latents, noise and text features (MBs), the VAE decode of sample videos (run it outside the
 training step).

@@ -1,5 +1,5 @@
-"""LoRA distillation on one frozen base (DistillModule(lora=...), sfplus.lora): the teacher is the base with adapters
-off, the adapters are independent, only adapters are optimised and checkpointed, a resumed run is bitwise the
+"""LoRA distillation on one frozen base (DistillModule(lora=...), sfplus.modules.lora): the teacher is the base with
+adapters off, the adapters are independent, only adapters are optimised and checkpointed, a resumed run is bitwise the
 uninterrupted one, and 2 FSDP2 ranks follow one process."""
 
 from __future__ import annotations

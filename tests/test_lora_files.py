@@ -19,7 +19,7 @@ from sfplus.weights.lora_files import (
 )
 
 pytest.importorskip("peft")
-from sfplus.lora import LoRANet, attach_adapters, fresh_adapter, set_adapter_state  # noqa: E402
+from sfplus.modules.lora import LoRANet, attach_adapters, fresh_adapter, set_adapter_state  # noqa: E402
 
 
 def _generator(rank=4, alpha=8.0, seed=0, **overrides):

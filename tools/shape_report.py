@@ -5,7 +5,7 @@
 
 Counts: each recipe module's constructor arguments; string comparisons inside the training-step methods (switches
 on strings such as ``distribution_loss == "sid"``); imports of underscore names across modules; module import
-cycles (top-level imports only); imports inside functions (library and tools separately); the longest files.
+cycles (top-level imports, counting the package ``__init__`` files an import runs); imports inside functions (library and tools separately); the longest files.
 """
 
 from __future__ import annotations
@@ -62,8 +62,18 @@ def import_graph(files: list[Path]) -> dict[str, set[str]]:
                     targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in names else mod for a in sub.names]
                 else:
                     continue
-                edges.update(t for t in targets if t in names and t != here)
+                for target in targets:
+                    edges.update(_runs_on_import(target, here, names))
     return graph
+
+
+def _runs_on_import(target: str, here: str, names: set[str]) -> set[str]:
+    """What importing ``target`` from ``here`` executes: the module and every package ``__init__`` above it that is
+    not also above ``here`` (those are already running when ``here`` is)."""
+    parts = target.split(".")
+    above_here = {".".join(here.split(".")[:i]) for i in range(1, len(here.split(".")))}
+    run = {".".join(parts[:i]) for i in range(1, len(parts) + 1)} - above_here
+    return {m for m in run if m in names and m != here}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from sfplus.conditioning.conditioner import Cond, Conditioner, ToyConditioner
@@ -31,6 +32,7 @@ from sfplus.nets.presets import build_dit, get_config
 from sfplus.noise import SampleNoise, stable_seed
 from sfplus.parallel import copy_weights, is_sharded, load_weights, parallelize, settle_mixed_precision
 from sfplus.progress import default_callbacks
+from sfplus.sampling.streaming import stream_video
 from sfplus.weights.checkpoints import CheckpointError
 
 
@@ -228,7 +230,7 @@ class RecipeModule(L.LightningModule):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load everything but the frozen nets, which keep their current weights. A tensor a frozen net shares with a
-        saved net (LoRA adapters live inside the shared base, sfplus.lora) is the saved net's to load."""
+        saved net (LoRA adapters live inside the shared base, sfplus.modules.lora) is the saved net's to load."""
         own = super().state_dict(keep_vars=True)
         saved_key = {id(v): k for k, v in own.items() if not k.startswith(self.frozen_prefixes)}
         frozen = {k: state_dict.get(saved_key.get(id(v), ""), v.detach()) for k, v in own.items()
@@ -351,8 +353,6 @@ class RecipeModule(L.LightningModule):
         one forward, so they must generate the same rows even if an output appeared between their checks."""
         if self._sp_group is None:
             return keep
-        import torch.distributed as dist
-
         box = [keep]
         dist.broadcast_object_list(box, group=self._sp_group, group_src=0)
         return box[0]
@@ -451,8 +451,6 @@ class RecipeModule(L.LightningModule):
         block is final and decoded (the codec's streaming decoder, caches carried over): a causal generator yields
         one block per causal block, others the whole video at the end. The blocks concatenate to :meth:`generate`'s
         video (same seeds). Stopping the iteration early stops generation there (``sfplus serve`` cancels so)."""
-        from sfplus.sampling.streaming import stream_video
-
         latent_blocks = self.sample_blocks(*self._generation_inputs(prompts, index, sample, base_seed, image))
         for pixels in stream_video(latent_blocks, self.conditioner.video_codec()):
             yield to_uint8_video(pixels)

@@ -10,7 +10,6 @@ from torch import nn
 
 from sfplus.conditioning.conditioner import Cond, Conditioner
 from sfplus.flow import score_timesteps_from_raw, unwarp_timestep
-from sfplus.lora import build_lora_nets, check_lora_recipe, load_initial_adapters
 from sfplus.modules.base import RecipeModule, default_toy_conditioner
 from sfplus.modules.distill_parts import (
     BidirectionalRollout,
@@ -21,6 +20,7 @@ from sfplus.modules.distill_parts import (
     SiDObjective,
 )
 from sfplus.modules.groups import GAN, FewStepSchedule, LoRA, Optimizer, Scale, ScoreTimesteps, as_group
+from sfplus.modules.lora import build_lora_nets, check_lora_recipe, load_initial_adapters
 from sfplus.nets.causal import BlockCausal
 from sfplus.nets.discriminator import DiscriminatorHead
 from sfplus.nets.presets import build_dit
@@ -30,6 +30,7 @@ from sfplus.objectives.gan import gan_critic_loss, gan_generator_term
 from sfplus.parallel import copy_weights, load_weights
 from sfplus.rollout.bidirectional import Rollout
 from sfplus.sampling.samplers import few_step_sample, teacher_sample
+from sfplus.sampling.streaming import causal_generate
 
 # Signature defaults (frozen: shared by every instance), also the base a partial group from a dict fills in.
 GENERATOR_OPTIMIZER = Optimizer(lr=2e-6, betas=(0.0, 0.999))  # the reference's
@@ -86,7 +87,8 @@ class DistillModule(RecipeModule):
             only the discriminator head learns (the trunk's lr is 0) and the generator waits.
         seed: base seed of training randomness; predict_seed: base seed of generated videos.
         scale: memory and speed settings (:class:`sfplus.modules.groups.Scale`).
-        lora: distil into LoRA adapters on ONE frozen base (:class:`sfplus.modules.groups.LoRA`, :mod:`sfplus.lora`;
+        lora: distil into LoRA adapters on ONE frozen base (:class:`~sfplus.modules.groups.LoRA`,
+            :mod:`sfplus.modules.lora`;
             needs the ``lora`` extra): the teacher is the base with adapters off, generator and critic the base with
             their own adapter; EMA, optimizers and checkpoints hold the adapters only. ``scale.frozen_dtype`` then
             sets the base's storage dtype. None: three full nets.
@@ -205,7 +207,8 @@ class DistillModule(RecipeModule):
             self.load_initial_weights()
 
     def _configure_lora(self) -> None:
-        """One base (the teacher slot) with the generator's, the critic's and the EMA's adapters (sfplus.lora)."""
+        """One base (the teacher slot) with the generator's, the critic's and the EMA's adapters
+        (sfplus.modules.lora)."""
         with self.net_context():
             nets = build_lora_nets(self.build_net(), self.lora, self.frozen_dtype)
             self.teacher, self.generator, self.critic, self.generator_ema = nets
@@ -428,8 +431,6 @@ class DistillModule(RecipeModule):
                                  shift=float(options.get("shift", self.schedule.shift)),
                                  guidance_scale=self.guidance_scale)
         elif self.causal is not None:
-            from sfplus.sampling.streaming import causal_generate
-
             c = self.causal
             yield from causal_generate(
                 self.sampling_net(), noise, self.timesteps, cond, frames_per_block=c.frames_per_block,

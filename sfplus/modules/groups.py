@@ -189,8 +189,8 @@ DEFAULT_LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.
 
 @dataclass
 class LoRA:
-    """Distil into low-rank adapters on ONE frozen base (:mod:`sfplus.lora`, through peft): the teacher is the base
-    with adapters off; the generator and the critic are the base with their own adapter on.
+    """Distil into low-rank adapters on ONE frozen base (:mod:`sfplus.modules.lora`, through peft): the teacher is the
+    base with adapters off; the generator and the critic are the base with their own adapter on.
 
     Each adapted linear ``W x`` becomes ``W x + (alpha / rank) · B A x`` with ``A`` [rank, in] and ``B`` [out, rank]
     (``B`` starts at zero, so generator and critic start as the teacher).

@@ -16,6 +16,7 @@ from sfplus.nets.causal import BlockCausal
 from sfplus.noise import SampleNoise
 from sfplus.objectives.ode import ode_regression_loss
 from sfplus.parallel import copy_weights
+from sfplus.sampling.streaming import causal_generate
 
 # Signature defaults (frozen: shared by every instance), also the base a partial group from a dict fills in.
 ODE_SCHEDULE = FewStepSchedule(shift=8.0)  # the reference's ODE trajectories: [1000, 750, 500, 250] at shift 8
@@ -146,8 +147,6 @@ class ODEInitModule(SingleNetModule):
     def sample_blocks(
         self, cond: Cond, uncond: Cond, noise: torch.Tensor, generator: SampleNoise | torch.Generator
     ) -> Iterator[torch.Tensor]:
-        from sfplus.sampling.streaming import causal_generate
-
         c = self.causal
         yield from causal_generate(
             self.sampling_net(), noise, self.timesteps, cond, frames_per_block=c.frames_per_block,

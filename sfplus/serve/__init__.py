@@ -12,6 +12,10 @@ page, WebSocket, downloads) and ``page.html``. Needs the ``serve`` extra (FastAP
 from __future__ import annotations
 
 import importlib.util
+import logging
+
+import torch
+from jsonargparse import ArgumentParser
 
 __all__ = ["main"]
 
@@ -31,11 +35,6 @@ def check_extra() -> None:
 
 def main(argv: list[str] | None = None, exit_on_error: bool = True) -> None:
     """Parse ``sfplus serve`` arguments, load the generator and run the server until Ctrl+C."""
-    import logging
-
-    import torch
-    from jsonargparse import ArgumentParser
-
     parser = ArgumentParser(prog="sfplus serve", exit_on_error=exit_on_error,
                             description="Stream a generator's videos to a web page, frame by frame.")
     parser.add_argument("--config", type=str, required=True, help="the recipe config (as for sfplus predict)")

@@ -37,8 +37,10 @@ import torch
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
+from sfplus.conditioning.i2v import resize_image
 from sfplus.modules.base import RecipeModule
 from sfplus.serve.jobs import GenerationQueue, Job, QueueFull
+from sfplus.video_io import write_mp4
 
 log = logging.getLogger("sfplus.serve")
 
@@ -74,8 +76,6 @@ def decode_image(data_url: str, size: tuple[int, int], max_bytes: int) -> torch.
     """A browser data URL (or bare base64) of an image → [1, 3, H, W] in [-1, 1], covered and centre-cropped to
     ``size`` = (H, W). Raises ValueError with a message for the user."""
     from PIL import Image, UnidentifiedImageError
-
-    from sfplus.conditioning.i2v import resize_image
 
     payload = data_url.split(",", 1)[1] if data_url.startswith("data:") else data_url
     if len(payload) * 3 // 4 > max_bytes:
@@ -200,8 +200,6 @@ class AppState:
     def save_video(self, job_id: int, frames: list[torch.Tensor]) -> str:
         """Write the job's frames [T, H, W, 3] as an MP4 (upscaled so the short side is >= mp4_min_side); only the
         last ``keep_videos`` stay on disk. Returns the file name."""
-        from sfplus.video_io import write_mp4
-
         video = torch.cat(frames).numpy()
         upscale = max(1, -(-self.settings.mp4_min_side // min(video.shape[1:3])))
         name = f"sfplus_{os.getpid()}_{job_id}.mp4"

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse import ArgumentParser
 
+from sfplus.cli import read_config
+from sfplus.file_checks import check_file, torch_load_mapping
 from sfplus.modules.base import RecipeModule
 from sfplus.weights.checkpoints import CheckpointError
 
@@ -20,11 +23,6 @@ __all__ = ["load_generator", "module_from_config", "prepare_for_serving"]
 
 def module_from_config(config: str | Path) -> RecipeModule:
     """The recipe module the config's ``model:`` section describes (class_path + init_args, ``${...}`` resolved)."""
-    from jsonargparse import ArgumentParser
-
-    from sfplus.cli import read_config
-    from sfplus.file_checks import check_file
-
     check_file(config, "config")
     section = read_config(config).get("model")
     if not isinstance(section, dict) or "class_path" not in section:
@@ -42,8 +40,6 @@ def module_from_config(config: str | Path) -> RecipeModule:
 def load_generator(config: str | Path, ckpt_path: str | Path | None, device: torch.device) -> RecipeModule:
     """The config's module with the checkpoint's weights (or, without one, the weights its config names: e.g. a
     Self-Forcing ``.pt`` as ``teacher_checkpoint``), only the sampling net kept, in eval mode on ``device``."""
-    from sfplus.file_checks import torch_load_mapping
-
     module = module_from_config(config)
     if ckpt_path is not None and Path(ckpt_path).is_dir():
         raise CheckpointError(f"{ckpt_path} is a sharded (distributed) checkpoint folder: sfplus serve reads a "

@@ -204,8 +204,8 @@ def export_generator(
         preset: architecture (a preset name) when the checkpoint does not say it; default: the checkpoint's
             ``sfplus`` entry, else detected from the tensor shapes.
         overwrite: replace an existing ``out``.
-        merge: a LoRA distillation's checkpoint (``lora:``, :mod:`sfplus.lora`) holds adapters only. By default its
-            generator (EMA) adapter is written as one LoRA ``.safetensors`` file in ``layout`` (``wan``: the
+        merge: a LoRA distillation's checkpoint (``lora:``, :mod:`sfplus.modules.lora`) holds adapters only. By
+            default its generator (EMA) adapter is written as one LoRA ``.safetensors`` file in ``layout`` (``wan``: the
             ``diffusion_model.`` keys diffusers' ``WanPipeline.load_lora_weights`` and ComfyUI read;
             ``diffusers``: ``transformer.`` keys); with ``merge``, merged into the base as full weights instead.
         base: the base weights to merge into (default: the checkpoint's teacher file).

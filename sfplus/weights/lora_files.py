@@ -44,7 +44,7 @@ def _shorten(keys: list[str]) -> str:
 
 
 def adapter_to_lora(adapter_sd: dict[str, torch.Tensor], scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A :class:`sfplus.lora.LoRANet` state dict (``{path}.lora_A.weight`` ...) → ``{path: (A, scale · B)}``."""
+    """A :class:`sfplus.modules.lora.LoRANet` state dict (``{path}.lora_A.weight`` ...) → ``{path: (A, scale · B)}``."""
     out = {}
     for key, a in adapter_sd.items():
         if key.endswith(".lora_A.weight"):

@@ -37,7 +37,7 @@ VARIANTS = {
     "causal-sid": {"causal": {"frames_per_block": 1}, "distribution_loss": "sid"},
     "causal-dmd-gan": {"causal": {"frames_per_block": 1},
                        "gan": {"blocks": [0, 1], "g_weight": 0.1, "d_weight": 0.1}},
-    # LoRA on one shared base (sfplus.lora): bidirectional DMD, causal SiD with the GAN head.
+    # LoRA on one shared base (sfplus.modules.lora): bidirectional DMD, causal SiD with the GAN head.
     "lora-dmd": {"lora": {"rank": 4, "alpha": 8.0}},
     "lora-causal-sid-gan": {"causal": {"frames_per_block": 1}, "distribution_loss": "sid", "lora": {"rank": 4},
                             "gan": {"blocks": [0, 1], "g_weight": 0.1, "d_weight": 0.1}},

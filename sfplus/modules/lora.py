@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from sfplus.modules.groups import LoRA
 from sfplus.noise import stable_seed
@@ -207,8 +208,6 @@ def _shapes_view(shapes: dict[str, tuple[int, ...]]):
 
 def _assign(net: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """Copy full tensors into ``net``'s (possibly FSDP2-sharded) parameters, non-strictly."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     if is_sharded(net):
         set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True, strict=False))
         return
