@@ -59,12 +59,7 @@ class RecipeModule(L.LightningModule):
         super().__init__()
         self.net_name, self.net_overrides = net, dict(net_overrides or {})
         scale = as_group(Scale, scale, "scale") or Scale()
-        self.scale = scale
-        self.activation_checkpointing = scale.activation_checkpointing
-        self.param_dtype, self.frozen_dtype = scale.param_dtype, scale.frozen_dtype
-        self.compile_blocks = scale.compile
-        self.fp8 = scale.fp8  # predict only: FP8 linears in the DiT blocks (sfplus.nets.fp8)
-        self.accumulate = scale.accumulate_grad_batches
+        self.scale = scale  # read where used (self.scale.fp8, ...): one copy of each setting
         self._micro = 0  # micro-batch index inside the current (accumulated) update
         self._weights_pending = False
         self._sharded_trainable: list[nn.Module] = []  # set by prepare_nets
@@ -102,8 +97,9 @@ class RecipeModule(L.LightningModule):
         if mesh is not None or self.scale.sequence_parallel > 1:  # checks the mesh against scale.sequence_parallel
             mesh, self._sp_group, self._layout = mesh_layout(mesh, self.scale.sequence_parallel)
         set_layout(self._layout)  # the batch samplers split data over data-parallel ranks only
-        parallelize(trainable, frozen, ema, mesh, activation_checkpointing=self.activation_checkpointing,
-                    compile=self.compile_blocks, param_dtype=self.param_dtype, frozen_dtype=self.frozen_dtype,
+        s = self.scale
+        parallelize(trainable, frozen, ema, mesh, activation_checkpointing=s.activation_checkpointing,
+                    compile=s.compile, param_dtype=s.param_dtype, frozen_dtype=s.frozen_dtype,
                     sequence_parallel=self._sp_group, checkpoint_context=checkpoint_context)
         sharded = mesh is not None and mesh.size() > 1
         self._sharded_trainable = list(trainable) if sharded else []
@@ -126,7 +122,7 @@ class RecipeModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         excuse_frozen_eval_modules(self)  # the frozen nets are in eval mode on purpose
-        if self.fp8:
+        if self.scale.fp8:
             raise ValueError("scale.fp8 is for predict only: FP8 linears have no backward; train without it")
         self._load_pending()
         # Before any update freezes a net (see settle_mixed_precision): FSDP2 fixes gradient dtypes at first use.
@@ -135,7 +131,7 @@ class RecipeModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self._load_pending()
-        if self.fp8:
+        if self.scale.fp8:
             self._quantize_fp8()
 
     def _quantize_fp8(self) -> None:
@@ -174,8 +170,8 @@ class RecipeModule(L.LightningModule):
         """
         if self._micro == 0:
             opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss / self.accumulate)
-        if self._micro + 1 < self.accumulate:
+        self.manual_backward(loss / self.scale.accumulate_grad_batches)
+        if self._micro + 1 < self.scale.accumulate_grad_batches:
             self._micro += 1
             self.last_update = None
             return None

@@ -135,7 +135,7 @@ class DistillModule(RecipeModule):
         self.lora = as_group(LoRA, lora, "lora")
         if self.lora is not None:
             check_lora_recipe(self.lora, teacher_net=teacher_net, generator_checkpoint=generator_checkpoint,
-                              critic_checkpoint=critic_checkpoint, fp8=self.fp8)
+                              critic_checkpoint=critic_checkpoint, fp8=self.scale.fp8)
         if dfake_gen_update_ratio < 1:
             raise ValueError(f"dfake_gen_update_ratio must be >= 1, got {dfake_gen_update_ratio}")
         self.teacher_checkpoint = teacher_checkpoint
@@ -210,7 +210,7 @@ class DistillModule(RecipeModule):
         """One base (the teacher slot) with the generator's, the critic's and the EMA's adapters
         (sfplus.modules.lora)."""
         with self.net_context():
-            nets = build_lora_nets(self.build_net(), self.lora, self.frozen_dtype)
+            nets = build_lora_nets(self.build_net(), self.lora, self.scale.frozen_dtype)
             self.teacher, self.generator, self.critic, self.generator_ema = nets
             if self.gan is not None:
                 self.disc_head = self._build_head()
