@@ -28,8 +28,8 @@ import torch
 from einops import rearrange
 from tensorboard.compat.proto.summary_pb2 import Summary
 
-from sfplus.modules.base import to_uint8_video
 from sfplus.modules.contract import VideoSource
+from sfplus.modules.generation import to_uint8_video
 
 
 def side_by_side(videos: torch.Tensor, upscale: int = 1) -> np.ndarray:

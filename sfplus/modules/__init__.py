@@ -6,9 +6,10 @@
 * :class:`ODEInitModule` — ODE-regression initialisation of a causal generator from teacher trajectories.
 """
 
-from sfplus.modules.base import RecipeModule, SingleNetModule, sample_seed, stable_seed, to_uint8_video
+from sfplus.modules.base import RecipeModule, SingleNetModule
 from sfplus.modules.diffusion import DiffusionModule
 from sfplus.modules.distill import DistillModule
+from sfplus.modules.generation import sample_seed, stable_seed, to_uint8_video
 from sfplus.modules.ode import ODEInitModule
 
 __all__ = ["DiffusionModule", "DistillModule", "ODEInitModule", "RecipeModule", "SingleNetModule", "sample_seed",
