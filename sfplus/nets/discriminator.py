@@ -11,10 +11,11 @@ selected blocks and tokens per block; the head does not live inside the critic, 
 ``WanDiT.forward(..., return_hidden=blocks)``. The reference uses blocks (13, 21, 29) of the 30-layer 1.3B critic,
 one token per block, and a time token ``10 * e`` when ``concat_time_embeddings``.
 
-The defaults are the reference's head (docs/reference_equivalence.md, 'GAN head'): the register tokens' RMSNorm has a
-learnable weight, each block's ``norm2`` (before the FFN) has no affine parameters, and the FFN is 8192 wide whatever
-the width (the reference's ``GanAttentionBlock`` default; it never scales it). ``register_norm_weight=False,
-norm2_affine=True, ffn_dim=None`` (4 x width) is sfplus's head before the alignment, which older checkpoints hold.
+The defaults are the reference's head (docs/reference_equivalence.md, 'Fixed — GAN head layout'): the register
+tokens' RMSNorm has a learnable weight, each block's ``norm2`` (before the FFN) has no affine parameters, and the FFN
+is 8192 wide whatever the width (the reference's ``GanAttentionBlock`` default; it never scales it).
+``register_norm_weight=False, norm2_affine=True, ffn_dim=None`` (4 x width) is sfplus's head before the alignment,
+which older checkpoints hold.
 """
 
 from __future__ import annotations
