@@ -5,7 +5,8 @@
 
 Counts: each recipe module's constructor arguments; string comparisons inside the training-step methods (switches
 on strings such as ``distribution_loss == "sid"``); imports of underscore names across modules; module import
-cycles (top-level imports, counting the package ``__init__`` files an import runs); imports inside functions (library and tools separately); the longest files.
+cycles (top-level imports, counting the package ``__init__`` files an import runs); imports inside functions (library
+and tools separately); the longest files.
 """
 
 from __future__ import annotations
