@@ -86,6 +86,17 @@ def test_ode_init_recipe_matches_the_trajectory_schedule():
         assert r["generator_checkpoint"].startswith("runs/t2v-13b-ode-init/")
 
 
+def test_gan_recipes_build_the_references_head():
+    """The reference's discriminator head (docs/reference_equivalence.md, 'Fixed — GAN head layout'): FFN 8192, a
+    learnable register-token RMSNorm weight, norm2 without affine; blocks (13, 21, 29) of the 1.3B critic, one token
+    each."""
+    for path in (WAN / "t2v_13b_self_forcing_gan.yaml", ROOT / "configs" / "toy" / "gan.yaml"):
+        gan = load(path)["model"]["init_args"]["gan"]
+        assert (gan["ffn_dim"], gan["register_norm_weight"], gan["norm2_affine"]) == (8192, True, False), path
+        assert (gan["tokens_per_block"], gan["g_weight"], gan["d_weight"]) == (1, 0.01, 0.01)
+    assert load(WAN / "t2v_13b_self_forcing_gan.yaml")["model"]["init_args"]["gan"]["blocks"] == [13, 21, 29]
+
+
 # ---------------------------------------------------------------------------------------------------- toy twins
 
 

@@ -78,14 +78,26 @@ def test_causvid_without_latents_is_a_clear_error(tmp_path, teacher_file):
         fit(tmp_path, teacher_file, data="prompts", distribution_loss="causvid")
 
 
-def test_gan_term_trains_the_head(tmp_path, teacher_file):
+@pytest.mark.parametrize("relativistic", [False, True])
+def test_gan_term_trains_the_head(tmp_path, teacher_file, relativistic):
     module, rec = fit(tmp_path, teacher_file, gan={"blocks": [0, -1], "r1_weight": 1.0, "r2_weight": 1.0,
-                                                    "head_lr_multiplier": 10.0})
+                                                    "head_lr_multiplier": 10.0, "relativistic": relativistic})
     _finite(rec, "train/generator_loss", "train/critic_loss")
     assert any(k.startswith("train/disc_") for m in rec.metrics for k in m)
+    assert any("train/gan_d_real" in m for m in rec.metrics) == relativistic
     fresh = type(module.disc_head)(module.disc_head.dim, 2, 2)
     assert module.gan.blocks == [0, 1]
     assert module.disc_head.register_tokens.shape == fresh.register_tokens.shape
+    # the GAN defaults build the reference's head
+    assert module.disc_head.layout() == {"ffn_dim": 8192, "register_norm_weight": True, "norm2_affine": False}
+
+
+def test_gan_head_options_reach_the_head():
+    module = DistillModule(net="tiny", gan={"ffn_dim": None, "register_norm_weight": False, "norm2_affine": True})
+    module.configure_model()
+    assert module.disc_head.layout() == {"ffn_dim": 128, "register_norm_weight": False, "norm2_affine": True}
+    with pytest.raises(ValueError, match="ffn_dim"):
+        DistillModule(net="tiny", gan={"ffn_dim": 0})
 
 
 def test_unknown_gan_option_is_named(teacher_file):

@@ -31,6 +31,7 @@ from sfplus.parallel import copy_weights, load_weights
 from sfplus.rollout.bidirectional import Rollout
 from sfplus.sampling.samplers import few_step_sample, teacher_sample
 from sfplus.sampling.streaming import causal_generate
+from sfplus.weights.checkpoints import CheckpointError
 
 # Signature defaults (frozen: shared by every instance), also the base a partial group from a dict fills in.
 GENERATOR_OPTIMIZER = Optimizer(lr=2e-6, betas=(0.0, 0.999))  # the reference's
@@ -257,7 +258,26 @@ class DistillModule(RecipeModule):
         cfg = self.generator.config
         blocks = [b % cfg.num_layers for b in self.gan.blocks]
         self.gan.blocks = blocks
-        return DiscriminatorHead(cfg.dim, cfg.num_heads, len(blocks), tokens_per_block=self.gan.tokens_per_block)
+        return DiscriminatorHead(cfg.dim, cfg.num_heads, len(blocks), tokens_per_block=self.gan.tokens_per_block,
+                                 ffn_dim=self.gan.ffn_dim, register_norm_weight=self.gan.register_norm_weight,
+                                 norm2_affine=self.gan.norm2_affine)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A head saved with other head options (e.g. sfplus's head before it followed the reference's) cannot be
+        # converted honestly (a narrower FFN, trained norm2 affines and their AdamW moments): name the options that
+        # rebuild the saved head instead of listing its keys.
+        sd = checkpoint.get("state_dict", {})
+        if self.disc_head is not None and any(k.startswith("disc_head.") for k in sd):
+            saved, own = DiscriminatorHead.layout_of(sd, "disc_head."), self.disc_head.layout()
+            if saved != own:
+                def yaml(layout: dict) -> str:
+                    return "{" + ", ".join(f"{k}: {'null' if v is None else str(v).lower()}"
+                                           for k, v in layout.items()) + "}"
+                raise CheckpointError(f"the checkpoint's discriminator head was built with gan: {yaml(saved)}, this "
+                                      f"module's with {yaml(own)}: set those gan options to resume it (sfplus "
+                                      "before the reference's head wrote ffn_dim = 4 x width, register_norm_weight "
+                                      "false, norm2_affine true)")
+        super().on_load_checkpoint(checkpoint)
 
     def configure_optimizers(self):
         g = self.generator_optimizer.build(self.generator.parameters())
@@ -357,7 +377,7 @@ class DistillModule(RecipeModule):
             if self.gan is not None:
                 gan_loss, gan_logs = gan_generator_term(
                     self.critic, self.disc_head, x, t, eps, cond, self.gan.blocks, x_real=real,
-                    relativistic=self.gan.relativistic, gan_g_weight=self.gan.g_weight,
+                    relativistic=self.gan.relativistic, gan_g_weight=self.gan.g_weight, generator=g,
                 )
                 loss = self.gan.dmd_weight * loss + gan_loss
                 logs.update({f"train/gan_{k}": v for k, v in gan_logs.items()})

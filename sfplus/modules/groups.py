@@ -64,6 +64,12 @@ class GAN:
         tokens_per_block: register tokens per read block.
         dmd_weight: weight of the distribution-matching loss next to the adversarial one.
         warmup_steps: critic updates during which only the head learns and the generator waits.
+        ffn_dim: FFN width of the head's attention blocks (the reference's 8192 at any critic width; None: 4 x the
+            critic's width).
+        register_norm_weight: the register tokens' RMSNorm has a learnable weight (the reference's).
+        norm2_affine: the head blocks' pre-FFN LayerNorm has weight and bias (the reference's has none).
+    The last three default to the reference's head. A checkpoint written by sfplus before they existed holds
+    ``ffn_dim: null, register_norm_weight: false, norm2_affine: true``: set those to resume it (loading names them).
     """
 
     g_weight: float = 1e-2
@@ -78,6 +84,15 @@ class GAN:
     tokens_per_block: int = 1
     dmd_weight: float = 1.0
     warmup_steps: int = 0
+    ffn_dim: int | None = 8192
+    register_norm_weight: bool = True
+    norm2_affine: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ffn_dim is not None and (isinstance(self.ffn_dim, bool) or not isinstance(self.ffn_dim, int)
+                                         or self.ffn_dim < 1):
+            raise ValueError(f"gan.ffn_dim must be a positive int or null (4 x the critic's width), got "
+                             f"{self.ffn_dim!r}")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 docs/algorithms.md, 'GAN term (DMD2)'.
 
 The discriminator ``D`` is the critic's trunk read after a few blocks by the head. Real (data) and fake (generated)
-latents are noised to the same score timestep ``t`` (and, in the critic step, with the same ``eps``) before ``D``.
+latents are noised to the same score timestep ``t`` before ``D``: in the critic step with the same ``eps``, in the
+(relativistic) generator step the real latents with a fresh draw of their own, as the reference does.
 
 * non-saturating: generator ``softplus(-D(fake))``; discriminator ``softplus(-D(real)) + softplus(D(fake))``;
 * relativistic: generator ``softplus(-(D(fake) - D(real)))``; discriminator ``softplus(-(D(real) - D(fake)))``;
@@ -168,13 +169,17 @@ def gan_generator_term(
     blocks: Sequence[int],
     *,
     x_real: torch.Tensor | None = None,
+    eps_real: torch.Tensor | None = None,
     relativistic: bool = False,
     gan_g_weight: float = 1e-2,
+    generator=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Generator-side GAN loss ``gan_g_weight * L_G``; differentiable w.r.t. ``x_fake`` through the critic.
 
-    x_fake: generated latents (with the generator's graph); x_real: data latents, needed when relativistic (its
-    logits are computed without grad). Both are noised with ``t`` and ``eps``.
+    x_fake: generated latents (with the generator's graph), noised with ``t`` and ``eps``; x_real: data latents,
+    needed when relativistic (its logits are computed without grad), noised with ``t`` and ``eps_real``: noise
+    independent of ``eps`` (the reference draws it fresh; None: drawn here from ``generator``, a torch generator or
+    :class:`sfplus.noise.SampleNoise`). The non-relativistic loss reads no real latents and draws nothing.
     Returns: (scalar loss, detached logs).
     """
     d_fake = discriminator_logits(critic, head, add_noise(x_fake, eps, t), t, cond, blocks)
@@ -183,8 +188,10 @@ def gan_generator_term(
     if relativistic:
         if x_real is None:
             raise ValueError("the relativistic generator loss needs real latents (x_real)")
+        if eps_real is None:
+            eps_real = randn_like(x_real, generator)
         with torch.no_grad():
-            d_real = discriminator_logits(critic, head, add_noise(x_real, eps, t), t, cond, blocks)
+            d_real = discriminator_logits(critic, head, add_noise(x_real, eps_real, t), t, cond, blocks)
         logs["d_real"] = d_real.float().mean()
     loss = gan_generator_loss(d_fake, d_real, relativistic=relativistic, weight=gan_g_weight)
     logs["loss_g"] = loss.detach()

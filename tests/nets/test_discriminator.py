@@ -108,3 +108,52 @@ def test_classifier_layernorm_eps_is_the_references():
     head = DiscriminatorHead(16, 2, 3)
     assert head.cls_pred_branch[0].eps == 1e-5
     assert head.gan_blocks[0].norm3.eps == 1e-6  # the GAN blocks' WanLayerNorms keep Wan's 1e-6
+
+
+def test_default_head_is_the_references():
+    """The reference's head (its RegisterTokens / GanAttentionBlock): a learnable weight on the register tokens'
+    RMSNorm, no affine on the blocks' norm2, FFN 8192 wide whatever the width."""
+    for dim, heads in ((16, 2), (64, 4)):
+        head = DiscriminatorHead(dim, heads, 3)
+        names = dict(head.named_parameters())
+        assert names["register_norm.weight"].shape == (dim,)
+        assert not any(".norm2." in k for k in names)
+        assert all(b.ffn[0].out_features == 8192 and b.ffn[2].in_features == 8192 for b in head.gan_blocks)
+        assert head.layout() == {"ffn_dim": 8192, "register_norm_weight": True, "norm2_affine": False}
+        assert DiscriminatorHead.layout_of(head.state_dict()) == head.layout()
+    assert DiscriminatorHead(16, 2, 1, ffn_dim=None).gan_blocks[0].ffn[0].out_features == 64  # None: 4 x width
+
+
+def test_register_norm_weight_scales_the_normalised_tokens():
+    torch.manual_seed(0)
+    head = DiscriminatorHead(16, 2, 2, ffn_dim=32)
+    h = [torch.randn(2, 8, 16), torch.randn(2, 8, 16)]
+    with torch.no_grad():
+        head.register_norm.weight.copy_(torch.linspace(0.5, 2.0, 16))
+    reg = head.register_tokens
+    expected = reg * torch.rsqrt(reg.pow(2).mean(-1, keepdim=True) + 1e-6) * head.register_norm.weight
+    torch.testing.assert_close(head.register_norm(reg), expected)
+    before = head(h)
+    with torch.no_grad():
+        head.register_norm.weight.mul_(3.0)
+    assert not torch.allclose(head(h), before)
+
+
+def test_old_head_options_rebuild_the_pre_alignment_head():
+    """register_norm_weight=False, norm2_affine=True, ffn_dim=None: the keys of heads saved before the alignment
+    (tests/data/distill_causal_gan_session6.ckpt); at unit norms it computes what the reference-layout head does."""
+    torch.manual_seed(0)
+    old = DiscriminatorHead(32, 2, 2, ffn_dim=None, register_norm_weight=False, norm2_affine=True)
+    keys = set(old.state_dict())
+    assert "register_norm.weight" not in keys and {"gan_blocks.0.norm2.weight", "gan_blocks.0.norm2.bias"} <= keys
+    assert old.gan_blocks[0].ffn[0].weight.shape == (128, 32)
+    assert DiscriminatorHead.layout_of({f"disc_head.{k}": v for k, v in old.state_dict().items()}, "disc_head.") == {
+        "ffn_dim": 128, "register_norm_weight": False, "norm2_affine": True}
+    new = DiscriminatorHead(32, 2, 2, ffn_dim=128)
+    missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
+    assert missing == ["register_norm.weight"] and all(".norm2." in k for k in unexpected)
+    h = [torch.randn(2, 8, 32), torch.randn(2, 8, 32)]
+    torch.testing.assert_close(new(h), old(h))  # norm2 1 / 0 and register-norm weight 1: the same function
+    with torch.no_grad():
+        old.gan_blocks[0].norm2.weight.mul_(2.0)
+    assert not torch.allclose(new(h), old(h))  # an affine norm2 is one

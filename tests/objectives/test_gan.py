@@ -124,10 +124,12 @@ def test_generator_term_reaches_the_generated_latents(relativistic):
     critic, head, x_real, x_fake, eps, t, cond = _setup()
     x_fake = x_fake.clone().requires_grad_(True)
     loss, logs = gan_generator_term(critic, head, x_fake, t, eps, cond, (0, 1), x_real=x_real,
-                                    relativistic=relativistic, gan_g_weight=0.5)
+                                    relativistic=relativistic, gan_g_weight=0.5,
+                                    generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         d_fake = discriminator_logits(critic, head, add_noise(x_fake, eps, t), t, cond, (0, 1))
-        d_real = discriminator_logits(critic, head, add_noise(x_real, eps, t), t, cond, (0, 1))
+        eps_real = torch.randn(x_real.shape, generator=torch.Generator().manual_seed(9))
+        d_real = discriminator_logits(critic, head, add_noise(x_real, eps_real, t), t, cond, (0, 1))
     expected = gan_generator_loss(d_fake, d_real, relativistic=relativistic, weight=0.5)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
@@ -135,3 +137,22 @@ def test_generator_term_reaches_the_generated_latents(relativistic):
     if relativistic:
         with pytest.raises(ValueError, match="x_real"):
             gan_generator_term(critic, head, x_fake, t, eps, cond, (0, 1), relativistic=True)
+
+
+def test_relativistic_generator_term_noises_the_real_latents_independently():
+    """The reference's generator step draws fresh noise for the real latents (its critic step reuses the fake's):
+    D(real) is evaluated at add_noise(x_real, eps_real, t), not at the fake sample's eps."""
+    critic, head, x_real, x_fake, eps, t, cond = _setup()
+    eps_real = torch.randn(x_real.shape, generator=torch.Generator().manual_seed(3))
+    loss, logs = gan_generator_term(critic, head, x_fake, t, eps, cond, (0, 1), x_real=x_real, eps_real=eps_real,
+                                    relativistic=True)
+    with torch.no_grad():
+        fresh = discriminator_logits(critic, head, add_noise(x_real, eps_real, t), t, cond, (0, 1))
+        shared = discriminator_logits(critic, head, add_noise(x_real, eps, t), t, cond, (0, 1))
+    assert logs["d_real"].item() == pytest.approx(fresh.mean().item(), rel=1e-5)
+    assert abs(logs["d_real"].item() - shared.mean().item()) > 1e-4
+    # the non-relativistic term reads no real latents and draws no noise
+    g = torch.Generator().manual_seed(4)
+    state = g.get_state()
+    _, logs = gan_generator_term(critic, head, x_fake, t, eps, cond, (0, 1), x_real=x_real, generator=g)
+    assert "d_real" not in logs and torch.equal(g.get_state(), state)
