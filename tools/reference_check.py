@@ -31,12 +31,36 @@ import time
 import types
 from types import SimpleNamespace
 
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.nn.attention.flex_attention import flex_attention as eager_flex
+
+from sfplus.flow import score_timesteps_from_raw, warp_timesteps
+from sfplus.modules.diffusion import DiffusionModule
+from sfplus.modules.distill_parts import (
+    BidirectionalRollout,
+    CausVidStep,
+    DMDObjective,
+    ExitSteps,
+    SelfForcingRollout,
+    SiDObjective,
+)
+from sfplus.nets.causal import BlockCausal
+from sfplus.nets.discriminator import DiscriminatorHead
+from sfplus.nets.wan import WanConfig, WanDiT
+from sfplus.noise import SampleNoise
+from sfplus.objectives.dmd import critic_flow_loss
+from sfplus.objectives.gan import gan_critic_loss, gan_generator_term
+from sfplus.objectives.ode import ode_regression_loss
+from sfplus.sampling import causal_sample, few_step_sample
+from sfplus.sampling.unipc import unipc_sample
+from sfplus.weights import check_state_dict, read_dit_state_dict
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = os.environ.get("SFP_REF", os.path.join(ROOT, ".ref", "sfp"))
 SHIMS = os.environ.get("SFP_SHIMS", os.path.join(ROOT, ".ref", "bench", "shims"))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 PATCHES: list[str] = []  # every run-time patch applied to the reference, in words
 
@@ -106,8 +130,6 @@ def import_reference():
           "PyTorch SDPA with the same k_lens key mask, computed in the inputs' dtype (flash-attn casts to bf16 and "
           "is CUDA-only)")
 
-    from torch.nn.attention.flex_attention import flex_attention as eager_flex
-
     wcausal.flex_attention = eager_flex
     if not torch.cuda.is_available():
         dense_masks: dict = {}
@@ -131,8 +153,6 @@ def import_reference():
               "calls SDPA (FlexAttention has no backward on the CPU; same mask, same maths)")
     patch("`causal_model.flex_attention`: the eager function instead of the module-level "
           "`torch.compile(..., mode='max-autotune-no-cudagraphs')` wrapper (same maths; no Inductor on the CPU image)")
-
-    import torch.distributed as dist
 
     dist.broadcast = lambda tensor, src=0, *a, **k: None
     patch("`torch.distributed.broadcast` is a no-op (one process: broadcasting from rank 0 to itself; the reference "
@@ -306,8 +326,6 @@ class ReplayNoise:
 
 def as_sample_noise(replay_noise: ReplayNoise):
     """A SampleNoise subclass instance delegating to ``replay_noise`` (sfplus checks isinstance)."""
-    from sfplus.noise import SampleNoise
-
     class _Replay(SampleNoise):
         def __init__(self):  # no generators
             self.device = torch.device(replay_noise.device)
@@ -343,8 +361,6 @@ IMAGE_DIM = 1280  # the reference's img_emb input width is hard-coded
 
 
 def wan_config(size: str, i2v: bool):
-    from sfplus.nets.wan import WanConfig
-
     s = SIZES[size]
     return WanConfig(dim=s["dim"], ffn_dim=s["ffn_dim"], num_heads=s["num_heads"], num_layers=s["num_layers"],
                      text_dim=s["text_dim"], text_len=s["text_len"], in_dim=36 if i2v else 16,
@@ -360,10 +376,6 @@ def ref_registry_entry(cfg) -> dict:
 def write_random_wan_file(cfg, path: str, seed: int) -> None:
     """Random weights in Wan-original layout: official init, then every parameter perturbed (a zero head or unit
     norms would hide mistakes)."""
-    from safetensors.torch import save_file
-
-    from sfplus.nets.wan import WanDiT
-
     torch.manual_seed(seed)
     net = WanDiT(cfg)
     net.init_weights()
@@ -375,9 +387,6 @@ def write_random_wan_file(cfg, path: str, seed: int) -> None:
 
 def load_both(cfg, path: str, ref_model: torch.nn.Module, device):
     """Read the file through sfplus's loader; load it into a fresh sfplus WanDiT and into the reference model."""
-    from sfplus.nets.wan import WanDiT
-    from sfplus.weights import check_state_dict, read_dit_state_dict
-
     sd = read_dit_state_dict(path)
     net = WanDiT(cfg)
     check_state_dict(net, sd, path)
@@ -525,10 +534,6 @@ def align_score_grids(dmd) -> None:
 
 
 def bidirectional_dmd(ref, opts, i2v: bool):
-    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
-    from sfplus.modules.distill_parts import BidirectionalRollout, DMDObjective, ExitSteps
-    from sfplus.objectives.dmd import critic_flow_loss
-
     recipe = "self_forcing_14b_i2v_dmd" if i2v else "self_forcing_14b_dmd"
     guidance = 6.0 if i2v else 5.0  # the reference's s; Wan's g = s + 1
     world = World(ref, opts, i2v=i2v, causal=False, tag="bi-i2v" if i2v else "bi-t2v")
@@ -663,10 +668,6 @@ def detach_kv_after_calls(wrapper) -> None:
 
 
 def causal_dmd(ref, opts):
-    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
-    from sfplus.modules.distill_parts import DMDObjective, ExitSteps, SelfForcingRollout
-    from sfplus.objectives.dmd import critic_flow_loss
-
     recipe = "self_forcing_dmd (causal)"
     guidance = 3.0
     # batch 1: the reference's context refresh multiplies a [B, n] timestep by a [B*n] one, which only broadcasts
@@ -769,9 +770,6 @@ class GivenText(torch.nn.Module):
 def infer_bidirectional(ref, opts):
     import pipeline.bidirectional_inference as bdi
 
-    from sfplus.flow import warp_timesteps
-    from sfplus.sampling import few_step_sample
-
     world = World(ref, opts, i2v=False, causal=False, tag="infer-bi")
     dmd, nets = world.build_dmd(5.0)
     gen = dmd.generator
@@ -811,9 +809,6 @@ def infer_causal(ref, opts):
     import builtins
 
     import pipeline.causal_inference as ci
-
-    from sfplus.flow import warp_timesteps
-    from sfplus.sampling import causal_sample
 
     world = World(ref, opts, i2v=False, causal=True, tag="infer-causal")
     dmd, nets = world.build_dmd(3.0)
@@ -862,10 +857,6 @@ def infer_causal(ref, opts):
 def bidir_case(world, dmd, nets, kind, exit_index, t_raw, seed, sf_generator_loss):
     """One bidirectional-rollout training case (the tape of ``bidirectional_dmd``); returns (loss_ref, loss_sf,
     gradient diff of the trained net). ``sf_generator_loss(x, t, eps, cond, uncond)`` is sfplus's objective."""
-    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
-    from sfplus.modules.distill_parts import BidirectionalRollout, ExitSteps
-    from sfplus.objectives.dmd import critic_flow_loss
-
     B, F_ = world.B, world.F
     shape = [B, F_, world.C, world.H, world.W]
     normals = world.normals(exit_index + 2, seed=seed)
@@ -910,8 +901,6 @@ def report_pair(name, kind, loss_ref, loss_sf, gd, tol, **extra):
 def sid(ref, opts):
     """SiD generator loss (bidirectional T2V rollout, s = 5, alpha = 1) and its critic (DMD's flow loss)."""
     from model.sid import SiD
-
-    from sfplus.modules.distill_parts import SiDObjective
 
     def b6(model):
         model.min_score_timestep = 0
@@ -960,11 +949,6 @@ def causvid(ref, opts):
     the critic's flow loss."""
     from model.causvid import CausVid
     from utils.loss import get_denoising_loss
-
-    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
-    from sfplus.modules.distill_parts import CausVidStep, DMDObjective
-    from sfplus.nets.causal import BlockCausal
-    from sfplus.objectives.dmd import critic_flow_loss
 
     def b7(model):
         model.denoising_loss_func = get_denoising_loss("flow")()
@@ -1067,10 +1051,6 @@ def ode_regression(ref, opts):
     """ODE regression of the causal generator on 5-snapshot trajectories at [1000, 960, 888.9, 727.3, 0]."""
     import model.ode_regression as mode
 
-    from sfplus.flow import warp_timesteps
-    from sfplus.nets.causal import BlockCausal
-    from sfplus.objectives.ode import ode_regression_loss
-
     world = World(ref, opts, i2v=False, causal=True, tag="ode")
     B, F_ = world.B, world.F
     table = warp_timesteps([1000, 750, 500, 250], 8.0) + [0.0]
@@ -1100,9 +1080,6 @@ def ode_regression(ref, opts):
 def causal_diffusion(ref, opts):
     """Causal diffusion (diffusion forcing) and teacher forcing: the flow-matching loss of a causal model."""
     import model.diffusion as mdiff
-
-    from sfplus.modules.diffusion import DiffusionModule
-    from sfplus.nets.causal import BlockCausal
 
     world = World(ref, opts, i2v=False, causal=True, tag="diff")
     B, F_ = world.B, world.F
@@ -1167,8 +1144,6 @@ class PromptText(torch.nn.Module):
 def infer_teacher(ref, opts):
     """The reference's only teacher sampler, BidirectionalDiffusionInferencePipeline (Wan's UniPC, 50 steps, shift
     8, Wan-style CFG), vs sfplus's unipc_sample."""
-    from sfplus.sampling.unipc import unipc_sample
-
     bdi = import_with_real_diffusers("pipeline.bidirectional_diffusion_inference")
     patch("teacher-sampler row: `pipeline.bidirectional_diffusion_inference` (and the Wan UniPC solver it imports) is "
           "imported with the installed diffusers instead of the bench shim (the solver needs diffusers' ConfigMixin)")
@@ -1208,11 +1183,6 @@ def gan(ref, opts, r_sigma: float, relativistic: bool = False):
     sfplus's head is built with its defaults."""
     import model.gan as mgan
     import wan.modules.model as wmodel
-
-    from sfplus.flow import score_timesteps_from_raw, warp_timesteps
-    from sfplus.modules.distill_parts import BidirectionalRollout, ExitSteps
-    from sfplus.nets.discriminator import DiscriminatorHead
-    from sfplus.objectives.gan import gan_critic_loss, gan_generator_term
 
     wrapper_cls = ref.ww.WanDiffusionWrapper
     if not getattr(wrapper_cls, "_refcheck_gan", False):
