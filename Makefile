@@ -4,6 +4,8 @@
 # and more:
 #   make demo-full  the same, training the toy teacher first (configs/toy/teacher.yaml)
 #   make serve-demo after `make demo`: `sfplus serve` of the demo's student on http://127.0.0.1:7860
+#   make demo-causal        distil the shipped streaming toy teacher into a causal (Self-Forcing) student
+#   make serve-demo-causal  after `make demo-causal`: serve it; the page shows its video block by block
 #   make browser    install Debian's chromium (tests/test_serve_browser.py drives it; CI runs this before `make test`)
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +13,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-full serve-demo browser test clean-demo
+.PHONY: setup demo demo-full demo-causal serve-demo serve-demo-causal browser test clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +32,16 @@ demo: setup
 demo-full: setup
 	$(BIN)/python tools/toy_demo.py --train-teacher
 
+demo-causal: setup
+	$(BIN)/python tools/toy_demo.py --causal
+
 serve-demo: setup
 	OMP_NUM_THREADS=1 $(BIN)/sfplus serve --config configs/toy/dmd.yaml --ckpt_path runs/toy-dmd/checkpoints/last.ckpt \
 		--device cpu --fps 8
+
+serve-demo-causal: setup
+	OMP_NUM_THREADS=1 $(BIN)/sfplus serve --config configs/toy/causal_dmd_stream.yaml \
+		--ckpt_path runs/toy-causal-stream/checkpoints/last.ckpt --device cpu --fps 8
 
 # Debian's chromium through apt (as root, or with sudo); nothing to do if it is there.
 browser:
@@ -46,4 +55,4 @@ test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean-demo:
-	rm -rf runs/toy-teacher runs/toy-dmd runs/toy-eval
+	rm -rf runs/toy-teacher runs/toy-dmd runs/toy-eval runs/toy-causal-stream runs/toy-eval-stream

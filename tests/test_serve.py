@@ -1,5 +1,6 @@
 """``sfplus serve`` without a browser: streaming equals batch generation, the WebSocket protocol's messages for bad
-input, the queue, a client that leaves, and memory that stays flat over 20 generations."""
+input, the queue, a client that leaves, memory that stays flat over 20 generations, and the streaming toy demo
+(``make serve-demo-causal``) sending its first block before the video is done."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import gc
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import write_tiny_causal_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("fastapi")
 pytest.importorskip("websockets")
@@ -28,14 +32,13 @@ def module(tmp_path_factory):
     return load_generator(config, ckpt, torch.device("cpu"))
 
 
-@pytest.fixture(scope="module")
-def server(module, tmp_path_factory):
+def _serve(module, settings):
+    """A uvicorn server of ``module`` on a free port in a thread: yields (WebSocket URL, app state)."""
     import uvicorn
 
-    from sfplus.serve.app import ServeSettings, create_app
+    from sfplus.serve.app import create_app
 
-    app = create_app(module, ServeSettings(max_waiting=1, keep_videos=2,
-                                           video_dir=str(tmp_path_factory.mktemp("videos"))))
+    app = create_app(module, settings)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -45,6 +48,14 @@ def server(module, tmp_path_factory):
     yield f"ws://127.0.0.1:{port}/ws", app.state.sfplus
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(module, tmp_path_factory):
+    from sfplus.serve.app import ServeSettings
+
+    yield from _serve(module, ServeSettings(max_waiting=1, keep_videos=2,
+                                            video_dir=str(tmp_path_factory.mktemp("videos"))))
 
 
 async def _request(url: str, request: dict, until=("done", "error", "cancelled")) -> tuple[list[dict], int]:
@@ -177,6 +188,47 @@ def test_memory_after_twenty_generations_is_what_it_was_after_the_first(server):
     _wait_idle(state, start + 20)
     assert _live_tensor_bytes() == after_first
     assert len(state.videos) == 2 and len(list(state.settings.video_dir.iterdir())) == 2  # keep_videos
+
+
+def test_the_streaming_toy_demo_sends_its_first_block_before_the_video_is_done(tmp_path):
+    """``make serve-demo-causal``: configs/toy/causal_dmd_stream.yaml with a checkpoint of the kind ``make
+    demo-causal`` writes (here the student before training: the shipped streaming teacher's weights, saved as a
+    Lightning checkpoint) streams two blocks of 4 frames; the first arrives before the generation ends."""
+    from sfplus.serve.app import ServeSettings
+    from sfplus.serve.loader import load_generator, module_from_config
+
+    config = ROOT / "configs" / "toy" / "causal_dmd_stream.yaml"
+    student = module_from_config(config)
+    student.configure_model()
+    ckpt = {"state_dict": student.state_dict()}
+    student.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    del student, ckpt
+    module = load_generator(config, tmp_path / "last.ckpt", torch.device("cpu"))
+
+    async def generate(url):  # (what arrived, seconds since the request) in order
+        import websockets
+
+        async with websockets.connect(url) as ws:
+            assert json.loads(await ws.recv())["model"]["causal"]
+            start = time.perf_counter()
+            await ws.send(json.dumps({"type": "generate", "prompt": "a red square moving left", "seed": 0}))
+            arrived = []
+            while not arrived or arrived[-1][0] not in ("done", "error"):
+                msg = await ws.recv()
+                arrived.append(("frame" if isinstance(msg, bytes) else json.loads(msg)["type"],
+                                time.perf_counter() - start))
+                if arrived[-1][0] == "done":
+                    done = json.loads(msg)
+            return arrived, done
+
+    for url, _ in _serve(module, ServeSettings(video_dir=str(tmp_path / "videos"))):
+        arrived, done = asyncio.run(generate(url))
+    kinds = [k for k, _ in arrived]
+    assert kinds == ["queued", "started", "block"] + ["frame"] * 4 + ["block"] + ["frame"] * 4 + ["done"], kinds
+    first_frame = arrived[kinds.index("frame")][1]
+    assert first_frame < arrived[-1][1] and done["time_to_first_frame"] < done["seconds"]
+    assert done["frames"] == 8
 
 
 def test_missing_extra_names_it(monkeypatch):

@@ -1,8 +1,10 @@
-"""The shipped toy teacher (assets/toy_teacher/) loads and still scores what its sidecar records.
+"""The shipped toy teachers (assets/toy_teacher/, assets/toy_teacher_stream/) load and still score what their
+sidecars record.
 
-``make demo`` distils this teacher; a change to the network, the sampler, the toy codec or the toy metrics that
-breaks it fails here. The evaluation is the small one recorded under ``ci_check`` (2 videos per toy prompt, the
-teacher's 40- and 4-step rows, same noises), a few seconds on a CPU. On the machine that recorded it the numbers are
+``make demo`` distils the first, ``make demo-causal`` the second (8-frame clips, two packed latent frames); a change
+to the network, the sampler, the toy codec or the toy metrics that breaks one fails here. The evaluation is the
+small one recorded under ``ci_check`` (2 videos per toy prompt, the teacher's 40- and 4-step rows, same noises), a
+few seconds on a CPU. On the machine that recorded it the numbers are
 bit-identical; elsewhere CPU float reductions differ, so the tolerances allow a few hundredths of drift.
 """
 
@@ -19,32 +21,34 @@ from sfplus.toy.evaluation import evaluate
 from sfplus.weights.checkpoints import load_dit_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "assets" / "toy_teacher" / "toy_teacher.safetensors"
-SIDECAR = WEIGHTS.with_suffix(".json")
-# |now - recorded| allowed, per metric (accuracies: 2 videos of the 32 in a row).
+TEACHERS = [ROOT / "assets" / name / f"{name}.safetensors" for name in ("toy_teacher", "toy_teacher_stream")]
+# |now - recorded| allowed, per metric (accuracies: 2 videos of the toy teacher's 32 a row, 1 of the streaming
+# teacher's 16).
 TOLERANCE = {"prompt_accuracy": 2 / 32, "colour_accuracy": 2 / 32, "direction_accuracy": 2 / 32,
              "sharpness": 0.03, "frechet_distance": 0.15}
 
 
-@pytest.fixture(scope="module")
-def record() -> dict:
-    return json.loads(SIDECAR.read_text())
+@pytest.fixture(scope="module", params=TEACHERS, ids=lambda p: p.stem)
+def shipped(request) -> tuple[Path, dict]:
+    return request.param, json.loads(request.param.with_suffix(".json").read_text())
 
 
-def test_shipped_toy_teacher_is_small_and_loads(record):
-    assert WEIGHTS.stat().st_size < 3e6, "the shipped toy teacher should stay a few MB at most"
+def test_shipped_toy_teacher_is_small_and_loads(shipped):
+    weights, record = shipped
+    assert weights.stat().st_size < 3e6, "the shipped toy teacher should stay a few MB at most"
     info = record["sfplus"]
     net = build_dit(info["net"], **info.get("net_overrides", {}))
-    load_dit_weights(net, WEIGHTS)  # strict: every key and shape
+    load_dit_weights(net, weights)  # strict: every key and shape
     assert all(torch.isfinite(p).all() for p in net.parameters())
     made = record["made_with"]
     assert made["commands"] and made["trained_at_commit"], "the sidecar says how the teacher was made"
 
 
-def test_shipped_toy_teacher_scores_its_recorded_metrics(record, tmp_path):
+def test_shipped_toy_teacher_scores_its_recorded_metrics(shipped, tmp_path):
+    weights, record = shipped
     torch.set_num_threads(1)
     check = record["ci_check"]
-    rows = evaluate(str(WEIGHTS), out=str(tmp_path), samples_per_prompt=check["samples_per_prompt"],
+    rows = evaluate(str(weights), out=str(tmp_path), samples_per_prompt=check["samples_per_prompt"],
                     progress_every_s=-1)
     assert set(rows) == set(check["rows"])
     for name, recorded in check["rows"].items():

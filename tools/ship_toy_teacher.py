@@ -3,6 +3,13 @@
     OMP_NUM_THREADS=1 sfplus fit --config configs/toy/teacher.yaml          # ~8-12 min on 2 CPU cores
     python tools/ship_toy_teacher.py --train-seconds 760                     # export, score, write the sidecar
 
+``--stream`` writes the streaming toy teacher (``assets/toy_teacher_stream/``, what ``make demo-causal`` distils)
+instead: the shipped teacher fine-tuned on 8-frame clips, two packed latent frames
+(``configs/toy/teacher_stream.yaml``):
+
+    OMP_NUM_THREADS=1 sfplus fit --config configs/toy/teacher_stream.yaml   # ~4 min on 2 CPU cores
+    python tools/ship_toy_teacher.py --stream --train-seconds 240
+
 Writes, replacing what is there:
 
 * ``toy_teacher.safetensors``: the teacher's EMA weights, fp32, Wan-original key names (``sfplus export``);
@@ -31,10 +38,22 @@ from sfplus.video_io import write_json_atomic
 from sfplus.weights.export import export_generator
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "assets" / "toy_teacher"
-NAME = "toy_teacher"
-# The small evaluation CI repeats: 2 videos per toy prompt (32 a row), the teacher's 40- and 4-step rows.
-CI_SAMPLES_PER_PROMPT = 2
+# name -> (training config, its checkpoint, what the sidecar says it is)
+TEACHERS = {
+    "toy_teacher": (
+        "configs/toy/teacher.yaml", "runs/toy-teacher/checkpoints/last.ckpt",
+        "The toy teacher that `make demo` distils: a WanDiT of preset `toy` (0.32 M parameters) trained with flow "
+        "matching on the built-in toy clips by sfplus itself (configs/toy/teacher.yaml). Weights: the EMA, fp32, "
+        "Wan-original key names."),
+    "toy_teacher_stream": (
+        "configs/toy/teacher_stream.yaml", "runs/toy-teacher-stream/checkpoints/last.ckpt",
+        "The streaming toy teacher that `make demo-causal` distils into a causal (Self-Forcing) student: the shipped "
+        "toy teacher (assets/toy_teacher) fine-tuned with flow matching on 8-frame toy clips, 2 packed latent frames "
+        "of 4 frames (configs/toy/teacher_stream.yaml). Weights: the EMA, fp32, Wan-original key names."),
+}
+# The small evaluation CI repeats: videos per toy prompt (16 prompts), the teacher's 40- and 4-step rows. The
+# streaming teacher's videos have twice the tokens, so it repeats 1 per prompt (16 a row) in about the same time.
+CI_SAMPLES_PER_PROMPT = {"toy_teacher": 2, "toy_teacher_stream": 1}
 
 
 def git(*args: str) -> str:
@@ -43,30 +62,34 @@ def git(*args: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default="runs/toy-teacher/checkpoints/last.ckpt", help="the trained teacher")
-    parser.add_argument("--out", default=str(OUT), help="folder to write (default: assets/toy_teacher)")
-    parser.add_argument("--train-command", default="OMP_NUM_THREADS=1 sfplus fit --config configs/toy/teacher.yaml")
+    parser.add_argument("--stream", action="store_true",
+                        help="the streaming teacher (configs/toy/teacher_stream.yaml -> assets/toy_teacher_stream)")
+    parser.add_argument("--ckpt", default=None, help="the trained teacher (default: the config's last.ckpt)")
+    parser.add_argument("--out", default=None, help="folder to write (default: assets/<name>)")
+    parser.add_argument("--train-command", default=None, help="how it was trained (default: sfplus fit of the config)")
     parser.add_argument("--train-seconds", type=float, default=None, help="how long the training took, to record")
     parser.add_argument("--trained-at", default=None, help="sfplus commit the teacher was trained at (default: HEAD)")
     args = parser.parse_args()
 
-    out = Path(args.out)
-    weights, sidecar = out / f"{NAME}.safetensors", out / f"{NAME}.json"
+    name = "toy_teacher_stream" if args.stream else "toy_teacher"
+    config, default_ckpt, about = TEACHERS[name]
+    args.ckpt = args.ckpt or default_ckpt
+    args.train_command = args.train_command or f"OMP_NUM_THREADS=1 sfplus fit --config {config}"
+    out = Path(args.out) if args.out else ROOT / "assets" / name
+    weights, sidecar = out / f"{name}.safetensors", out / f"{name}.json"
     ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
     info = ckpt["sfplus"]
     export_generator(args.ckpt, str(weights), which="ema", dtype="fp32", overwrite=True)
     head = git("rev-parse", "HEAD")
     record = {
-        "about": "The toy teacher that `make demo` distils: a WanDiT of preset `toy` (0.32 M parameters) trained "
-                 "with flow matching on the built-in toy clips by sfplus itself (configs/toy/teacher.yaml). "
-                 "Weights: the EMA, fp32, Wan-original key names.",
+        "about": about,
         "sfplus": {k: info[k] for k in ("class", "net", "net_overrides", "video_shape", "sampler") if k in info},
         "made_with": {
             "trained_at_commit": args.trained_at or head,
             "shipped_at_commit": head,
             "uncommitted_changes_when_shipped": bool(git("status", "--porcelain", "--untracked-files=no")),
             "commands": [args.train_command,
-                         f"python tools/ship_toy_teacher.py --ckpt {args.ckpt}"
+                         f"python tools/ship_toy_teacher.py{' --stream' if args.stream else ''} --ckpt {args.ckpt}"
                          + (f" --train-seconds {args.train_seconds:.0f}" if args.train_seconds else "")],
             "updates": int(ckpt.get("global_step", 0)),
             "counters": info.get("counters", {}),
@@ -78,18 +101,20 @@ def main() -> None:
     }
     write_json_atomic(sidecar, record)  # toy-eval reads the `sfplus` entry from here
     print(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB); scoring it (128 videos a row)", flush=True)
-    full = evaluate(str(weights), out=str(ROOT / "runs" / "toy-teacher-eval"))
-    print(f"the small evaluation CI repeats ({CI_SAMPLES_PER_PROMPT} videos per prompt)", flush=True)
-    small = evaluate(str(weights), out=str(ROOT / "runs" / "toy-teacher-eval-ci"),
-                     samples_per_prompt=CI_SAMPLES_PER_PROMPT)
+    runs = {"full": f"{name.replace('_', '-')}-eval", "ci": f"{name.replace('_', '-')}-eval-ci"}
+    full = evaluate(str(weights), out=str(ROOT / "runs" / runs["full"]))
+    ci_samples = CI_SAMPLES_PER_PROMPT[name]
+    print(f"the small evaluation CI repeats ({ci_samples} videos per prompt)", flush=True)
+    small = evaluate(str(weights), out=str(ROOT / "runs" / runs["ci"]), samples_per_prompt=ci_samples)
     keys = ("prompt_accuracy", "colour_accuracy", "direction_accuracy", "sharpness", "frechet_distance")
-    videos = {name: json.loads((ROOT / "runs" / name / "toy_metrics.json").read_text())["videos_per_row"]
-              for name in ("toy-teacher-eval", "toy-teacher-eval-ci")}
-    record["toy_metrics"] = {"videos_per_row": videos["toy-teacher-eval"],
+    videos = {k: json.loads((ROOT / "runs" / run / "toy_metrics.json").read_text())["videos_per_row"]
+              for k, run in runs.items()}
+    record["toy_metrics"] = {"videos_per_row": videos["full"],
                              "command": f"sfplus toy-eval --teacher {weights.relative_to(ROOT)}",
-                             "rows": {name: {k: round(float(row[k]), 4) for k in keys} for name, row in full.items()}}
-    record["ci_check"] = {"samples_per_prompt": CI_SAMPLES_PER_PROMPT, "videos_per_row": videos["toy-teacher-eval-ci"],
-                          "rows": {name: {k: float(row[k]) for k in keys} for name, row in small.items()}}
+                             "rows": {row_name: {k: round(float(row[k]), 4) for k in keys}
+                                      for row_name, row in full.items()}}
+    record["ci_check"] = {"samples_per_prompt": ci_samples, "videos_per_row": videos["ci"],
+                          "rows": {row_name: {k: float(row[k]) for k in keys} for row_name, row in small.items()}}
     write_json_atomic(sidecar, record)
     print(f"wrote {sidecar}")
 
