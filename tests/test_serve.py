@@ -174,7 +174,7 @@ def _live_tensor_bytes() -> int:
 
 
 def test_memory_after_twenty_generations_is_what_it_was_after_the_first(server):
-    """Live tensor bytes in the process after generation 20 = after generation 1 (the prompts reuse one set of words:
+    """Live tensor bytes in the process after generation 20 are no more than after generation 1 (the prompts reuse one set of words:
     the toy text encoder keeps a vector per word it has seen, 64 bytes each, which is its design, not a leak)."""
     url, state = server
     words = ["red", "blue", "square", "moving", "left", "up"]
@@ -186,7 +186,9 @@ def test_memory_after_twenty_generations_is_what_it_was_after_the_first(server):
         prompt = " ".join(words[(i + j) % len(words)] for j in range(4))
         assert request(url, prompt=prompt, seed=i + 1)[0][-1]["type"] == "done"
     _wait_idle(state, start + 20)
-    assert _live_tensor_bytes() == after_first
+    # Not more (a leak grows with every generation); it may be less when tensors other tests left behind in this
+    # process are collected in between (the flake seen when the asset tests ran first).
+    assert _live_tensor_bytes() <= after_first
     assert len(state.videos) == 2 and len(list(state.settings.video_dir.iterdir())) == 2  # keep_videos
 
 
