@@ -174,8 +174,9 @@ def _live_tensor_bytes() -> int:
 
 
 def test_memory_after_twenty_generations_is_what_it_was_after_the_first(server):
-    """Live tensor bytes in the process after generation 20 are no more than after generation 1 (the prompts reuse one set of words:
-    the toy text encoder keeps a vector per word it has seen, 64 bytes each, which is its design, not a leak)."""
+    """Live tensor bytes in the process after generation 20 are no more than after generation 1 (the prompts reuse
+    one set of words: the toy text encoder keeps a vector per word it has seen, 64 bytes each, which is its design,
+    not a leak)."""
     url, state = server
     words = ["red", "blue", "square", "moving", "left", "up"]
     start = state.queue.completed
