@@ -215,9 +215,10 @@ class LoRA:
         alpha: LoRA scale numerator (None: ``rank``, i.e. scale 1).
         dropout: dropout on the adapters' input (0 keeps training a function of the seeded noise streams alone).
         targets: block linears to adapt, by Wan name inside ``blocks.{i}.`` (:data:`LORA_TARGETS`); I2V nets may add
-            ``cross_attn.k_img`` / ``cross_attn.v_img``.
+            ``cross_attn.k_img`` and ``cross_attn.v_img`` (both or neither).
         generator_init: a LoRA file (Wan/ComfyUI ``diffusion_model.`` or diffusers ``transformer.`` layout, what
-            ``sfplus export --lora`` writes) to start the generator's adapter from (and its EMA); None: fresh.
+            ``sfplus export`` writes from a LoRA checkpoint) to start the generator's adapter from (and its EMA);
+            None: fresh.
     """
 
     rank: int = 64
@@ -239,6 +240,10 @@ class LoRA:
             raise ValueError(f"lora.targets {unknown or '[]'} not adaptable; choose from {list(LORA_TARGETS)}")
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"lora.targets lists a linear twice: {self.targets}")
+        image = {"cross_attn.k_img", "cross_attn.v_img"} & set(self.targets)
+        if len(image) == 1:  # diffusers reads a Wan LoRA's image branch only when both are there; else it refuses
+            raise ValueError(f"lora.targets adapts {image.pop()} alone: adapt cross_attn.k_img and cross_attn.v_img "
+                             "together (diffusers' Wan LoRA loader cannot load one without the other)")
 
     @property
     def scale(self) -> float:

@@ -196,7 +196,8 @@ def export_generator(
     Args:
         ckpt_path: Lightning ``.ckpt`` file, sharded Lightning checkpoint directory (torch.distributed.checkpoint),
             Self-Forcing ``.pt``, ``.safetensors``, Wan-AI or diffusers folder.
-        out: output folder; with layout "wan", a path ending in ``.safetensors`` writes that single file.
+        out: output folder; with layout "wan", a path ending in ``.safetensors`` writes that single file (a LoRA,
+            unless merged, is always one ``.safetensors`` file, in either layout).
         which: "ema" (the EMA generator; falls back to the raw one when the checkpoint has no EMA) or "model".
         layout: "wan" (original key names: Wan2.1, lightx2v, ComfyUI) or "diffusers" (WanTransformer3DModel).
         dtype: dtype of the floating tensors written.
@@ -219,10 +220,6 @@ def export_generator(
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     single_file = out_path.suffix == ".safetensors"
-    if single_file and (layout != "wan" or shard_size_gb is not None):
-        raise ExportError(
-            f"out={out} is one .safetensors file: only layout='wan' without shard_size_gb writes one file"
-        )
     if shard_size_gb is not None and shard_size_gb <= 0:
         raise ExportError(f"shard_size_gb must be positive, got {shard_size_gb}")
     if out_path.exists() and not overwrite:
@@ -230,9 +227,15 @@ def export_generator(
 
     sd, info = read_generator(ckpt_path, which)
     if any(".lora_A." in k for k in sd):
-        if not merge:
+        if not merge:  # a LoRA is one file in either layout
+            if shard_size_gb is not None:
+                raise ExportError("a LoRA is one file: shard_size_gb does not apply (merge=True writes full weights)")
             return _export_lora(sd, info, out_path, layout, dtype, overwrite, str(ckpt_path))
         sd = _merged(sd, info, base, str(ckpt_path))
+    if single_file and (layout != "wan" or shard_size_gb is not None):
+        raise ExportError(
+            f"out={out} is one .safetensors file: only layout='wan' without shard_size_gb writes one file"
+        )
     cfg = _resolve_config(preset, info, sd, str(ckpt_path))
     with torch.device("meta"):
         skeleton = WanDiT(cfg)
