@@ -1,10 +1,12 @@
 """Sequence parallelism in training (#20): DMD runs on a (data x sequence)-parallel mesh of gloo CPU ranks follow
 the 1-process run (fp32, per-sample noise: the same sample gets the same noise whatever the mesh) and resume
-exactly; and the layout that splits data over data-parallel ranks only is checked and used by name."""
+exactly; so do the other recipes (SiD, CausVid, ODE initialisation, causal diffusion) on a (1 x 2) mesh; and the
+layout that splits data over data-parallel ranks only is checked and used by name."""
 
 from __future__ import annotations
 
 import pytest
+from safetensors.torch import load_file
 
 from sfplus.datamodules.samplers import EpochBatchSampler, EvenSplitSampler
 from sfplus.layout import Layout, data_rank_and_world, mesh_layout, set_layout
@@ -36,6 +38,31 @@ def test_causal_self_forcing_with_gan_on_1x2_mesh_matches_one_process(tmp_path):
     sp = run(tmp_path / "sp.pt", steps=4, batch=4, nproc=2, sp=2, variant="causal-dmd-gan")
     assert set(NETS) <= set(single)
     assert_close(single, sp, atol=1e-5)
+
+
+#: the other recipes, trained one after the other in one launch per mesh (process start-up dominates their cost).
+RECIPES = ("sid", "causvid-tf", "ode", "causal-diffusion", "causal-diffusion-tf")
+
+
+@pytest.mark.slow
+def test_other_recipes_on_1x2_mesh_match_one_process(tmp_path):
+    """Every recipe's generator (and critic) steps with activation checkpointing: bidirectional SiD, CausVid with
+    teacher forcing (one block-causal step with clean context), ODE initialisation (block-causal regression onto
+    trajectories) and causal diffusion (diffusion forcing; teacher forcing with noise-augmented clean context)."""
+    single = run(tmp_path / "single.pt", steps=4, batch=4, nproc=1, variant=",".join(RECIPES))
+    sp = run(tmp_path / "sp.pt", steps=4, batch=4, nproc=2, sp=2, variant=",".join(RECIPES))
+    assert set(single) == set(sp) == set(RECIPES)
+    teacher = load_file(str(tmp_path / "teacher.safetensors"))  # where every trained net starts
+    differ = {}
+    for recipe in RECIPES:
+        for name in ("generator", "critic"):  # each net moved: the comparison is not of two untouched copies
+            if name in single[recipe]:
+                assert distance(single[recipe][name], teacher) > 1e-3, (recipe, name)
+        try:
+            assert_close(single[recipe], sp[recipe], atol=1e-5)
+        except AssertionError as e:
+            differ[recipe] = str(e)
+    assert not differ, differ  # every recipe that differs, not only the first
 
 
 class _Dim:

@@ -1,13 +1,18 @@
-"""Worker for tests/test_sharding.py: a tiny distillation run, optionally sharded with FSDP2 over 2 gloo processes.
+"""Worker for tests/test_sharding.py and tests/test_sequence_parallel_run.py: a tiny training run (distillation by
+default), optionally sharded with FSDP2 over gloo processes.
 
     python -m torch.distributed.run --nproc-per-node 2 tests/dist/sharded_worker.py OUT.pt STEPS BATCH [CKPT_IN] [CKPT_OUT]
 
-Environment: ``SFPLUS_TEST_VARIANT`` picks the recipe (:data:`VARIANTS`: DMD or SiD, bidirectional or causal, with
-or without the GAN head; default ``dmd``), ``SFPLUS_TEST_PARAM_DTYPE`` the FSDP2 compute dtype (``fp32`` default,
-or ``bf16``, which also runs the trainer in ``bf16-mixed`` as the shipped Wan configs do), ``SFPLUS_TEST_SP`` the
-sequence-parallel group size (default 1; the ranks form a (world / sp) x sp mesh, BATCH is per data-parallel rank).
+Environment: ``SFPLUS_TEST_VARIANT`` picks the recipe (:data:`VARIANTS`: DMD, SiD or CausVid, bidirectional or
+causal, with or without the GAN head; ODE initialisation; causal diffusion with teacher forcing; default ``dmd``),
+``SFPLUS_TEST_PARAM_DTYPE`` the FSDP2 compute dtype (``fp32`` default, or ``bf16``, which also runs the trainer in
+``bf16-mixed`` as the shipped Wan configs do), ``SFPLUS_TEST_SP`` the sequence-parallel group size (default 1; the
+ranks form a (world / sp) x sp mesh, BATCH is per data-parallel rank).
+A comma-separated ``SFPLUS_TEST_VARIANT`` trains each variant in turn in the same processes (one launch).
 
-Writes the full (gathered) generator, EMA and critic (and GAN head) state dicts and the counters to OUT.pt on rank 0.
+Writes the full (gathered) generator, EMA and critic (and GAN head) state dicts and the counters to OUT.pt on rank 0
+(the one-net recipes: their ``model`` and ``model_ema`` as ``generator`` and ``generator_ema``); with several
+variants, a dict of those by variant name.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from sfplus.callbacks import EMA
 from sfplus.conditioning.conditioner import ToyConditioner
 from sfplus.datamodules import LatentShardDataModule, PromptDataModule
-from sfplus.modules import DistillModule
+from sfplus.modules import DiffusionModule, DistillModule, ODEInitModule
 from sfplus.nets.presets import build_dit
 
 TINY = {"in_dim": 3, "out_dim": 3}
@@ -41,6 +46,15 @@ VARIANTS = {
     "lora-dmd": {"lora": {"rank": 4, "alpha": 8.0}},
     "lora-causal-sid-gan": {"causal": {"frames_per_block": 1}, "distribution_loss": "sid", "lora": {"rank": 4},
                             "gan": {"blocks": [0, 1], "g_weight": 0.1, "d_weight": 0.1}},
+    # CausVid: one block-causal generator step from data-simulated inputs with clean context.
+    "causvid-tf": {"causal": {"frames_per_block": 1}, "distribution_loss": "causvid", "teacher_forcing": True},
+    # One-net recipes ("recipe" picks the module): ODE regression onto stored trajectories (block-causal, one
+    # snapshot per block) and causal diffusion (a timestep per block), with teacher forcing (noise-augmented
+    # clean context) or without.
+    "ode": {"recipe": "ode", "causal": {"frames_per_block": 1}},
+    "causal-diffusion": {"recipe": "diffusion", "causal": {"frames_per_block": 1}},
+    "causal-diffusion-tf": {"recipe": "diffusion", "causal": {"frames_per_block": 1}, "teacher_forcing": True,
+                            "noise_augmentation_max_timestep": 100},
 }
 SHAPE = [3, 2, 4, 4]
 
@@ -70,6 +84,40 @@ def latent_shards(root: Path) -> str:
     return str(out)
 
 
+def ode_shards(root: Path) -> str:
+    """Straight-line trajectories at ODEInitModule's default steps (noisiest first, then clean)."""
+    from sfplus.datamodules.shard_format import Sample, write_shards
+    from sfplus.modules.ode import ODE_SCHEDULE
+
+    out = root / "ode_shards"
+    if not (out / "index.json").exists():
+        g = torch.Generator().manual_seed(0)
+        timesteps = torch.tensor([*ODE_SCHEDULE.timesteps, 0.0])
+        sigma = (timesteps / 1000).view(-1, 1, 1, 1, 1)
+        samples = []
+        for i in range(6):
+            x0, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+            samples.append(Sample(key=f"s{i}", prompt=f"a red square moving {i}", ode=(1 - sigma) * x0 + sigma * eps,
+                                  ode_timesteps=timesteps))
+        write_shards(samples, out, [3, 3], dtype=torch.float32)
+    return str(out)
+
+
+def build(variant: dict, teacher: str, scale: dict):
+    """The recipe's module and the name of the data it reads (``prompts``, ``latents`` or ``ode``)."""
+    variant = dict(variant)
+    recipe = variant.pop("recipe", "distill")
+    common = {"net": "tiny", "net_overrides": TINY, "conditioner": ToyConditioner(text_dim=16, text_len=8),
+              "video_shape": SHAPE, "seed": 5, "scale": scale, **variant}
+    if recipe == "ode":
+        return ODEInitModule(init_checkpoint=teacher, optimizer={"lr": 1e-3}, **common), "ode"
+    if recipe == "diffusion":
+        return DiffusionModule(init_checkpoint=teacher, optimizer={"lr": 1e-3}, **common), "latents"
+    module = DistillModule(teacher_checkpoint=teacher, dfake_gen_update_ratio=2, generator_optimizer={"lr": 1e-3},
+                           critic_optimizer={"lr": 1e-3}, **common)
+    return module, "latents" if module.needs_real_latents else "prompts"
+
+
 def full_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     if any(hasattr(p, "to_local") for p in net.parameters()):
         return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -91,20 +139,26 @@ def main() -> None:
     out, steps, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     ckpt_in = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] != "-" else None
     ckpt_out = sys.argv[5] if len(sys.argv) > 5 else None
+    names = os.environ.get("SFPLUS_TEST_VARIANT", "dmd").split(",")
+    # Several variants (no checkpoints): one run after the other in this process, OUT.pt then maps each to its own.
+    results = {name: train(VARIANTS[name], out.parent, steps, batch, ckpt_in, ckpt_out) for name in names}
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(results[names[0]] if len(names) == 1 else results, out)
+    exit_in_step()
+
+
+def train(variant: dict, root: Path, steps: int, batch: int, ckpt_in: str | None, ckpt_out: str | None) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    variant = VARIANTS[os.environ.get("SFPLUS_TEST_VARIANT", "dmd")]
     param_dtype = os.environ.get("SFPLUS_TEST_PARAM_DTYPE", "fp32")
     sp = int(os.environ.get("SFPLUS_TEST_SP", "1"))
-    teacher, prompts = make_inputs(out.parent)
-    module = DistillModule(
-        net="tiny", net_overrides=TINY, conditioner=ToyConditioner(text_dim=16, text_len=8),
-        teacher_checkpoint=teacher, dfake_gen_update_ratio=2, generator_optimizer={"lr": 1e-3},
-        critic_optimizer={"lr": 1e-3}, video_shape=SHAPE, seed=5,
-        scale={"param_dtype": param_dtype, "activation_checkpointing": world > 1, "sequence_parallel": sp},
-        **variant,
-    )
-    if "gan" in variant:
-        data = LatentShardDataModule(latent_shards(out.parent), batch_size=batch, fields=["latents"], num_workers=0,
+    teacher, prompts = make_inputs(root)
+    module, reads = build(variant, teacher,
+                          {"param_dtype": param_dtype, "activation_checkpointing": world > 1, "sequence_parallel": sp})
+    if reads == "latents":
+        data = LatentShardDataModule(latent_shards(root), batch_size=batch, fields=["latents"], num_workers=0,
+                                     batches_per_epoch=3)
+    elif reads == "ode":
+        data = LatentShardDataModule(ode_shards(root), batch_size=batch, fields=["ode_latents"], num_workers=0,
                                      batches_per_epoch=3)
     else:
         data = PromptDataModule(prompts, batch_size=batch, batches_per_epoch=3)
@@ -113,20 +167,20 @@ def main() -> None:
         accelerator="cpu", devices=world, strategy=strategy, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, inference_mode=False, callbacks=[EMA(decay=0.5, start_iteration=1)],
-        default_root_dir=str(out.parent), precision="bf16-mixed" if param_dtype == "bf16" else "32-true",
+        default_root_dir=str(root), precision="bf16-mixed" if param_dtype == "bf16" else "32-true",
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_in)
     if ckpt_out:
         trainer.save_checkpoint(ckpt_out)
-    nets = ("generator", "generator_ema", "critic") + (("disc_head",) if module.disc_head is not None else ())
-    if module.lora is not None:  # the adapters live in the base's FSDP units: gather the base, split by adapter
+    if not isinstance(module, DistillModule):  # one net and its EMA
+        states = {"generator": full_state(module.model), "generator_ema": full_state(module.model_ema)}
+    elif module.lora is not None:  # the adapters live in the base's FSDP units: gather the base, split by adapter
         states = lora_states(module)
-        states.update({name: full_state(getattr(module, name)) for name in nets if name == "disc_head"})
+        states.update({"disc_head": full_state(module.disc_head)} if module.disc_head is not None else {})
     else:
+        nets = ("generator", "generator_ema", "critic") + (("disc_head",) if module.disc_head is not None else ())
         states = {name: full_state(getattr(module, name)) for name in nets}
-    if trainer.global_rank == 0:
-        torch.save({**states, "counters": module.counters()}, out)
-    exit_in_step()
+    return {**states, "counters": module.counters()}
 
 
 def exit_in_step() -> None:
