@@ -533,6 +533,24 @@ def align_score_grids(dmd) -> None:
           "at the timesteps drawn here)")
 
 
+def sfplus_dmd_update(kind, rollout, nets, cond, uncond, g, sf_noise, guidance, frames, device):
+    """sfplus's side of one DMD generator or critic update, composed as DistillModule._generator_update /
+    _critic_update compose it (shift-5 score timesteps). ``guidance`` is in the reference's convention (s); sfplus
+    takes Wan's, s + 1. Returns (loss, the net whose gradients are compared)."""
+    if kind == "generator":
+        ro = rollout(nets["gen"], cond, g, sf_noise, kind="gen", grad=True)
+    else:
+        with torch.no_grad():
+            ro = rollout(nets["gen"], cond, g, sf_noise, kind="critic", grad=False)
+    t = score_timesteps_from_raw(g.randint(0, 1000), frames, shift=5.0).to(device)
+    eps = g.randn_like(ro.x0)
+    if kind == "generator":
+        loss, _ = DMDObjective(guidance + 1.0).generator_loss(
+            ro.x0, t, eps, fake=nets["fake"], real=nets["real"], cond=cond, uncond=uncond, mask=ro.loss_mask)
+        return loss, nets["gen"]
+    return critic_flow_loss(nets["fake"], ro.x0.detach(), t, eps, cond), nets["fake"]
+
+
 def bidirectional_dmd(ref, opts, i2v: bool):
     recipe = "self_forcing_14b_i2v_dmd" if i2v else "self_forcing_14b_dmd"
     guidance = 6.0 if i2v else 5.0  # the reference's s; Wan's g = s + 1
@@ -572,21 +590,9 @@ def bidirectional_dmd(ref, opts, i2v: bool):
                 tape.done()
                 loss_ref.backward()
                 # sfplus, composed as DistillModule._generator_update / _critic_update do
-                if kind == "generator":
-                    ro = rollout(nets["gen"], cond, g, sf_noise, kind="gen", grad=True)
-                    t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
-                    eps = g.randn_like(ro.x0)
-                    loss_sf, _ = DMDObjective(guidance + 1.0).generator_loss(
-                        ro.x0, t, eps, fake=nets["fake"], real=nets["real"], cond=cond, uncond=uncond,
-                        mask=ro.loss_mask)
-                    model_ref, model_sf = dmd.generator.model, nets["gen"]
-                else:
-                    with torch.no_grad():
-                        ro = rollout(nets["gen"], cond, g, sf_noise, kind="critic", grad=False)
-                    t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
-                    eps = g.randn_like(ro.x0)
-                    loss_sf = critic_flow_loss(nets["fake"], ro.x0.detach(), t, eps, cond)
-                    model_ref, model_sf = dmd.fake_score.model, nets["fake"]
+                loss_sf, model_sf = sfplus_dmd_update(kind, rollout, nets, cond, uncond, g, sf_noise, guidance, F_,
+                                                      world.device)
+                model_ref = dmd.generator.model if kind == "generator" else dmd.fake_score.model
                 sf_noise.done()
                 loss_sf.backward()
                 gd = grad_diff(model_ref, model_sf)
@@ -600,7 +606,7 @@ def bidirectional_dmd(ref, opts, i2v: bool):
                        **extra)
                 report(name, f"{kind} gradients ({gd['grad_params']} tensors, worst {gd['grad_worst_param']} "
                        f"{gd['grad_worst']:.1e})", gd["grad_rel"], tol_grad, exit=exit_index)
-                del ro, loss_ref, loss_sf
+                del loss_ref, loss_sf
             del dmd, nets
 
 
@@ -715,21 +721,9 @@ def causal_dmd(ref, opts):
                     loss_ref, _ = fn(shape, ref_cond, ref_uncond, None)
                 tape.done()
                 loss_ref.backward()
-                if kind == "generator":
-                    ro = rollout(nets["gen"], cond, g, sf_noise, kind="gen", grad=True)
-                    t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
-                    e = g.randn_like(ro.x0)
-                    loss_sf, _ = DMDObjective(guidance + 1.0).generator_loss(
-                        ro.x0, t, e, fake=nets["fake"], real=nets["real"], cond=cond, uncond=uncond,
-                        mask=ro.loss_mask)
-                    model_ref, model_sf = dmd.generator.model, nets["gen"]
-                else:
-                    with torch.no_grad():
-                        ro = rollout(nets["gen"], cond, g, sf_noise, kind="critic", grad=False)
-                    t = score_timesteps_from_raw(g.randint(0, 1000), F_, shift=5.0).to(world.device)
-                    e = g.randn_like(ro.x0)
-                    loss_sf = critic_flow_loss(nets["fake"], ro.x0.detach(), t, e, cond)
-                    model_ref, model_sf = dmd.fake_score.model, nets["fake"]
+                loss_sf, model_sf = sfplus_dmd_update(kind, rollout, nets, cond, uncond, g, sf_noise, guidance, F_,
+                                                      world.device)
+                model_ref = dmd.generator.model if kind == "generator" else dmd.fake_score.model
                 sf_noise.done()
                 loss_sf.backward()
                 gd = grad_diff(model_ref, model_sf)
@@ -739,7 +733,7 @@ def causal_dmd(ref, opts):
                        exit=exit_index, t_raw=t_raw.flatten().tolist(), ref=float(loss_ref), sfplus=float(loss_sf))
                 report(name, f"{kind} gradients ({gd['grad_params']} tensors, worst {gd['grad_worst_param']} "
                        f"{gd['grad_worst']:.1e})", gd["grad_rel"], tol, exit=exit_index)
-                del dmd, nets, ro, loss_ref, loss_sf
+                del dmd, nets, loss_ref, loss_sf
 
 
 # ---------------------------------------------------------------------------------------------------------------
