@@ -18,11 +18,6 @@ from torch.utils.data import Sampler
 from sfplus.layout import data_rank_and_world
 
 
-def _rank_and_world() -> tuple[int, int]:
-    # Data-parallel ranks only: the ranks of a sequence-parallel group share their samples (sfplus.layout).
-    return data_rank_and_world()
-
-
 class EpochBatchSampler(Sampler[list[int]]):
     """Training batches from an endless, seeded stream of the dataset's indices, cut into epochs.
 
@@ -73,7 +68,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     def _split(self) -> tuple[int, int]:
         if self._rank is not None and self._world is not None:
             return self._rank, self._world
-        return _rank_and_world()
+        return data_rank_and_world()  # data-parallel ranks: a sequence-parallel group shares its samples
 
     def __len__(self) -> int:
         if self._batches_per_epoch is not None:
@@ -151,7 +146,7 @@ class EvenSplitSampler(Sampler[list[int]]):
     def _split(self) -> tuple[int, int]:
         if self._rank is not None and self._world is not None:
             return self._rank, self._world
-        return _rank_and_world()
+        return data_rank_and_world()  # data-parallel ranks: a sequence-parallel group shares its samples
 
     def __len__(self) -> int:
         _, world = self._split()
