@@ -22,8 +22,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from sfplus.file_checks import load_safetensors
 from sfplus.weights.checkpoints import CheckpointError
 from sfplus.weights.diffusers_keys import KeyMapError, diffusers_key_to_wan, wan_key_to_diffusers
 
@@ -100,12 +101,7 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, tor
     """Read a Wan LoRA file (either layout; ``lora_A/B`` or ``lora_down/up``; optional ``.alpha``) as
     ``{"blocks.{i}.{target}": (A, B)}`` in Wan names, the scale folded into ``B`` (float32)."""
     p = Path(path)
-    if not p.is_file():
-        raise LoRAFileError(f"LoRA file {p} does not exist")
-    try:
-        raw = load_file(str(p))
-    except Exception as err:  # safetensors raises its own error types for damaged headers
-        raise LoRAFileError(f"cannot read LoRA file {p}: {err}") from None
+    raw = load_safetensors(p, "LoRA file", LoRAFileError)  # missing, empty or damaged: one line naming it
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     unknown = []
